@@ -1,0 +1,3 @@
+"""mptrain: measure what each mixed-precision technique does to your model."""
+
+__version__ = "0.1.0"

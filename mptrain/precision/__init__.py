@@ -1,0 +1,92 @@
+"""The paper's techniques: precision modes, FP32 master weights, loss scaling.
+
+The trainer calls this package, never the other way round:
+
+    precision = Precision(cfg.precision, device)
+    model = precision.prepare(model)                 # storage dtype, BN in FP32
+    stepper = precision.stepper(model, make_opt, make_sched, max_grad_norm)
+    with precision.autocast():
+        loss = ...
+    stepper.backward(loss); applied = stepper.step()
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from mptrain.errors import UserError
+from mptrain.precision.casting import cast_model
+from mptrain.precision.modes import MODES, ModeSpec
+from mptrain.precision.scaler import LossScaleCollapsed, LossScaler
+from mptrain.precision.stepper import PrecisionStepper
+
+__all__ = ["MODES", "ModeSpec", "LossScaler", "LossScaleCollapsed", "Precision", "PrecisionStepper"]
+
+
+class Precision:
+    def __init__(self, cfg, device: torch.device):
+        if cfg.mode not in MODES:
+            raise UserError(f"unknown precision.mode={cfg.mode!r}; choose one of {', '.join(MODES)}")
+        self.cfg = cfg
+        self.spec: ModeSpec = MODES[cfg.mode]
+        self.device = device
+        if device.type == "cuda":
+            # TF32 would silently change the fp32 control's arithmetic: off unless asked
+            torch.backends.cuda.matmul.allow_tf32 = bool(cfg.allow_tf32)
+            torch.backends.cudnn.allow_tf32 = bool(cfg.allow_tf32)
+        self.notes: list[str] = []  # warnings the run prints once and records in summary.json
+        if device.type == "cpu" and self.spec.uses_fp16:
+            self.notes.append(
+                f"precision={self.spec.name} on the CPU is slow: this CPU has no native fp16 "
+                "arithmetic, so fp16 kernels run 10-40x slower than fp32 (the numerics are exact; "
+                "use a GPU for speed, or bf16 for fast low precision on a CPU)"
+            )
+
+    @property
+    def mode(self) -> str:
+        return self.spec.name
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        return cast_model(model, self.spec.param_dtype, bool(self.cfg.keep_batchnorm_fp32))
+
+    def autocast(self):
+        if self.spec.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.spec.autocast_dtype)
+
+    def stepper(self, model, make_optimizer, make_scheduler=None, max_grad_norm=None) -> PrecisionStepper:
+        scale = self.cfg.loss_scale
+        scaler = grad_scaler = None
+        if scale is not None and self.spec.name == "amp" and scale == "dynamic":
+            grad_scaler = torch.amp.GradScaler(
+                self.device.type,
+                init_scale=self.cfg.init_scale,
+                growth_factor=self.cfg.growth_factor,
+                backoff_factor=self.cfg.backoff_factor,
+                growth_interval=self.cfg.growth_interval,
+            )
+        elif scale is not None:
+            dynamic = scale == "dynamic"
+            scaler = LossScaler(
+                init_scale=self.cfg.init_scale if dynamic else float(scale),
+                dynamic=dynamic,
+                growth_factor=self.cfg.growth_factor,
+                backoff_factor=self.cfg.backoff_factor,
+                growth_interval=self.cfg.growth_interval,
+                hysteresis=self.cfg.hysteresis,
+                min_scale=self.cfg.min_scale,
+                device=self.device,
+            )
+        return PrecisionStepper(
+            model,
+            make_optimizer,
+            make_scheduler,
+            master_weights=self.spec.master_weights,
+            scaler=scaler,
+            grad_scaler=grad_scaler,
+            max_grad_norm=max_grad_norm,
+        )

@@ -1,0 +1,36 @@
+"""Putting a model into a mode's storage precision.
+
+FP16 modes hold weights in FP16 and feed FP16 inputs. BatchNorm may be kept in
+FP32 (`precision.keep_batchnorm_fp32`, default true as apex O2 did): its weights
+and running statistics stay FP32, and torch's batch_norm, given an FP16 input
+with FP32 parameters, computes the statistics in FP32 and returns FP16 (the
+paper's rule: reductions accumulate in FP32), on the CPU as with cuDNN. The
+saved activations stay FP16, so keeping BatchNorm in FP32 costs no memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def _cast_floating(value, dtype):
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floating(v, dtype) for v in value)
+    return value
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype, keep_batchnorm_fp32: bool) -> nn.Module:
+    """Cast parameters and buffers to `dtype`, and cast floating inputs on the way in."""
+    if dtype == torch.float32:
+        return model
+    model.to(dtype)
+    if keep_batchnorm_fp32:
+        for module in model.modules():
+            if isinstance(module, _BatchNorm):
+                module.float()
+    model.register_forward_pre_hook(lambda _m, args: _cast_floating(args, dtype))
+    return model

@@ -1,0 +1,42 @@
+"""The precision modes, resolved in one place (DESIGN.md's table).
+
+| mode        | weights held      | forward/backward  | update            | default scale |
+| fp32        | fp32              | fp32              | fp32              | none          |
+| fp16_naive  | fp16              | fp16              | fp16 weights      | none          |
+| fp16_master | fp16 + fp32 master| fp16              | fp32 master       | none          |
+| mixed       | fp16 + fp32 master| fp16              | fp32 master       | dynamic       |
+| amp         | fp32              | autocast fp16     | fp32              | GradScaler    |
+| bf16        | fp32              | autocast bf16     | fp32              | none          |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    name: str
+    param_dtype: torch.dtype  # dtype the model's weights are held in
+    autocast_dtype: torch.dtype | None  # torch.autocast dtype, None = no autocast
+    master_weights: bool  # fp32 master copy updated by the optimizer
+
+    @property
+    def low_precision_params(self) -> bool:
+        return self.param_dtype != torch.float32
+
+    @property
+    def uses_fp16(self) -> bool:
+        return torch.float16 in (self.param_dtype, self.autocast_dtype)
+
+
+MODES: dict[str, ModeSpec] = {
+    "fp32": ModeSpec("fp32", torch.float32, None, False),
+    "fp16_naive": ModeSpec("fp16_naive", torch.float16, None, False),
+    "fp16_master": ModeSpec("fp16_master", torch.float16, None, True),
+    "mixed": ModeSpec("mixed", torch.float16, None, True),
+    "amp": ModeSpec("amp", torch.float32, torch.float16, False),
+    "bf16": ModeSpec("bf16", torch.float32, torch.bfloat16, False),
+}

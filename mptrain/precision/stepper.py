@@ -1,0 +1,155 @@
+"""One network's optimisation step under a precision mode.
+
+backward (scaled) → grads into FP32 masters → unscale + inf check (fused) →
+skip decision (the step's one host sync, only when a scaler is used) → clip on
+unscaled grads → optimizer step → LR schedule step → round masters into the
+model. A skipped step leaves weights, optimizer state and LR schedule untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from mptrain.precision.master import MasterWeights
+from mptrain.precision.scaler import LossScaler
+
+
+class PrecisionStepper:
+    def __init__(
+        self,
+        model: nn.Module,
+        make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+        make_scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
+        *,
+        master_weights: bool = False,
+        scaler: LossScaler | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        max_grad_norm: float | None = None,
+    ):
+        self.model = model
+        self.masters = MasterWeights(list(model.parameters())) if master_weights else None
+        params = self.masters.master_params if self.masters else [p for p in model.parameters() if p.requires_grad]
+        self.params = params
+        self.optimizer = make_optimizer(params)
+        self.scheduler = make_scheduler(self.optimizer) if make_scheduler else None
+        self.scaler = scaler
+        self.grad_scaler = grad_scaler
+        self.max_grad_norm = max_grad_norm
+        self.steps_applied = 0
+        self._torch_amp_skipped = 0
+
+    # -- the step -------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        # FP32 master grads stay allocated: the next copy overwrites them
+        self.model.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.grad_scaler is not None:
+            loss = self.grad_scaler.scale(loss)
+        elif self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        loss.backward()
+
+    def step(self) -> bool:
+        """Apply the update unless gradients overflowed; return whether it was applied."""
+        if self.grad_scaler is not None:
+            return self._step_torch_amp()
+        grads = self.masters.grads_to_master() if self.masters else self._grads()
+        if self.scaler is not None:
+            found_inf = self.scaler.unscale_(grads)
+            overflow = bool(found_inf.item())  # the one host sync: skip or not
+            self.scaler.update(overflow)
+            if overflow:
+                return False
+        self._clip(grads)
+        self.optimizer.step()
+        if self.masters:
+            self.masters.master_to_model()
+        return self._advance()
+
+    def _step_torch_amp(self) -> bool:
+        gs = self.grad_scaler
+        gs.unscale_(self.optimizer)
+        overflow = bool(sum(v for v in gs._found_inf_per_device(self.optimizer).values()).item())
+        if not overflow:
+            self._clip(self._grads())
+        gs.step(self.optimizer)
+        gs.update()
+        if overflow:
+            self._torch_amp_skipped += 1
+            return False
+        return self._advance()
+
+    def _advance(self) -> bool:
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.steps_applied += 1
+        return True
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.params if p.grad is not None]
+
+    def _clip(self, grads: list[torch.Tensor]) -> None:
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(
+                grads, self.max_grad_norm, torch.nn.utils.get_total_norm(grads, foreach=True), foreach=True
+            )
+
+    # -- what telemetry and checkpoints read ----------------------------------------------
+    @property
+    def loss_scale(self) -> torch.Tensor | None:
+        """Current loss scale as a device tensor (None when unscaled)."""
+        if self.grad_scaler is not None:
+            return self.grad_scaler._scale  # private, but reading it avoids get_scale()'s sync
+        return self.scaler.scale_tensor if self.scaler is not None else None
+
+    @property
+    def skipped_steps(self) -> int:
+        if self.scaler is not None:
+            return self.scaler.skipped_steps
+        return self._torch_amp_skipped
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_tensors(self) -> Iterable[torch.Tensor]:
+        """Every tensor the optimisation holds: weights, grads, masters, optimizer state."""
+        for p in self.model.parameters():
+            yield p
+            if p.grad is not None:
+                yield p.grad
+        for p in self.params:
+            yield p
+            if p.grad is not None:
+                yield p.grad
+        for state in self.optimizer.state.values():
+            yield from (v for v in state.values() if torch.is_tensor(v))
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.optimizer.state_dict(), "steps_applied": self.steps_applied}
+        if self.masters:
+            state["master_params"] = [m.detach().clone() for m in self.masters.master_params]
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_applied = state["steps_applied"]
+        if self.masters:
+            torch._foreach_copy_(self.masters.master_params, state["master_params"])
+            self.masters.master_to_model()
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.grad_scaler is not None:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
