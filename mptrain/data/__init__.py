@@ -1,0 +1,175 @@
+"""Datasets held whole on the training device, batched and augmented there.
+
+``build_data(dataset_cfg, device, seed)`` returns a ``DataModule`` whose
+``train`` and ``test`` loaders yield ``(x, y)`` already on ``device``: x float32
+(B, C, H, W) normalised, y int64 (B,). Shuffling and augmentation (random crop
+with zero padding, horizontal flip) are batched tensor ops drawn from a device
+generator seeded by (seed, epoch), so equal seeds give identical batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from mptrain.data.images import SOURCES, ImageSet
+from mptrain.errors import UserError
+
+DEFAULT_ROOT = "~/.cache/mptrain/data"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model needs to know about its input."""
+
+    name: str
+    in_channels: int
+    image_size: int
+    num_classes: int
+
+
+def _stream_seed(seed: int, epoch: int) -> int:
+    # Hash rather than add: (seed=1, epoch=0) and (seed=0, epoch=1) must not share a stream.
+    digest = hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class DeviceLoader:
+    """Batches over tensors that already live on the device; treat yielded batches as read-only."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int = 0,
+        mean: tuple[float, ...] = (0.0,),
+        std: tuple[float, ...] = (1.0,),
+        crop_padding: int = 0,
+        flip: bool = False,
+    ):
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
+        self.crop_padding, self.flip = crop_padding, flip
+        self.device = images.device
+        channels = images.shape[1]
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).expand(channels).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).expand(channels).view(1, -1, 1, 1)
+        # uint8 pixels -> (p / 255 - mean) / std as one multiply-add.
+        self._scale, self._shift = 1.0 / (255.0 * std_t), -mean_t / std_t
+        self.epoch = 0
+
+    @property
+    def num_samples(self) -> int:
+        return self.images.shape[0]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pick the shuffle order and augmentation draws for this epoch (deterministic per seed and epoch)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        augment = self.crop_padding > 0 or self.flip
+        generator = None
+        if self.shuffle or augment:
+            generator = torch.Generator(device=self.device).manual_seed(_stream_seed(self.seed, self.epoch))
+        order = torch.randperm(self.num_samples, generator=generator, device=self.device) if self.shuffle else None
+        for batch in range(len(self)):
+            start = batch * self.batch_size
+            index = order[start : start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
+            x, y = self.images[index], self.labels[index]
+            if augment:
+                x = self._crop_and_flip(x, generator)
+            yield self._normalise(x), y
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            return x.float().mul_(self._scale).add_(self._shift)
+        return x  # float data (synthetic) is stored normalised
+
+    def _crop_and_flip(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Per-sample random crop (zero padding) and horizontal flip as a single gather."""
+        n, channels, height, width = x.shape
+        pad = self.crop_padding
+        shift_y = torch.randint(-pad, pad + 1, (n, 1), generator=generator, device=self.device)
+        shift_x = torch.randint(-pad, pad + 1, (n, 1), generator=generator, device=self.device)
+        rows = torch.arange(height, device=self.device) + shift_y  # (n, H) source row of each output row
+        cols = torch.arange(width, device=self.device).expand(n, width)
+        if self.flip:
+            flipped = torch.rand(n, 1, generator=generator, device=self.device) < 0.5
+            cols = torch.where(flipped, width - 1 - cols, cols)
+        cols = cols + shift_x
+        inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
+        source = rows.clamp(0, height - 1)[:, :, None] * width + cols.clamp(0, width - 1)[:, None, :]
+        source = source.view(n, 1, height * width).expand(n, channels, height * width)
+        out = x.reshape(n, channels, height * width).gather(2, source).view(n, channels, height, width)
+        return out.masked_fill_(~inside[:, None], 0)  # pixels from outside the image are padding: zero
+
+
+@dataclass
+class DataModule:
+    spec: DataSpec
+    train: DeviceLoader
+    test: DeviceLoader
+
+    @property
+    def train_size(self) -> int:
+        return self.train.num_samples
+
+    @property
+    def test_size(self) -> int:
+        return self.test.num_samples
+
+
+def _batch_size(cfg, key: str, default: int) -> int:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"dataset.{key} must be a positive integer (got {value!r}); e.g. dataset.{key}={default}")
+    return value
+
+
+def build_data(dataset_cfg, device: torch.device, seed: int) -> DataModule:
+    """Load (or generate) the dataset named by ``dataset_cfg.name`` onto ``device``."""
+    name = dataset_cfg.get("name")
+    if name not in SOURCES:
+        raise UserError(f"unknown dataset.name={name!r}; choose one of: {', '.join(sorted(SOURCES))}")
+    batch_size = _batch_size(dataset_cfg, "batch_size", 128)
+    eval_batch_size = _batch_size(dataset_cfg, "eval_batch_size", 512)
+    device = torch.device(device)
+    root = Path(os.path.expanduser(str(dataset_cfg.get("root", DEFAULT_ROOT))))
+
+    data: ImageSet = SOURCES[name](dataset_cfg, root, device)
+    train_size = data.train_images.shape[0]
+    if batch_size > train_size:
+        raise UserError(
+            f"dataset.batch_size={batch_size} is larger than the {train_size}-sample training set; "
+            f"use dataset.batch_size={train_size} or less"
+        )
+    augment = bool(dataset_cfg.get("augment", True))
+    train = DeviceLoader(
+        data.train_images.to(device), data.train_labels.to(device), batch_size, shuffle=True, drop_last=True,
+        seed=seed, mean=data.mean, std=data.std,
+        crop_padding=data.crop_padding if augment else 0, flip=data.flip and augment,
+    )  # fmt: skip
+    test = DeviceLoader(
+        data.test_images.to(device), data.test_labels.to(device), eval_batch_size, shuffle=False, drop_last=False,
+        mean=data.mean, std=data.std,
+    )  # fmt: skip
+    _, channels, height, width = data.train_images.shape
+    spec = DataSpec(name=name, in_channels=channels, image_size=height, num_classes=data.num_classes)
+    return DataModule(spec=spec, train=train, test=test)
+
+
+__all__ = ["DataModule", "DataSpec", "DeviceLoader", "build_data"]

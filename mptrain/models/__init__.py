@@ -1,0 +1,29 @@
+"""Model registry: ``build_model(model_cfg, spec)`` picks a builder by ``model.name``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from mptrain.errors import UserError
+from mptrain.models.cnn import build_alexnet, build_resnet, build_resnet50, build_vgg
+
+# A builder takes (model config, DataSpec) and returns an nn.Module producing (B, num_classes) logits.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet": build_resnet,
+    "resnet50": build_resnet50,
+    "vgg": build_vgg,
+    "alexnet": build_alexnet,
+}
+
+
+def build_model(model_cfg, spec) -> nn.Module:
+    """Build the model named by ``model_cfg.name`` for data described by ``spec``."""
+    name = model_cfg.get("name")
+    if name not in MODELS:
+        raise UserError(f"unknown model.name={name!r}; choose one of: {', '.join(sorted(MODELS))}")
+    return MODELS[name](model_cfg, spec)
+
+
+__all__ = ["MODELS", "build_model"]
