@@ -1,0 +1,3 @@
+from mptrain.cli import main
+
+main()

@@ -1,0 +1,54 @@
+"""The `optim` config group: optimizer and LR schedule (per optimizer step).
+
+A skipped (overflowed) step does not advance the schedule: the stepper steps it
+only when an update is applied.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.optim import lr_scheduler
+
+from mptrain.errors import UserError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "none")
+
+
+def _param_groups(params: list[nn.Parameter], cfg) -> list[dict]:
+    if cfg.decay_norm_and_bias or not cfg.weight_decay:
+        return [{"params": params, "weight_decay": cfg.weight_decay}]
+    # BatchNorm weights and biases are vectors: decaying them only hurts
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    groups = _param_groups(params, cfg)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov) and cfg.momentum > 0)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    raise UserError(f"unknown optim.name={cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def build_scheduler(cfg, optimizer: torch.optim.Optimizer, total_steps: int):
+    warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
+    main_steps = max(total_steps - warmup, 1)
+    if cfg.schedule == "cosine":
+        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_steps)
+    elif cfg.schedule == "step":
+        milestones = sorted({max(1, round(f * main_steps)) for f in cfg.milestones})
+        main = lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)
+    elif cfg.schedule == "none":
+        main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    else:
+        raise UserError(f"unknown optim.schedule={cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if warmup == 0:
+        return main
+    ramp = lr_scheduler.LinearLR(optimizer, start_factor=cfg.warmup_start_factor, total_iters=warmup)
+    return lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])

@@ -1,0 +1,140 @@
+"""One run: config → build (data, model, precision) → Trainer.fit → summary.json.
+
+Every way a run can end is recorded in summary.json (`completed`, `failed`,
+`diverged`, `interrupted`). A user's mistake prints one line and exits non-zero;
+inside a sweep it is recorded and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from mptrain.errors import Diverged, UserError
+from mptrain.validate import validate_config
+
+log = logging.getLogger("mptrain")
+
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+
+def run(cfg) -> float | None:
+    """The Hydra task function's body; returns the primary metric (for sweepers)."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    summary = {
+        "status": "running",
+        "model": cfg.model.name,
+        "dataset": cfg.dataset.name,
+        "precision": cfg.precision.mode,
+        "seed": cfg.seed,
+        "overrides": list(hydra_cfg.overrides.task),
+        "warnings": [],
+    }
+    started = time.perf_counter()
+    code = 0
+    try:
+        validate_config(cfg)
+        summary.update(_train(cfg, run_dir, summary))
+        summary["status"] = "completed"
+    except UserError as e:
+        summary.update(status="failed", error=str(e))
+        code = EXIT_USER_ERROR
+    except Diverged as e:
+        summary.update(status="diverged", error=str(e))
+        code = EXIT_DIVERGED
+    except KeyboardInterrupt:
+        summary.update(status="interrupted", error="interrupted by the user")
+        code = EXIT_INTERRUPTED
+    except Exception as e:  # a bug, not a user's mistake: keep the traceback
+        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
+        _finish(run_dir, summary, started)
+        if in_sweep:
+            log.exception("run failed; the sweep goes on")
+            return None
+        raise
+    _finish(run_dir, summary, started)
+    if code:
+        print(f"mptrain: {'error' if code == EXIT_USER_ERROR else summary['status']}: {summary['error']}", file=sys.stderr)
+        if not in_sweep:
+            sys.exit(code)
+        return None
+    final = summary.get("final") or {}
+    return final.get(summary.get("primary_metric"))
+
+
+def _finish(run_dir: Path, summary: dict, started: float) -> None:
+    from mptrain.telemetry.summary import format_summary, write_summary
+
+    summary["wall_time_s"] = round(time.perf_counter() - started, 3)
+    write_summary(run_dir, summary)
+    if "steps" in summary:
+        print(format_summary(summary))
+    log.info("summary: %s", run_dir / "summary.json")
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name} but torch sees no CUDA device; use trainer.device=cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def _train(cfg, run_dir: Path, summary: dict) -> dict:
+    import torch
+
+    from mptrain.data import build_data
+    from mptrain.precision import Precision
+    from mptrain.tasks import build_task
+    from mptrain.telemetry.env import environment
+    from mptrain.telemetry.tensorboard import TensorBoardLogger
+    from mptrain.trainer import Trainer
+
+    device = resolve_device(cfg.trainer.device)
+    summary["env"] = environment(device)
+    if cfg.trainer.deterministic:
+        torch.use_deterministic_algorithms(True)
+    seed_everything(cfg.seed)
+    precision = Precision(cfg.precision, device)
+    for note in precision.notes:
+        log.warning(note)
+        summary["warnings"].append(note)
+    data = build_data(cfg.dataset, device, cfg.seed)
+    task = build_task(cfg.model, data, precision)
+    summary["primary_metric"] = task.primary_metric
+    tb = TensorBoardLogger(run_dir / "tb")
+    tb.text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
+    trainer = Trainer(cfg, task, data, precision, device, tb)
+    log.info(
+        "training %s on %s (%s), precision=%s, %d steps, device %s",
+        cfg.model.name, cfg.dataset.name, f"{data.train_size} samples", precision.mode, trainer.total_steps, device,
+    )
+    try:
+        return trainer.fit()
+    except (Diverged, KeyboardInterrupt):
+        summary.update(trainer.results())
+        raise
+    finally:
+        tb.close()

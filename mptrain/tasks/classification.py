@@ -1,0 +1,42 @@
+"""Image classification (the CNN family): cross-entropy on FP32 logits, top-1 accuracy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mptrain.tasks.base import Task
+
+
+class ClassificationTask(Task):
+    primary_metric = "accuracy"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def _loss_and_accuracy(self, x, y, precision):
+        with precision.autocast():
+            logits = self.model(x)
+        # softmax is a reduction: the paper computes it in FP32
+        loss = F.cross_entropy(logits.float(), y)
+        accuracy = (logits.argmax(dim=1) == y).float().mean()
+        return loss, accuracy
+
+    def train_step(self, batch, steppers, precision):
+        x, y = batch
+        stepper = steppers["model"]
+        stepper.zero_grad()
+        loss, accuracy = self._loss_and_accuracy(x, y, precision)
+        stepper.backward(loss)
+        stepper.step()
+        return {"loss": loss.detach(), "accuracy": accuracy}
+
+    @torch.no_grad()
+    def eval_step(self, batch, precision):
+        x, y = batch
+        loss, accuracy = self._loss_and_accuracy(x, y, precision)
+        return {"loss": loss, "accuracy": accuracy}

@@ -1,0 +1,74 @@
+"""summary.json (what the report reads) and the one-screen table printed at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+SUMMARY_FILE = "summary.json"
+
+
+def _clean(value):
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_summary(run_dir: Path, summary: dict) -> Path:
+    """Write atomically: a crash mid-write never leaves a half summary."""
+    path = Path(run_dir) / SUMMARY_FILE
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(_clean(summary), f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def format_summary(s: dict) -> str:
+    primary = s.get("primary_metric")
+    final, best = s.get("final") or {}, s.get("best") or {}
+    rows = [
+        ("status", s.get("status")),
+        ("run", f"{s.get('model')} / {s.get('dataset')} / {s.get('precision')} / seed {s.get('seed')}"),
+        ("steps", f"{s.get('steps')} ({_fmt(s.get('epochs'))} epochs)"),
+    ]
+    if primary:
+        rows.append((f"eval {primary}", f"final {_fmt(final.get(primary))}, best {_fmt(best.get(primary))}"))
+    if "loss" in final:
+        rows.append(("eval loss", _fmt(final.get("loss"))))
+    rows += [
+        ("samples/s", _fmt(s.get("samples_per_s"))),
+        ("peak memory", f"{_mib(s.get('peak_memory_bytes'))} ({s.get('peak_memory_method')})"),
+        ("skipped steps", _fmt(s.get("skipped_steps"))),
+        ("final loss scale", _fmt(s.get("final_loss_scale"))),
+        ("wall time", f"{_fmt(s.get('wall_time_s'))} s"),
+        ("device", f"{(s.get('env') or {}).get('device_name')} (torch {(s.get('env') or {}).get('torch')})"),
+    ]
+    if s.get("error"):
+        rows.append(("error", s["error"]))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    rule = "-" * max(len(line) for line in lines)
+    return "\n".join([rule, *lines, rule])

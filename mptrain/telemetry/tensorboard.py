@@ -1,0 +1,24 @@
+"""TensorBoard scalars, written by one small component (rank 0 only, later)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+
+class TensorBoardLogger:
+    def __init__(self, log_dir: Path):
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for tag, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str) -> None:
+        self.writer.add_text(tag, text, 0)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()

@@ -1,0 +1,62 @@
+"""Training throughput from device-synchronised segments (eval time excluded)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Throughput:
+    """Times training segments; the mean excludes segments ending within the warm-up."""
+
+    def __init__(self, device: torch.device, warmup_steps: int):
+        self.device = device
+        self.warmup_steps = warmup_steps
+        self._t0: float | None = None
+        self._seg_steps = self._seg_samples = 0
+        self._steady_time = 0.0
+        self._steady_samples = 0
+        self._all_time = 0.0
+        self._all_samples = 0
+        self._steps_done = 0
+
+    def begin(self) -> None:
+        synchronize(self.device)
+        self._t0 = time.perf_counter()
+        self._seg_steps = self._seg_samples = 0
+
+    def count(self, samples: int) -> None:
+        self._seg_steps += 1
+        self._seg_samples += samples
+
+    def end(self) -> tuple[float, float] | None:
+        """Close the segment; return (samples/s, ms/step) for it, or None if it was empty."""
+        if self._t0 is None or self._seg_steps == 0:
+            self._t0 = None
+            return None
+        synchronize(self.device)
+        elapsed = time.perf_counter() - self._t0
+        self._t0 = None
+        self._steps_done += self._seg_steps
+        self._all_time += elapsed
+        self._all_samples += self._seg_samples
+        if self._steps_done - self._seg_steps >= self.warmup_steps:
+            self._steady_time += elapsed
+            self._steady_samples += self._seg_samples
+        return self._seg_samples / elapsed, 1000.0 * elapsed / self._seg_steps
+
+    @property
+    def at_warmup_boundary(self) -> bool:
+        return self.warmup_steps > 0 and self._steps_done + self._seg_steps == self.warmup_steps
+
+    def mean_samples_per_s(self) -> float | None:
+        """Steady-state mean; falls back to all steps when the run never left warm-up."""
+        if self._steady_time > 0:
+            return self._steady_samples / self._steady_time
+        return self._all_samples / self._all_time if self._all_time > 0 else None

@@ -1,0 +1,186 @@
+"""One training loop for every model family.
+
+Host syncs: the skip decision inside a loss-scaled step, and the reads of the
+device-side meters every `trainer.log_every` steps; nothing else per step. Evaluation runs each epoch
+(optionally) and at the end; eval time is excluded from throughput.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+
+import torch
+from tqdm import tqdm
+
+from mptrain.errors import Diverged
+from mptrain.optim import build_optimizer, build_scheduler
+from mptrain.precision import LossScaleCollapsed, Precision
+from mptrain.tasks import Task
+from mptrain.telemetry.memory import PeakMemory
+from mptrain.telemetry.meters import MeanMeter
+from mptrain.telemetry.tensorboard import TensorBoardLogger
+from mptrain.telemetry.throughput import Throughput
+
+log = logging.getLogger(__name__)
+MEMORY_STEPS = 3  # the first steps (and every logging step) are measured for peak memory
+
+
+class Trainer:
+    def __init__(self, cfg, task: Task, data, precision: Precision, device: torch.device, tb: TensorBoardLogger):
+        self.cfg = cfg
+        self.task = task
+        self.data = data
+        self.precision = precision
+        self.device = device
+        self.tb = tb
+        self.steps_per_epoch = len(data.train)
+        t = cfg.trainer
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        self.steppers = {
+            name: precision.stepper(
+                net,
+                lambda params: build_optimizer(cfg.optim, params),
+                lambda opt: build_scheduler(cfg.optim, opt, self.total_steps),
+                max_grad_norm=cfg.optim.max_grad_norm,
+            )
+            for name, net in task.networks().items()
+        }
+        self.throughput = Throughput(device, t.perf_warmup_steps)
+        self.memory = PeakMemory(device)
+        self.train_meter = MeanMeter()
+        self.step = 0
+        self.history: list[dict] = []  # eval results, one per evaluation
+        self.best: dict | None = None
+
+    # -- public --------------------------------------------------------------------------
+    def fit(self) -> dict:
+        t = self.cfg.trainer
+        epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        show = t.progress is True or (t.progress == "auto" and sys.stderr.isatty())
+        bar = tqdm(total=self.total_steps, disable=not show, dynamic_ncols=True, leave=False)
+        try:
+            for epoch in range(epochs):
+                self._train_epoch(epoch, bar)
+                last = self.step >= self.total_steps
+                if t.eval_every_epoch or last:
+                    self.evaluate(epoch + 1)
+                if last:
+                    break
+        finally:
+            bar.close()
+        return self.results()
+
+    def evaluate(self, epoch: int) -> dict:
+        for net in self.task.networks().values():
+            net.eval()
+        meter = MeanMeter()
+        for batch in self.data.test:
+            meter.add(self.task.eval_step(batch, self.precision), self.task.batch_size(batch))
+        metrics, _ = meter.read()
+        self.tb.scalars({f"eval/{k}": v for k, v in metrics.items()}, self.step)
+        record = {"step": self.step, "epoch": epoch, **metrics}
+        self.history.append(record)
+        if self._better(record):
+            self.best = record
+        log.info("eval step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        return record
+
+    def results(self) -> dict:
+        scales = {name: s.loss_scale for name, s in self.steppers.items() if s.loss_scale is not None}
+        return {
+            "steps": self.step,
+            "epochs": self.step / self.steps_per_epoch,
+            "final": self.history[-1] if self.history else None,
+            "best": self.best,
+            "history": self.history,
+            "samples_per_s": self.throughput.mean_samples_per_s(),
+            "peak_memory_bytes": self.memory.read(),
+            "peak_memory_method": self.memory.method,
+            "skipped_steps": sum(s.skipped_steps for s in self.steppers.values()),
+            "final_loss_scale": self._single_or_named({n: float(v) for n, v in scales.items()}),
+        }
+
+    # -- the loop ------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int, bar) -> None:
+        for net in self.task.networks().values():
+            net.train()
+        self.data.train.set_epoch(epoch)
+        self.throughput.begin()
+        for batch in self.data.train:
+            metrics = self._train_step(batch)
+            n = self.task.batch_size(batch)
+            self.train_meter.add(metrics, n)
+            self.throughput.count(n)
+            self.step += 1
+            bar.update(1)
+            done = self.step >= self.total_steps
+            if self.step % self.cfg.trainer.log_every == 0 or done:
+                self._log_window(bar)
+            elif self.throughput.at_warmup_boundary:
+                self.throughput.end()
+                self.throughput.begin()
+            if done:
+                break
+        self._log_window(bar)
+
+    def _train_step(self, batch) -> dict:
+        measure = self.step < MEMORY_STEPS or (self.step + 1) % self.cfg.trainer.log_every == 0
+        try:
+            if measure:
+                with self.memory.measure_step(self._state_tensors):
+                    return self.task.train_step(batch, self.steppers, self.precision)
+            return self.task.train_step(batch, self.steppers, self.precision)
+        except LossScaleCollapsed as e:
+            raise Diverged(f"step {self.step + 1}: {e}") from None
+
+    def _log_window(self, bar) -> None:
+        """Close the timing window and write one TensorBoard point (one host sync)."""
+        timing = self.throughput.end()
+        means, nonfinite = self.train_meter.read()
+        self.train_meter.reset()
+        if timing is None and not means:
+            self.throughput.begin()
+            return
+        scaled = any(s.scaler is not None or s.grad_scaler is not None for s in self.steppers.values())
+        bad = {k: v for k, v in nonfinite.items() if v and k.startswith("loss")}
+        if bad and not scaled:
+            raise Diverged(f"non-finite {', '.join(bad)} at step {self.step} (no loss scaler to skip it)")
+        values = {f"train/{k}": v for k, v in means.items()}
+        if timing is not None:
+            values["perf/samples_per_s"], values["perf/step_time_ms"] = timing
+        values["memory/peak_bytes"] = self.memory.read()
+        for name, stepper in self.steppers.items():
+            suffix = "" if len(self.steppers) == 1 else f"_{name}"
+            if stepper.loss_scale is not None:
+                values[f"amp/loss_scale{suffix}"] = float(stepper.loss_scale)
+            values[f"amp/skipped_steps{suffix}"] = stepper.skipped_steps
+            values[f"optim/lr{suffix}"] = stepper.lr()
+        self.tb.scalars(values, self.step)
+        if "train/loss" in values:
+            bar.set_postfix(loss=f"{values['train/loss']:.4g}", refresh=False)
+        self.throughput.begin()
+
+    # -- helpers -------------------------------------------------------------------------
+    def _state_tensors(self):
+        for stepper in self.steppers.values():
+            yield from stepper.state_tensors()
+
+    def _better(self, record: dict) -> bool:
+        key = self.task.primary_metric
+        if self.best is None:
+            return True
+        new, old = record.get(key), self.best.get(key)
+        if new is None or not math.isfinite(new):
+            return False
+        if old is None or not math.isfinite(old):
+            return True
+        return new > old if self.task.higher_is_better else new < old
+
+    @staticmethod
+    def _single_or_named(values: dict):
+        if not values:
+            return None
+        return next(iter(values.values())) if len(values) == 1 else values
+

@@ -1,0 +1,27 @@
+"""Shared fixtures: configs composed with Hydra's compose API, as the CLI composes them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from mptrain.cli import config_dir
+
+
+@pytest.fixture
+def compose_cfg():
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    return _compose
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
