@@ -89,13 +89,16 @@ class Trainer:
 
     def results(self) -> dict:
         scales = {name: s.loss_scale for name, s in self.steppers.items() if s.loss_scale is not None}
+        samples_per_s, steps_per_s = self.throughput.mean_rates()
         return {
             "steps": self.step,
             "epochs": self.step / self.steps_per_epoch,
             "final": self.history[-1] if self.history else None,
             "best": self.best,
             "history": self.history,
-            "samples_per_s": self.throughput.mean_samples_per_s(),
+            "batch_size": self.data.train.batch_size,
+            "samples_per_s": samples_per_s,
+            "steps_per_s": steps_per_s,
             "peak_memory_bytes": self.memory.read(),
             "peak_memory_method": self.memory.method,
             "skipped_steps": sum(s.skipped_steps for s in self.steppers.values()),
@@ -158,7 +161,11 @@ class Trainer:
             values[f"amp/skipped_steps{suffix}"] = stepper.skipped_steps
             values[f"optim/lr{suffix}"] = stepper.lr()
         self.tb.scalars(values, self.step)
-        if "train/loss" in values:
+        if bar.disable:  # no terminal: a log line instead of the bar
+            shown = ("train/loss", "train/accuracy", "perf/samples_per_s", "amp/loss_scale")
+            log.info("step %d/%d: %s", self.step, self.total_steps,
+                     ", ".join(f"{k.split('/')[1]} {values[k]:.4g}" for k in shown if k in values))
+        elif "train/loss" in values:
             bar.set_postfix(loss=f"{values['train/loss']:.4g}", refresh=False)
         self.throughput.begin()
 

@@ -21,9 +21,9 @@ class Throughput:
         self._t0: float | None = None
         self._seg_steps = self._seg_samples = 0
         self._steady_time = 0.0
-        self._steady_samples = 0
+        self._steady_samples = self._steady_steps = 0
         self._all_time = 0.0
-        self._all_samples = 0
+        self._all_samples = self._all_steps = 0
         self._steps_done = 0
 
     def begin(self) -> None:
@@ -46,17 +46,21 @@ class Throughput:
         self._steps_done += self._seg_steps
         self._all_time += elapsed
         self._all_samples += self._seg_samples
+        self._all_steps += self._seg_steps
         if self._steps_done - self._seg_steps >= self.warmup_steps:
             self._steady_time += elapsed
             self._steady_samples += self._seg_samples
+            self._steady_steps += self._seg_steps
         return self._seg_samples / elapsed, 1000.0 * elapsed / self._seg_steps
 
     @property
     def at_warmup_boundary(self) -> bool:
         return self.warmup_steps > 0 and self._steps_done + self._seg_steps == self.warmup_steps
 
-    def mean_samples_per_s(self) -> float | None:
-        """Steady-state mean; falls back to all steps when the run never left warm-up."""
+    def mean_rates(self) -> tuple[float | None, float | None]:
+        """Steady-state (samples/s, steps/s); all steps when the run never left warm-up."""
         if self._steady_time > 0:
-            return self._steady_samples / self._steady_time
-        return self._all_samples / self._all_time if self._all_time > 0 else None
+            return self._steady_samples / self._steady_time, self._steady_steps / self._steady_time
+        if self._all_time > 0:
+            return self._all_samples / self._all_time, self._all_steps / self._all_time
+        return None, None
