@@ -29,9 +29,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 data:
 	@if [ ! -d $(FASHION_MNIST) ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
+	      || echo "note: apt-get could not install dataset-fashion-mnist; mptrain will say how to get the data"; \
 	  elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then \
-	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	    (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
+	      || echo "note: apt-get could not install dataset-fashion-mnist; mptrain will say how to get the data"; \
 	  else \
 	    echo "note: $(FASHION_MNIST) missing and apt-get unavailable; put the idx files in dataset.root"; \
 	  fi; \

@@ -54,6 +54,7 @@ def validate_config(cfg) -> None:
     _check(cfg, "trainer.max_steps", pos_int, "null or a positive integer", "1000", optional=True)
     _check(cfg, "trainer.log_every", pos_int, "a positive integer", "50")
     _check(cfg, "trainer.perf_warmup_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0", "10")
+    _check(cfg, "trainer.progress", lambda v: v in ("auto", True, False), "auto, true or false", "auto")
     device = cfg.trainer.device
     if not (device in ("auto", "cpu", "cuda") or (isinstance(device, str) and device.startswith("cuda:"))):
         _fail("trainer.device", "auto, cpu, cuda or cuda:N", device, "cpu")
