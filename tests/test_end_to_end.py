@@ -95,3 +95,13 @@ def test_wheel_carries_the_config_tree_and_runs_from_anywhere(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert str(site / "mptrain" / "conf") in out.stdout and "mode: mixed" in out.stdout
+
+
+def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = mptrain("-m", "optim.lr=-1,0.05", *TINY, "trainer.max_steps=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    statuses = {read_summary(p.parent)["overrides"][0]: read_summary(p.parent)["status"]
+                for p in sweep.rglob("summary.json")}
+    assert statuses == {"optim.lr=-1": "failed", "optim.lr=0.05": "completed"}
+    assert "optim.lr must be a number > 0" in out.stderr

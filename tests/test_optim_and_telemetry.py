@@ -31,29 +31,26 @@ def test_optimizers_build_with_no_decay_on_vectors(compose_cfg, name):
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
 
 
-def test_warmup_then_cosine(compose_cfg):
-    cfg = compose_cfg("optim.lr=1.0", "optim.warmup_steps=4", "optim.warmup_start_factor=0.25").optim
+def _lr_trajectory(cfg, total_steps: int) -> list[float]:
     opt = build_optimizer(cfg, [nn.Parameter(torch.ones(2, 2))])
-    sched = build_scheduler(cfg, opt, total_steps=14)
+    sched = build_scheduler(cfg, opt, total_steps=total_steps)
     lrs = []
-    for _ in range(14):
+    for _ in range(total_steps):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return lrs
+
+
+def test_warmup_then_cosine(compose_cfg):
+    lrs = _lr_trajectory(compose_cfg("optim.lr=1.0", "optim.warmup_steps=4", "optim.warmup_start_factor=0.25").optim, 14)
     assert lrs[0] == pytest.approx(0.25) and lrs[4] == pytest.approx(1.0)
     assert lrs[:5] == sorted(lrs[:5]) and lrs[4:] == sorted(lrs[4:], reverse=True)
     assert lrs[-1] < 0.05
 
 
 def test_step_schedule_milestones_are_fractions(compose_cfg):
-    cfg = compose_cfg("optim.lr=1.0", "optim.schedule=step").optim
-    opt = build_optimizer(cfg, [nn.Parameter(torch.ones(2, 2))])
-    sched = build_scheduler(cfg, opt, total_steps=8)
-    lrs = []
-    for _ in range(8):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = _lr_trajectory(compose_cfg("optim.lr=1.0", "optim.schedule=step").optim, 8)
     assert lrs == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
 
 
@@ -74,7 +71,8 @@ def test_throughput_excludes_warmup_segments():
             tp.count(5)
         tp.end()
     assert tp._steady_samples == 10 and tp._all_samples == 20
-    assert tp.mean_samples_per_s() > 0
+    samples_per_s, steps_per_s = tp.mean_rates()
+    assert samples_per_s == pytest.approx(5 * steps_per_s)
 
 
 def test_cpu_peak_memory_counts_saved_activations_and_fp16_halves_them(compose_cfg):

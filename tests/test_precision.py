@@ -158,14 +158,6 @@ def test_fp16_modes_on_cpu_carry_a_slowness_note(compose_cfg):
     assert not _engine(compose_cfg, "bf16").notes
 
 
-@pytest.mark.gpu
-def test_tf32_is_off_for_fp32_unless_asked(compose_cfg):
-    Precision(compose_cfg("precision=fp32").precision, torch.device("cuda"))
-    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-    Precision(compose_cfg("precision=fp32", "precision.allow_tf32=true").precision, torch.device("cuda"))
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-
-
 def test_losses_are_computed_in_fp32(compose_cfg):
     engine = _engine(compose_cfg, "mixed")
     task = ClassificationTask(engine.prepare(_tiny_cnn()))
