@@ -37,6 +37,14 @@ def _check(cfg, key: str, ok, rule: str, example: str, optional: bool = False):
         _fail(key, rule, value, example)
 
 
+def positive_int(cfg, key: str, default: int, group: str) -> int:
+    """`cfg[key]` (or `default`) if it is a positive integer, else the one-line error for `group.key`."""
+    value = cfg.get(key, default)
+    if not (_is_int(value) and value > 0):
+        _fail(f"{group}.{key}", "a positive integer", value, str(default))
+    return value
+
+
 def validate_config(cfg) -> None:
     pos_int = lambda v: _is_int(v) and v > 0  # noqa: E731
     pos_num = lambda v: _is_number(v) and v > 0  # noqa: E731

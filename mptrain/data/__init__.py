@@ -19,6 +19,7 @@ import torch
 
 from mptrain.data.images import SOURCES, ImageSet
 from mptrain.errors import UserError
+from mptrain.validate import positive_int
 
 DEFAULT_ROOT = "~/.cache/mptrain/data"
 
@@ -133,20 +134,13 @@ class DataModule:
         return self.test.num_samples
 
 
-def _batch_size(cfg, key: str, default: int) -> int:
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UserError(f"dataset.{key} must be a positive integer (got {value!r}); e.g. dataset.{key}={default}")
-    return value
-
-
 def build_data(dataset_cfg, device: torch.device, seed: int) -> DataModule:
     """Load (or generate) the dataset named by ``dataset_cfg.name`` onto ``device``."""
     name = dataset_cfg.get("name")
     if name not in SOURCES:
         raise UserError(f"unknown dataset.name={name!r}; choose one of: {', '.join(sorted(SOURCES))}")
-    batch_size = _batch_size(dataset_cfg, "batch_size", 128)
-    eval_batch_size = _batch_size(dataset_cfg, "eval_batch_size", 512)
+    batch_size = positive_int(dataset_cfg, "batch_size", 128, "dataset")
+    eval_batch_size = positive_int(dataset_cfg, "eval_batch_size", 512, "dataset")
     device = torch.device(device)
     root = Path(os.path.expanduser(str(dataset_cfg.get("root", DEFAULT_ROOT))))
 

@@ -21,6 +21,7 @@ import torchvision
 
 from mptrain.data.idx import find_idx_file, read_idx
 from mptrain.errors import UserError
+from mptrain.validate import positive_int
 
 FASHION_MNIST_SYSTEM_DIRS = [Path("/usr/share/datasets/fashion-mnist")]  # Debian: dataset-fashion-mnist
 IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -190,18 +191,12 @@ def load_cifar10(cfg, root: Path, device: torch.device) -> ImageSet:
 # --- synthetic, generated on the device -------------------------------------------------
 
 
-def _synthetic_int(cfg, key: str, default: int) -> int:
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UserError(f"dataset.{key} must be a positive integer (got {value!r}); e.g. dataset.{key}={default}")
-    return value
-
-
 def load_synthetic(cfg, root: Path, device: torch.device) -> ImageSet:
     """Class templates (smooth random images) plus gaussian noise; a CNN beats chance within a few steps."""
-    num_classes = _synthetic_int(cfg, "num_classes", 10)
-    channels, size = _synthetic_int(cfg, "channels", 3), _synthetic_int(cfg, "image_size", 32)
-    train_size, test_size = _synthetic_int(cfg, "train_size", 2048), _synthetic_int(cfg, "test_size", 512)
+    num_classes, channels, size, train_size, test_size = (
+        positive_int(cfg, key, default, "dataset")
+        for key, default in (("num_classes", 10), ("channels", 3), ("image_size", 32), ("train_size", 2048), ("test_size", 512))
+    )
     noise, seed = cfg.get("noise", 1.0), cfg.get("seed", 0)
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or noise < 0:
         raise UserError(f"dataset.noise must be a number >= 0 (got {noise!r}); e.g. dataset.noise=1.0")

@@ -13,13 +13,7 @@ import torchvision
 from torch import nn
 
 from mptrain.errors import UserError
-
-
-def _positive_int(cfg, key: str, default: int) -> int:
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UserError(f"model.{key} must be a positive integer (got {value!r}); e.g. model.{key}={default}")
-    return value
+from mptrain.validate import positive_int
 
 
 def _width_mult(cfg) -> float:
@@ -107,7 +101,7 @@ def build_resnet(cfg, spec) -> nn.Module:
         raise UserError(
             f"model.depth must be 6n+2 with n >= 1 (got {depth!r}); e.g. model.depth=20 (also 32, 44, 56, 110)"
         )
-    return CifarResNet(depth, _positive_int(cfg, "width", 16), spec.in_channels, spec.num_classes)
+    return CifarResNet(depth, positive_int(cfg, "width", 16, "model"), spec.in_channels, spec.num_classes)
 
 
 # --- ResNet-50 (torchvision) -----------------------------------------------------------
