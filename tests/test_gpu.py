@@ -45,8 +45,9 @@ def test_unscaled_modes_never_sync_in_a_step(compose_cfg, mode):
     assert _syncs_per_step(compose_cfg, mode) == 0
 
 
-def test_mixed_syncs_once_per_step_for_the_skip_decision(compose_cfg):
-    assert _syncs_per_step(compose_cfg, "mixed") == 1
+@pytest.mark.parametrize("mode", ["mixed", "amp"])
+def test_scaled_modes_sync_once_per_step_for_the_skip_decision(compose_cfg, mode):
+    assert _syncs_per_step(compose_cfg, mode) == 1
 
 
 def test_tf32_is_off_for_fp32_unless_asked(compose_cfg):

@@ -96,7 +96,11 @@ def test_torch_amp_mode_counts_skipped_steps(compose_cfg):
     stepper.zero_grad()
     stepper.backward(model(torch.tensor([[float("inf")]])).float().sum())
     assert stepper.step() is False and stepper.skipped_steps == 1
-    assert model.weight.item() == 1.0
+    assert model.weight.item() == 1.0 and float(stepper.loss_scale) == 2.0**15  # GradScaler backed off
+    stepper.zero_grad()
+    stepper.backward(model(torch.tensor([[1.0]])).float().sum())
+    assert stepper.step() is True
+    assert model.weight.item() == pytest.approx(0.9) and stepper.skipped_steps == 1
 
 
 def _tiny_cnn() -> nn.Module:

@@ -71,12 +71,14 @@ class PrecisionStepper:
         return self._advance()
 
     def _step_torch_amp(self) -> bool:
+        # GradScaler.step would sync again for the same decision: decide once, step ourselves;
+        # update() reads the inf flags unscale_ recorded
         gs = self.grad_scaler
         gs.unscale_(self.optimizer)
         overflow = bool(sum(v for v in gs._found_inf_per_device(self.optimizer).values()).item())
         if not overflow:
             self._clip(self._grads())
-        gs.step(self.optimizer)
+            self.optimizer.step()
         gs.update()
         if overflow:
             self._torch_amp_skipped += 1
