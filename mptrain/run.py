@@ -35,6 +35,7 @@ def run(cfg) -> float | None:
     summary = {
         "status": "running",
         "model": cfg.model.name,
+        "family": cfg.model.get("family"),
         "dataset": cfg.dataset.name,
         "precision": cfg.precision.mode,
         "seed": cfg.seed,
@@ -121,7 +122,8 @@ def _train(cfg, run_dir: Path, summary: dict) -> dict:
     for note in precision.notes:
         log.warning(note)
         summary["warnings"].append(note)
-    data = build_data(cfg.dataset, device, cfg.seed)
+    data = build_data(cfg.dataset, device, cfg.seed, augment=bool(cfg.model.get("augment", True)))
+    data.write_artifacts(run_dir)
     task = build_task(cfg.model, data, precision)
     summary["primary_metric"] = task.primary_metric
     tb = TensorBoardLogger(run_dir / "tb")

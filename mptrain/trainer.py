@@ -7,6 +7,7 @@ device-side meters every `trainer.log_every` steps; nothing else per step. Evalu
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import sys
@@ -25,6 +26,11 @@ from mptrain.telemetry.throughput import Throughput
 
 log = logging.getLogger(__name__)
 MEMORY_STEPS = 3  # the first steps (and every logging step) are measured for peak memory
+
+
+def tag(split: str, key: str) -> str:
+    """TensorBoard tag of a task metric: `train/loss`, or the key itself when it names its own group."""
+    return key if "/" in key else f"{split}/{key}"
 
 
 class Trainer:
@@ -51,6 +57,7 @@ class Trainer:
         self.memory = PeakMemory(device)
         self.train_meter = MeanMeter()
         self.step = 0
+        self.last_media_step = 0
         self.history: list[dict] = []  # eval results, one per evaluation
         self.best: dict | None = None
 
@@ -75,11 +82,11 @@ class Trainer:
     def evaluate(self, epoch: int) -> dict:
         for net in self.task.networks().values():
             net.eval()
-        meter = MeanMeter()
-        for batch in self.data.test:
-            meter.add(self.task.eval_step(batch, self.precision), self.task.batch_size(batch))
-        metrics, _ = meter.read()
-        self.tb.scalars({f"eval/{k}": v for k, v in metrics.items()}, self.step)
+        limit = self.cfg.trainer.get("eval_max_batches")
+        batches = itertools.islice(self.data.test, limit) if limit else self.data.test
+        metrics = self.task.evaluate(batches, self.precision)
+        self.tb.scalars({tag("eval", k): v for k, v in metrics.items()}, self.step)
+        self._log_media()
         record = {"step": self.step, "epoch": epoch, **metrics}
         self.history.append(record)
         if self._better(record):
@@ -102,7 +109,9 @@ class Trainer:
             "peak_memory_bytes": self.memory.read(),
             "peak_memory_method": self.memory.method,
             "skipped_steps": sum(s.skipped_steps for s in self.steppers.values()),
+            "skipped_steps_by_network": self._named_only({n: s.skipped_steps for n, s in self.steppers.items()}),
             "final_loss_scale": self._single_or_named({n: float(v) for n, v in scales.items()}),
+            **self.task.describe(),
         }
 
     # -- the loop ------------------------------------------------------------------------
@@ -110,6 +119,7 @@ class Trainer:
         for net in self.task.networks().values():
             net.train()
         self.data.train.set_epoch(epoch)
+        self.task.start_pass(training=True)
         self.throughput.begin()
         for batch in self.data.train:
             metrics = self._train_step(batch)
@@ -147,10 +157,11 @@ class Trainer:
             self.throughput.begin()
             return
         scaled = any(s.scaler is not None or s.grad_scaler is not None for s in self.steppers.values())
-        bad = {k: v for k, v in nonfinite.items() if v and k.startswith("loss")}
+        bad = {k: v for k, v in nonfinite.items() if v and k.split("/")[-1].startswith("loss")}
         if bad and not scaled:
             raise Diverged(f"non-finite {', '.join(bad)} at step {self.step} (no loss scaler to skip it)")
-        values = {f"train/{k}": v for k, v in means.items()}
+        means.update(self.task.derived_metrics(means))
+        values = {tag("train", k): v for k, v in means.items()}
         if timing is not None:
             values["perf/samples_per_s"], values["perf/step_time_ms"] = timing
         values["memory/peak_bytes"] = self.memory.read()
@@ -167,9 +178,15 @@ class Trainer:
                      ", ".join(f"{k.split('/')[1]} {values[k]:.4g}" for k in shown if k in values))
         elif "train/loss" in values:
             bar.set_postfix(loss=f"{values['train/loss']:.4g}", refresh=False)
+        if self.step - self.last_media_step >= self.cfg.trainer.get("media_every", 500):
+            self._log_media()
         self.throughput.begin()
 
     # -- helpers -------------------------------------------------------------------------
+    def _log_media(self) -> None:
+        self.task.log_media(self.tb, self.step)
+        self.last_media_step = self.step
+
     def _state_tensors(self):
         for stepper in self.steppers.values():
             yield from stepper.state_tensors()
@@ -184,6 +201,10 @@ class Trainer:
         if old is None or not math.isfinite(old):
             return True
         return new > old if self.task.higher_is_better else new < old
+
+    @staticmethod
+    def _named_only(values: dict):
+        return values if len(values) > 1 else None
 
     @staticmethod
     def _single_or_named(values: dict):

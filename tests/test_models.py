@@ -89,10 +89,12 @@ def test_bad_model_config_is_a_user_error():
         build_model(OmegaConf.create({"name": "resnet50", "small_input": "sometimes"}), spec)
 
 
-def test_model_yamls_name_registered_cnns():
+def test_model_yamls_name_registered_models_and_tasks():
+    from mptrain.tasks import TASKS
+
     files = sorted(CONF_DIR.glob("*.yaml"))
     assert {f.stem for f in files} >= set(MODELS)
     for path in files:
         cfg = OmegaConf.load(path)
         assert cfg.name == path.stem and cfg.name in MODELS
-        assert cfg.family == "cnn"
+        assert cfg.family in ("cnn", "rnn", "gan") and cfg.task in TASKS

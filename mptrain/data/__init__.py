@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from mptrain.data.images import SOURCES, ImageSet
+from mptrain.data.text import StreamLoader, TextSpec, build_text_data
 from mptrain.errors import UserError
+from mptrain.telemetry.summary import write_json_atomic
 from mptrain.validate import positive_int
 
 DEFAULT_ROOT = "~/.cache/mptrain/data"
+TEXT_SOURCES = ("text", "synthetic_text")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class DataSpec:
     in_channels: int
     image_size: int
     num_classes: int
+    mean: tuple[float, ...] = (0.0,)  # pixel value p in [0, 1] is fed as (p - mean) / std
+    std: tuple[float, ...] = (1.0,)
 
 
 def _stream_seed(seed: int, epoch: int) -> int:
@@ -121,9 +126,14 @@ class DeviceLoader:
 
 @dataclass
 class DataModule:
-    spec: DataSpec
-    train: DeviceLoader
-    test: DeviceLoader
+    spec: DataSpec | TextSpec
+    train: DeviceLoader | StreamLoader
+    test: DeviceLoader | StreamLoader  # the held-out split the trainer evaluates
+    artifacts: dict[str, dict] = field(default_factory=dict)  # JSON files for the run dir (e.g. the vocabulary)
+
+    def write_artifacts(self, run_dir: Path) -> None:
+        for filename, content in self.artifacts.items():
+            write_json_atomic(Path(run_dir) / filename, content)
 
     @property
     def train_size(self) -> int:
@@ -134,11 +144,17 @@ class DataModule:
         return self.test.num_samples
 
 
-def build_data(dataset_cfg, device: torch.device, seed: int) -> DataModule:
-    """Load (or generate) the dataset named by ``dataset_cfg.name`` onto ``device``."""
+def build_data(dataset_cfg, device: torch.device, seed: int, augment: bool = True) -> DataModule:
+    """Load (or generate) the dataset named by ``dataset_cfg.name`` onto ``device``.
+
+    ``augment=False`` turns augmentation off whatever the dataset says (a GAN must see real images as they are).
+    """
     name = dataset_cfg.get("name")
+    if name in TEXT_SOURCES:
+        return build_text_data(dataset_cfg, torch.device(device), seed)
     if name not in SOURCES:
-        raise UserError(f"unknown dataset.name={name!r}; choose one of: {', '.join(sorted(SOURCES))}")
+        known = ", ".join(sorted([*SOURCES, *TEXT_SOURCES]))
+        raise UserError(f"unknown dataset.name={name!r}; choose one of: {known}")
     batch_size = positive_int(dataset_cfg, "batch_size", 128, "dataset")
     eval_batch_size = positive_int(dataset_cfg, "eval_batch_size", 512, "dataset")
     device = torch.device(device)
@@ -151,7 +167,7 @@ def build_data(dataset_cfg, device: torch.device, seed: int) -> DataModule:
             f"dataset.batch_size={batch_size} is larger than the {train_size}-sample training set; "
             f"use dataset.batch_size={train_size} or less"
         )
-    augment = bool(dataset_cfg.get("augment", True))
+    augment = augment and bool(dataset_cfg.get("augment", True))
     train = DeviceLoader(
         data.train_images.to(device), data.train_labels.to(device), batch_size, shuffle=True, drop_last=True,
         seed=seed, mean=data.mean, std=data.std,
@@ -162,8 +178,11 @@ def build_data(dataset_cfg, device: torch.device, seed: int) -> DataModule:
         mean=data.mean, std=data.std,
     )  # fmt: skip
     _, channels, height, width = data.train_images.shape
-    spec = DataSpec(name=name, in_channels=channels, image_size=height, num_classes=data.num_classes)
+    spec = DataSpec(
+        name=name, in_channels=channels, image_size=height, num_classes=data.num_classes,
+        mean=tuple(data.mean) * (channels // len(data.mean)), std=tuple(data.std) * (channels // len(data.std)),
+    )  # fmt: skip
     return DataModule(spec=spec, train=train, test=test)
 
 
-__all__ = ["DataModule", "DataSpec", "DeviceLoader", "build_data"]
+__all__ = ["DataModule", "DataSpec", "DeviceLoader", "StreamLoader", "TextSpec", "build_data"]

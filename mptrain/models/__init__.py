@@ -8,13 +8,20 @@ from torch import nn
 
 from mptrain.errors import UserError
 from mptrain.models.cnn import build_alexnet, build_resnet, build_resnet50, build_vgg
+from mptrain.models.gan import build_dcgan
+from mptrain.models.rnn import build_lstm_classifier, build_lstm_lm
 
-# A builder takes (model config, DataSpec) and returns an nn.Module producing (B, num_classes) logits.
+# A builder takes (model config, data spec) and returns the module(s) its task trains:
+# classifiers give (B, num_classes) logits, the LM (B, T, vocab) logits and a state,
+# the GAN a ModuleDict of generator "g" and discriminator "d".
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet": build_resnet,
     "resnet50": build_resnet50,
     "vgg": build_vgg,
     "alexnet": build_alexnet,
+    "lstm_classifier": build_lstm_classifier,
+    "lstm_lm": build_lstm_lm,
+    "dcgan": build_dcgan,
 }
 
 

@@ -1,20 +1,58 @@
-"""Model families: which Task trains a model (a registry keyed by `model.family`)."""
+"""Model families: which Task trains a model (a registry keyed by `model.task`)."""
 
 from __future__ import annotations
 
 from mptrain.errors import UserError
 from mptrain.tasks.base import Task
-from mptrain.tasks.classification import ClassificationTask
+
+
+def _classification(model_cfg, data, precision) -> Task:
+    from mptrain.models import build_model
+    from mptrain.tasks.classification import ClassificationTask
+
+    return ClassificationTask(precision.prepare(build_model(model_cfg, data.spec)))
+
+
+def _language_model(model_cfg, data, precision) -> Task:
+    from mptrain.models import build_model
+    from mptrain.tasks.language_model import LanguageModelTask
+
+    return LanguageModelTask(precision.prepare(build_model(model_cfg, data.spec)), data.spec.level)
+
+
+def _gan(model_cfg, data, precision) -> Task:
+    from mptrain.tasks.gan import GanTask
+
+    return GanTask.build(model_cfg, data, precision)
+
+
+# task name → (builder, the kind of data it reads)
+TASKS = {
+    "classification": (_classification, "image"),
+    "language_model": (_language_model, "text"),
+    "gan": (_gan, "image"),
+}
+DATASETS_FOR = {
+    "image": "dataset=fashion_mnist, mnist, cifar10 or synthetic",
+    "text": "dataset=text or synthetic_text",
+}
 
 
 def build_task(model_cfg, data, precision) -> Task:
     """Build the model of `model_cfg` for `data`, put it in the mode's precision, wrap it in its Task."""
-    from mptrain.models import build_model
+    from mptrain.data import TextSpec
 
-    family = model_cfg.get("family", "cnn")
-    if family == "cnn":
-        return ClassificationTask(precision.prepare(build_model(model_cfg, data.spec)))
-    raise UserError(f"unknown model.family={family!r} for model={model_cfg.name}; known: cnn")
+    name = model_cfg.get("task", "classification")
+    if name not in TASKS:
+        raise UserError(f"unknown model.task={name!r} for model={model_cfg.name}; known: {', '.join(TASKS)}")
+    builder, kind = TASKS[name]
+    data_kind = "text" if isinstance(data.spec, TextSpec) else "image"
+    if kind != data_kind:
+        raise UserError(
+            f"model={model_cfg.name} reads {kind} data but dataset={data.spec.name} is {data_kind}; "
+            f"use {DATASETS_FOR[kind]}"
+        )
+    return builder(model_cfg, data, precision)
 
 
-__all__ = ["Task", "build_task"]
+__all__ = ["TASKS", "Task", "build_task"]

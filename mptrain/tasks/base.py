@@ -4,16 +4,21 @@ The trainer owns the loop (epochs, logging, eval, timing, memory); a Task owns
 what a batch means: forward, loss, metrics, and which networks are optimised.
 Each network gets its own PrecisionStepper (its own optimizer, master weights
 and loss scaler), so a GAN's generator and discriminator scale independently.
+
+Metric keys are TensorBoard tags under ``train/`` and ``eval/``; a key that
+already holds a ``/`` (``gan/loss_d``) is its own tag.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from mptrain.precision import Precision, PrecisionStepper
+from mptrain.telemetry.meters import MeanMeter
 
 
 class Task(ABC):
@@ -33,6 +38,29 @@ class Task(ABC):
     def eval_step(self, batch, precision: Precision) -> dict[str, torch.Tensor]:
         """Metrics of one held-out batch as device scalars (batch means)."""
 
-    @staticmethod
-    def batch_size(batch) -> int:
+    def start_pass(self, training: bool) -> None:
+        """Called before each pass over a split: where a recurrent model resets its carried state."""
+
+    def derived_metrics(self, means: dict[str, float]) -> dict[str, float]:
+        """Metrics computed from a window's or an evaluation's means (perplexity from the mean loss)."""
+        return {}
+
+    def evaluate(self, batches: Iterable, precision: Precision) -> dict[str, float]:
+        """One pass over held-out batches; per-batch means, weighted by batch size."""
+        self.start_pass(training=False)
+        meter = MeanMeter()
+        for batch in batches:
+            meter.add(self.eval_step(batch, precision), self.batch_size(batch))
+        means, _ = meter.read()
+        return {**means, **self.derived_metrics(means)}
+
+    def log_media(self, tb, step: int) -> None:
+        """Write images or other non-scalar summaries (the trainer calls it every `trainer.media_every` steps)."""
+
+    def describe(self) -> dict:
+        """Extra fields for summary.json (e.g. which network scores the samples)."""
+        return {}
+
+    def batch_size(self, batch) -> int:
+        """Samples in a batch: what throughput counts and metric means are weighted by."""
         return len(batch[0])

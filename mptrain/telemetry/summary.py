@@ -21,17 +21,21 @@ def _clean(value):
     return value
 
 
-def write_summary(run_dir: Path, summary: dict) -> Path:
-    """Write atomically: a crash mid-write never leaves a half summary."""
-    path = Path(run_dir) / SUMMARY_FILE
-    tmp = path.with_suffix(".json.tmp")
+def write_json_atomic(path: Path, content) -> Path:
+    """Write atomically: a crash mid-write never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(_clean(summary), f, indent=2, sort_keys=False)
+        json.dump(_clean(content), f, indent=2, sort_keys=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def write_summary(run_dir: Path, summary: dict) -> Path:
+    return write_json_atomic(Path(run_dir) / SUMMARY_FILE, summary)
 
 
 def _fmt(value) -> str:

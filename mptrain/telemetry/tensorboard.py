@@ -1,4 +1,4 @@
-"""TensorBoard scalars, written by one small component (rank 0 only, later)."""
+"""TensorBoard scalars, images and text, written by one small component (rank 0 only, later)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ class TensorBoardLogger:
         for tag, value in values.items():
             if value is not None:
                 self.writer.add_scalar(tag, value, step)
+
+    def image(self, tag: str, image, step: int) -> None:
+        """A (C, H, W) image with values in [0, 1] (e.g. torchvision's make_grid)."""
+        self.writer.add_image(tag, image, step)
 
     def text(self, tag: str, text: str) -> None:
         self.writer.add_text(tag, text, 0)

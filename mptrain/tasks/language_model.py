@@ -1,0 +1,75 @@
+"""Language modelling (the recurrent family): next-token cross-entropy with truncated BPTT.
+
+The hidden state is carried from one chunk to the next within a pass (the
+loader continues each stream) and detached between chunks, so gradients flow
+back through at most `dataset.bptt` steps. Perplexity is exp(mean loss per
+token); bits per character is the mean loss / ln 2 for character-level text.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mptrain.models.rnn import LanguageModel
+from mptrain.tasks.base import Task
+
+
+def _detach(state):
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+
+
+class LanguageModelTask(Task):
+    primary_metric = "perplexity"
+    higher_is_better = False
+
+    def __init__(self, model: LanguageModel, level: str):
+        self.model = model
+        self.level = level
+        self.state = None  # carried hidden state of the current pass
+
+    def networks(self):
+        return {"model": self.model}
+
+    def start_pass(self, training: bool) -> None:
+        self.state = None
+
+    def _loss(self, batch, precision):
+        x, y = batch
+        if self.state is None or self._state_batch() != x.shape[0]:
+            self.state = self.model.initial_state(x.shape[0], x.device)
+        with precision.autocast():
+            logits, state = self.model(x, self.state)
+        self.state = _detach(state)  # truncated BPTT: the next chunk starts from values, not a graph
+        # softmax over the vocabulary is a reduction: computed in FP32
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    def _state_batch(self) -> int:
+        first = self.state[0] if isinstance(self.state, tuple) else self.state
+        return first.shape[1]
+
+    def train_step(self, batch, steppers, precision):
+        stepper = steppers["model"]
+        stepper.zero_grad()
+        loss = self._loss(batch, precision)
+        stepper.backward(loss)
+        stepper.step()
+        return {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def eval_step(self, batch, precision):
+        return {"loss": self._loss(batch, precision)}
+
+    def derived_metrics(self, means):
+        loss = means.get("loss")
+        if loss is None:
+            return {}
+        derived = {"perplexity": math.exp(loss) if loss < 700 else float("inf")}
+        if self.level == "char":
+            derived["bpc"] = loss / math.log(2)
+        return derived
+
+    def batch_size(self, batch) -> int:
+        return batch[1].numel()  # tokens predicted: the unit perplexity averages over
