@@ -1,10 +1,11 @@
 # Quick start: `make run` trains, `make test` tests. Both set up what they need:
-# a virtualenv with pinned packages (constraints.txt) and the offline Fashion-MNIST.
+# a virtualenv with pinned packages (constraints.txt) and the offline datasets.
 PYTHON ?= python3
 VENV   ?= .venv
 ARGS   ?=
 PYTEST_ARGS ?=
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+JARGON := /usr/share/doc/jargon-text/jargon.txt.gz
 
 .PHONY: run test test-fast setup data clean
 
@@ -24,18 +25,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-# Real data offline: Debian's dataset-fashion-mnist. Without root or apt, mptrain
-# still looks in dataset.root and tries torchvision's download, and says how to fix it.
+# Real data offline: Debian's dataset-fashion-mnist (images) and jargon-text (the
+# Jargon File, for the language model). Without root or apt, mptrain still looks in
+# dataset.root / dataset.path and says how to fix what is missing.
+DATA_PACKAGES := $(if $(wildcard $(FASHION_MNIST)),,dataset-fashion-mnist) $(if $(wildcard $(JARGON)),,jargon-text)
+APT_INSTALL = apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DATA_PACKAGES)
+
 data:
-	@if [ ! -d $(FASHION_MNIST) ]; then \
+	@if [ -n "$(strip $(DATA_PACKAGES))" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
-	      || echo "note: apt-get could not install dataset-fashion-mnist; mptrain will say how to get the data"; \
+	    ($(APT_INSTALL)) >/dev/null || echo "note: apt-get could not install $(DATA_PACKAGES); mptrain will say how to get the data"; \
 	  elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then \
-	    (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
-	      || echo "note: apt-get could not install dataset-fashion-mnist; mptrain will say how to get the data"; \
+	    (sudo sh -c '$(APT_INSTALL)') >/dev/null || echo "note: apt-get could not install $(DATA_PACKAGES); mptrain will say how to get the data"; \
 	  else \
-	    echo "note: $(FASHION_MNIST) missing and apt-get unavailable; put the idx files in dataset.root"; \
+	    echo "note: $(DATA_PACKAGES) missing and apt-get unavailable; see dataset.root / dataset.path"; \
 	  fi; \
 	fi
 

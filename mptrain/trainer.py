@@ -173,7 +173,8 @@ class Trainer:
             values[f"optim/lr{suffix}"] = stepper.lr()
         self.tb.scalars(values, self.step)
         if bar.disable:  # no terminal: a log line instead of the bar
-            shown = ("train/loss", "train/accuracy", "perf/samples_per_s", "amp/loss_scale")
+            shown = [tag("train", k) for k in means] + ["perf/samples_per_s"]
+            shown += [k for k in values if k.startswith("amp/loss_scale")]
             log.info("step %d/%d: %s", self.step, self.total_steps,
                      ", ".join(f"{k.split('/')[1]} {values[k]:.4g}" for k in shown if k in values))
         elif "train/loss" in values:

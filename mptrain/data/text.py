@@ -137,7 +137,9 @@ def synthetic_text(cfg) -> str:
         for key, default in (("vocab_size", 16), ("size", 20_000), ("branching", 3))
     )
     if vocab > 26:
-        raise UserError(f"dataset.vocab_size must be at most 26 for synthetic_text (got {vocab}); e.g. dataset.vocab_size=16")
+        raise UserError(
+            f"dataset.vocab_size must be at most 26 for synthetic_text (got {vocab}); e.g. dataset.vocab_size=16"
+        )
     generator = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
     successors = torch.stack([torch.randperm(vocab, generator=generator)[:branching] for _ in range(vocab)])
     picks = torch.randint(branching, (size,), generator=generator)
@@ -151,7 +153,10 @@ def synthetic_text(cfg) -> str:
 def _fractions(cfg) -> list[float]:
     split = list(cfg.get("split", [0.9, 0.05, 0.05]))
     if len(split) != 3 or not all(isinstance(f, (int, float)) and f > 0 for f in split) or abs(sum(split) - 1) > 1e-6:
-        raise UserError(f"dataset.split must be three positive fractions summing to 1 (got {split}); e.g. dataset.split=[0.9,0.05,0.05]")
+        raise UserError(
+            f"dataset.split must be three positive fractions summing to 1 (got {split}); "
+            "e.g. dataset.split=[0.9,0.05,0.05]"
+        )
     return split
 
 

@@ -49,7 +49,8 @@ class GanTask(Task):
         steps = positive_int(fid, "extractor_steps", 2000, "model.fid")
         extractor, info = None, None
         if fid.get("enabled", True):
-            extractor, info = load_or_train_extractor(data, fid.get("cache_dir", "~/.cache/mptrain/fid"), steps, precision.device)
+            cache_dir = fid.get("cache_dir", "~/.cache/mptrain/fid")
+            extractor, info = load_or_train_extractor(data, cache_dir, steps, precision.device)
         g, d = (precision.prepare(nets[name]) for name in ("g", "d"))
         return cls(g, d, data.spec, precision, extractor, info, samples, seed=int(model_cfg.get("noise_seed", 0)))
 
@@ -77,7 +78,9 @@ class GanTask(Task):
             fake = self.g(noise)
             logits_real = self.d(real).float()
             logits_fake = self.d(fake.detach()).float()
-        loss_d = F.binary_cross_entropy_with_logits(logits_real, ones) + F.binary_cross_entropy_with_logits(logits_fake, zeros)
+        loss_d = F.binary_cross_entropy_with_logits(logits_real, ones) + F.binary_cross_entropy_with_logits(
+            logits_fake, zeros
+        )
         sd.backward(loss_d)
         sd.step()
 
