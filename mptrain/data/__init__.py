@@ -9,7 +9,6 @@ generator seeded by (seed, epoch), so equal seeds give identical batches.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Iterator
 import torch
 
 from mptrain.data.images import SOURCES, ImageSet
+from mptrain.data.seeds import stream_seed
 from mptrain.data.text import StreamLoader, TextSpec, build_text_data
 from mptrain.errors import UserError
 from mptrain.telemetry.summary import write_json_atomic
@@ -37,12 +37,6 @@ class DataSpec:
     num_classes: int
     mean: tuple[float, ...] = (0.0,)  # pixel value p in [0, 1] is fed as (p - mean) / std
     std: tuple[float, ...] = (1.0,)
-
-
-def _stream_seed(seed: int, epoch: int) -> int:
-    # Hash rather than add: (seed=1, epoch=0) and (seed=0, epoch=1) must not share a stream.
-    digest = hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 class DeviceLoader:
@@ -90,7 +84,7 @@ class DeviceLoader:
         augment = self.crop_padding > 0 or self.flip
         generator = None
         if self.shuffle or augment:
-            generator = torch.Generator(device=self.device).manual_seed(_stream_seed(self.seed, self.epoch))
+            generator = torch.Generator(device=self.device).manual_seed(stream_seed(self.seed, self.epoch))
         order = torch.randperm(self.num_samples, generator=generator, device=self.device) if self.shuffle else None
         for batch in range(len(self)):
             start = batch * self.batch_size

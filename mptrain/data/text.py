@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 
+from mptrain.data.seeds import stream_seed
 from mptrain.errors import UserError
 from mptrain.validate import positive_int
 
@@ -84,7 +85,7 @@ class StreamLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         offset = 0
         if self.shuffle:  # vary where chunks start so the same contexts are not cut the same way
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            generator = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch))
             offset = int(torch.randint(self.bptt, (1,), generator=generator))
         usable = self.streams.shape[1] - 1
         for i in range(len(self)):
