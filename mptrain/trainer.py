@@ -179,7 +179,7 @@ class Trainer:
                      ", ".join(f"{k.split('/')[1]} {values[k]:.4g}" for k in shown if k in values))
         elif "train/loss" in values:
             bar.set_postfix(loss=f"{values['train/loss']:.4g}", refresh=False)
-        if self.step - self.last_media_step >= self.cfg.trainer.get("media_every", 500):
+        if self.step - self.last_media_step >= self.cfg.trainer.get("media_every", 100):
             self._log_media()
         self.throughput.begin()
 
