@@ -110,6 +110,7 @@ def _train(cfg, run_dir: Path, summary: dict) -> dict:
     from mptrain.precision import Precision
     from mptrain.tasks import build_task
     from mptrain.telemetry.env import environment
+    from mptrain.telemetry.summary import write_json_atomic
     from mptrain.telemetry.tensorboard import TensorBoardLogger
     from mptrain.trainer import Trainer
 
@@ -123,7 +124,8 @@ def _train(cfg, run_dir: Path, summary: dict) -> dict:
         log.warning(note)
         summary["warnings"].append(note)
     data = build_data(cfg.dataset, device, cfg.seed, augment=bool(cfg.model.get("augment", True)))
-    data.write_artifacts(run_dir)
+    for filename, content in data.artifacts.items():
+        write_json_atomic(run_dir / filename, content)
     task = build_task(cfg.model, data, precision)
     summary["primary_metric"] = task.primary_metric
     tb = TensorBoardLogger(run_dir / "tb")

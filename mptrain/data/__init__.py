@@ -1,8 +1,9 @@
 """Datasets held whole on the training device, batched and augmented there.
 
 ``build_data(dataset_cfg, device, seed)`` returns a ``DataModule`` whose
-``train`` and ``test`` loaders yield ``(x, y)`` already on ``device``: x float32
-(B, C, H, W) normalised, y int64 (B,). Shuffling and augmentation (random crop
+``train`` and ``test`` loaders yield ``(x, y)`` already on ``device``: for images
+x float32 (B, C, H, W) normalised, y int64 (B,); for text (``text.py``) token ids
+x and next-token targets y, both int64 (B, bptt). Shuffling and augmentation (random crop
 with zero padding, horizontal flip) are batched tensor ops drawn from a device
 generator seeded by (seed, epoch), so equal seeds give identical batches.
 """
@@ -20,7 +21,6 @@ from mptrain.data.images import SOURCES, ImageSet
 from mptrain.data.seeds import stream_seed
 from mptrain.data.text import StreamLoader, TextSpec, build_text_data
 from mptrain.errors import UserError
-from mptrain.telemetry.summary import write_json_atomic
 from mptrain.validate import positive_int
 
 DEFAULT_ROOT = "~/.cache/mptrain/data"
@@ -124,10 +124,6 @@ class DataModule:
     train: DeviceLoader | StreamLoader
     test: DeviceLoader | StreamLoader  # the held-out split the trainer evaluates
     artifacts: dict[str, dict] = field(default_factory=dict)  # JSON files for the run dir (e.g. the vocabulary)
-
-    def write_artifacts(self, run_dir: Path) -> None:
-        for filename, content in self.artifacts.items():
-            write_json_atomic(Path(run_dir) / filename, content)
 
     @property
     def train_size(self) -> int:
