@@ -108,6 +108,7 @@ def _train(cfg, run_dir: Path, summary: dict) -> dict:
 
     from mptrain.data import build_data
     from mptrain.precision import Precision
+    from mptrain.precision.pitfalls import find_pitfalls
     from mptrain.tasks import build_task
     from mptrain.telemetry.env import environment
     from mptrain.telemetry.summary import write_json_atomic
@@ -131,6 +132,9 @@ def _train(cfg, run_dir: Path, summary: dict) -> dict:
     tb = TensorBoardLogger(run_dir / "tb")
     tb.text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
     trainer = Trainer(cfg, task, data, precision, device, tb)
+    for pitfall in find_pitfalls(precision, task.networks(), trainer.steppers):
+        log.warning(pitfall)
+        summary["warnings"].append(pitfall)
     log.info(
         "training %s on %s (%s), precision=%s, %d steps, device %s",
         cfg.model.name, cfg.dataset.name, f"{data.train_size} samples", precision.mode, trainer.total_steps, device,

@@ -108,6 +108,7 @@ def test_every_family_in_every_mode_on_real_data(tmp_path):
         assert s["primary_metric"] == PRIMARY[s["model"]]
         if s["precision"] == "fp16_naive":
             assert s["status"] == "diverged" and "non-finite" in s["error"] and "at step 5" in s["error"], run
+            assert any("optim.eps=1e-08 is 0 in float16" in w for w in s["warnings"]), run  # named up front
             continue
         assert s["status"] == "completed" and s["steps"] == 10, run
         assert s["final"][PRIMARY[s["model"]]] is not None, run
