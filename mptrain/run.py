@@ -111,6 +111,7 @@ def _train(cfg, run_dir: Path, summary: dict) -> dict:
     from mptrain.precision.pitfalls import find_pitfalls
     from mptrain.tasks import build_task
     from mptrain.telemetry.env import environment
+    from mptrain.telemetry.numerics import NumericsProbe
     from mptrain.telemetry.summary import write_json_atomic
     from mptrain.telemetry.tensorboard import TensorBoardLogger
     from mptrain.trainer import Trainer
@@ -131,7 +132,10 @@ def _train(cfg, run_dir: Path, summary: dict) -> dict:
     summary["primary_metric"] = task.primary_metric
     tb = TensorBoardLogger(run_dir / "tb")
     tb.text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
-    trainer = Trainer(cfg, task, data, precision, device, tb)
+    numerics = None
+    if cfg.telemetry.numerics.every:
+        numerics = NumericsProbe(cfg.telemetry.numerics.every, run_dir, bool(cfg.telemetry.numerics.activations))
+    trainer = Trainer(cfg, task, data, precision, device, tb, numerics)
     for pitfall in find_pitfalls(precision, task.networks(), trainer.steppers):
         log.warning(pitfall)
         summary["warnings"].append(pitfall)

@@ -7,6 +7,7 @@ device-side meters every `trainer.log_every` steps; nothing else per step. Evalu
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -21,6 +22,7 @@ from mptrain.precision import LossScaleCollapsed, Precision
 from mptrain.tasks import Task
 from mptrain.telemetry.memory import PeakMemory
 from mptrain.telemetry.meters import MeanMeter
+from mptrain.telemetry.numerics import NumericsProbe
 from mptrain.telemetry.tensorboard import TensorBoardLogger
 from mptrain.telemetry.throughput import Throughput
 
@@ -34,8 +36,10 @@ def tag(split: str, key: str) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg, task: Task, data, precision: Precision, device: torch.device, tb: TensorBoardLogger):
+    def __init__(self, cfg, task: Task, data, precision: Precision, device: torch.device, tb: TensorBoardLogger,
+                 numerics: NumericsProbe | None = None):
         self.cfg = cfg
+        self.numerics = numerics  # None: no numerics hooks exist, the step costs nothing extra
         self.task = task
         self.data = data
         self.precision = precision
@@ -140,13 +144,19 @@ class Trainer:
 
     def _train_step(self, batch) -> dict:
         measure = self.step < MEMORY_STEPS or (self.step + 1) % self.cfg.trainer.log_every == 0
+        probe = self.numerics is not None and self.numerics.due(self.step + 1)
         try:
-            if measure:
-                with self.memory.measure_step(self._state_tensors):
-                    return self.task.train_step(batch, self.steppers, self.precision)
-            return self.task.train_step(batch, self.steppers, self.precision)
+            with contextlib.ExitStack() as stack:
+                if measure:
+                    stack.enter_context(self.memory.measure_step(self._state_tensors))
+                if probe:
+                    stack.enter_context(self.numerics.capture(self.task.networks(), self.steppers))
+                metrics = self.task.train_step(batch, self.steppers, self.precision)
         except LossScaleCollapsed as e:
             raise Diverged(f"step {self.step + 1}: {e}") from None
+        if probe:
+            self.numerics.flush(self.tb, self.step + 1)
+        return metrics
 
     def _log_window(self, bar) -> None:
         """Close the timing window and write one TensorBoard point (one host sync)."""

@@ -20,6 +20,18 @@ class TensorBoardLogger:
         """A (C, H, W) image with values in [0, 1] (e.g. torchvision's make_grid)."""
         self.writer.add_image(tag, image, step)
 
+    def histogram_raw(self, tag: str, bins: list[int], counts: list[float], step: int) -> None:
+        """A histogram over integer bins (bin b holds values in [b, b+1)), e.g. log2 exponents."""
+        total = sum(counts)
+        if not total:
+            return
+        used = [b for b, c in zip(bins, counts) if c]
+        self.writer.add_histogram_raw(
+            tag, min=used[0], max=used[-1] + 1, num=total,
+            sum=sum(b * c for b, c in zip(bins, counts)), sum_squares=sum(b * b * c for b, c in zip(bins, counts)),
+            bucket_limits=[b + 1 for b in bins], bucket_counts=counts, global_step=step,
+        )  # fmt: skip
+
     def text(self, tag: str, text: str) -> None:
         self.writer.add_text(tag, text, 0)
 

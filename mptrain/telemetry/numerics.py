@@ -1,0 +1,170 @@
+"""What FP16 does to a model's numbers: gradient exponent ranges and lost updates.
+
+Every `telemetry.numerics.every` steps (off by default: no hook exists otherwise):
+
+* Gradient ranges (the paper's Fig. 2b and 3): for each weight gradient (per
+  parameter tensor) and each activation gradient (per leaf-module output), the
+  histogram of floor(log2|g|) in FP32 on the *unscaled* values, and the fractions
+  that are exactly zero, below 2^-24 (flushed to zero in FP16), in [2^-24, 2^-14)
+  (subnormal) and above 65504 (overflow) — unscaled and as scaled by the loss scale
+  in effect. Hooks see the gradients as backward produces them (scaled); dividing
+  by the scale in FP32 recovers the values the model's math means.
+* Lost updates (the paper's case for master weights): the fraction of weight
+  elements whose update this step is smaller than half an FP16 ulp of the weight,
+  i.e. would vanish if added in FP16. In fp16_naive, where updates are added in
+  FP16, it is the fraction actually lost: gradient non-zero, weight unchanged.
+
+Each measurement goes to TensorBoard (`numerics/grad_log2/<layer>` histograms,
+`numerics/<fraction>/<layer>` scalars, `.../all` overall) and one JSON line per
+layer to `numerics.jsonl` in the run dir, for the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FP16_TINY = 2.0**-24  # smallest FP16 subnormal: anything smaller flushes to zero
+FP16_MIN_NORMAL = 2.0**-14
+FP16_MAX = 65504.0
+EXPONENTS = torch.arange(-40, 18)  # histogram bins of floor(log2|g|); the end bins take what lies beyond
+FRACTIONS = ("zero", "underflow", "subnormal", "overflow")
+SUMS = ("count", *FRACTIONS, *(f"{f}_scaled" for f in FRACTIONS[1:]))
+
+
+def gradient_stats(grad: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """[count, zero, underflow, subnormal, overflow, underflow/subnormal/overflow once scaled, *histogram] on the device."""
+    unscaled = grad.detach().float().abs().flatten() / scale
+    scaled = unscaled * scale
+
+    def bands(a):
+        return [(a > 0) & (a < FP16_TINY), (a >= FP16_TINY) & (a < FP16_MIN_NORMAL), a > FP16_MAX]
+
+    flags = [unscaled == 0, *bands(unscaled), *bands(scaled)]
+    counts = torch.stack([f.sum() for f in flags]).float()
+    nonzero = unscaled[unscaled > 0]
+    exponent = torch.floor(torch.log2(nonzero)).clamp(int(EXPONENTS[0]), int(EXPONENTS[-1])) - EXPONENTS[0]
+    histogram = torch.bincount(exponent.long(), minlength=len(EXPONENTS)).float()
+    return torch.cat([torch.tensor([float(unscaled.numel())], device=grad.device), counts, histogram])
+
+
+def half_ulp_fp16(weights: torch.Tensor) -> torch.Tensor:
+    """Half the spacing of FP16 numbers at each weight (subnormals: 2^-25)."""
+    w = weights.detach().to(torch.float16).float().abs()
+    exponent = torch.frexp(w).exponent - 1  # floor(log2|w|) for w != 0
+    exponent = torch.where(w > 0, exponent.clamp_min(-14), torch.full_like(exponent, -14))
+    return torch.exp2((exponent - 11).float())
+
+
+class NumericsProbe:
+    def __init__(self, every: int, run_dir: Path, activations: bool = True):
+        self.every = every
+        self.activations = activations
+        self.path = Path(run_dir) / "numerics.jsonl"
+        self._stats: dict[tuple[str, str], torch.Tensor] = {}
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    @contextlib.contextmanager
+    def capture(self, networks: dict[str, nn.Module], steppers: dict):
+        """Hooks for one training step; on exit, the lost updates of that step."""
+        handles, before = [], {}
+        for net_name, net in networks.items():
+            stepper = steppers[net_name]
+            scale = _scale_in_effect(stepper)
+            for name, p in net.named_parameters():
+                if p.requires_grad:
+                    handles.append(p.register_hook(self._recorder("weight", f"{net_name}.{name}", scale)))
+            if self.activations:
+                for name, module in net.named_modules():
+                    if not list(module.children()):
+                        handles.append(module.register_forward_hook(self._output_hook(f"{net_name}.{name}", scale)))
+            before[net_name] = [p.detach().clone() for p in stepper.params]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        for net_name, stepper in steppers.items():
+            names = [f"{net_name}.{n}" for n, p in networks[net_name].named_parameters() if p.requires_grad]
+            naive = stepper.masters is None and next(iter(networks[net_name].parameters())).dtype == torch.float16
+            for name, old, new in zip(names, before[net_name], stepper.params):
+                self._stats[("lost_update", name)] = self._lost(old, new, naive)
+
+    def _recorder(self, kind: str, name: str, scale):
+        def record(grad):
+            if grad is not None and grad.is_floating_point():
+                stats = gradient_stats(grad, scale)
+                key = (kind, name)
+                self._stats[key] = self._stats[key] + stats if key in self._stats else stats
+            return None
+
+        return record
+
+    def _output_hook(self, name: str, scale):
+        def hook(_module, _inputs, output):
+            if torch.is_tensor(output) and output.requires_grad:
+                output.register_hook(self._recorder("activation", name, scale))
+
+        return hook
+
+    @staticmethod
+    def _lost(old: torch.Tensor, new: torch.Tensor, naive: bool) -> torch.Tensor:
+        delta = new.detach().float() - old.float()
+        if naive:  # updates were added in FP16: lost = had a gradient, did not move
+            grad = new.grad
+            moved_wanted = (grad != 0) if grad is not None else torch.zeros_like(delta, dtype=torch.bool)
+            lost = moved_wanted & (delta == 0)
+        else:
+            lost = (delta != 0) & (delta.abs() < half_ulp_fp16(old))
+        return torch.stack([torch.tensor(float(delta.numel()), device=delta.device), lost.sum().float()])
+
+    def flush(self, tb, step: int) -> None:
+        """Write what the last capture measured (one host sync) and forget it."""
+        if not self._stats:
+            return
+        keys = list(self._stats)
+        values = [v.tolist() for v in self._stats.values()]
+        self._stats = {}
+        totals: dict[str, list[float]] = {}
+        with open(self.path, "a") as out:
+            for (kind, layer), v in zip(keys, values):
+                record = self._record(kind, layer, step, v)
+                out.write(json.dumps(record) + "\n")
+                tb.scalars(_fraction_tags(record), step)
+                if kind != "lost_update":
+                    tb.histogram_raw(f"numerics/grad_log2/{kind}/{layer}", EXPONENTS.tolist(), record["log2_hist"], step)
+                total = totals.setdefault(kind, [0.0] * len(v))
+                totals[kind] = [a + b for a, b in zip(total, v)]
+        for kind, v in totals.items():
+            tb.scalars(_fraction_tags(self._record(kind, "all", step, v)), step)
+
+    @staticmethod
+    def _record(kind: str, layer: str, step: int, v: list[float]) -> dict:
+        n = v[0] or 1.0
+        if kind == "lost_update":
+            return {"step": step, "kind": kind, "layer": layer, "count": v[0], "lost_update_frac": v[1] / n}
+        sums = dict(zip(SUMS, v[: len(SUMS)]))
+        record = {"step": step, "kind": kind, "layer": layer, "count": v[0]}
+        record.update({f"{k}_frac": sums[k] / n for k in SUMS[1:]})
+        record["log2_hist"] = v[len(SUMS):]
+        return record
+
+
+def _scale_in_effect(stepper):
+    """The loss scale this step's backward runs under (a copy: the scaler updates its own in place)."""
+    if stepper.grad_scaler is not None and stepper.grad_scaler._scale is None:
+        return float(stepper.grad_scaler._init_scale)  # GradScaler makes its scale lazily, at the first scale()
+    scale = stepper.loss_scale
+    return 1.0 if scale is None else scale.detach().clone()
+
+
+def _fraction_tags(record: dict) -> dict[str, float]:
+    """`numerics/underflow_frac/weight/<layer>`, ..., `numerics/lost_update_frac/<layer>`."""
+    where = record["layer"] if record["kind"] == "lost_update" else f"{record['kind']}/{record['layer']}"
+    return {f"numerics/{k}/{where}": v for k, v in record.items() if k.endswith("_frac")}

@@ -1,0 +1,79 @@
+"""Numerics instruments: FP16 range fractions, exponent histograms, lost updates, and zero cost when off."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from cli_helpers import TINY, mptrain, scalar_tags
+from mptrain.precision import Precision
+from mptrain.telemetry.numerics import EXPONENTS, NumericsProbe, gradient_stats, half_ulp_fp16
+
+CPU = torch.device("cpu")
+
+
+def test_range_fractions_and_histogram_of_known_gradients():
+    unscaled = torch.tensor([0.0, 2.0**-30, 2.0**-20, 2.0**-10, 1.0, 2.0**17])
+    stats = gradient_stats(unscaled * 1024, torch.tensor(1024.0)).tolist()
+    count, zero, under, sub, over, under_s, sub_s, over_s = stats[:8]
+    assert count == 6 and (zero, under, sub, over) == (1, 1, 1, 1)  # 0; 2^-30 flushes; 2^-20 subnormal; 2^17 > 65504
+    assert (under_s, sub_s, over_s) == (0, 1, 1)  # x1024: 2^-20 now subnormal, 2^-10 normal, 2^27 overflows
+    histogram = stats[8:]
+    assert [int(EXPONENTS[i]) for i, c in enumerate(histogram) if c] == [-30, -20, -10, 0, 17]
+
+
+def test_half_ulp_of_fp16_weights():
+    w = torch.tensor([1.0, 0.0, 2.0**-20, 1000.0, -3.0])
+    # FP16 has 10 mantissa bits: ulp(w) = 2^(floor(log2 w) - 10), subnormals 2^-24
+    assert half_ulp_fp16(w).tolist() == [2.0**-11, 2.0**-25, 2.0**-25, 0.25, 2.0**-10]
+
+
+@pytest.mark.parametrize("mode", ["fp32", "fp16_naive", "fp16_master"])
+@pytest.mark.parametrize("lr, lost", [(2.0**-12, 1.0), (2.0**-8, 0.0)])
+def test_lost_updates_are_the_papers_2_to_the_minus_12(compose_cfg, tmp_path, mode, lr, lost):
+    """w = 1, update 2^-12 (< half an FP16 ulp of 1, 2^-11): lost in FP16; 2^-8 is not."""
+    cfg = compose_cfg(f"precision={mode}", "optim.momentum=0", "optim.weight_decay=0", "optim.nesterov=false")
+    precision = Precision(cfg.precision, CPU)
+    model = precision.prepare(nn.Linear(4, 1, bias=False))
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    stepper = precision.stepper(model, lambda p: torch.optim.SGD(p, lr=lr))
+    probe = NumericsProbe(every=1, run_dir=tmp_path, activations=False)
+    with probe.capture({"model": model}, {"model": stepper}):
+        stepper.zero_grad()
+        stepper.backward(model(torch.ones(1, 4, dtype=model.weight.dtype)).float().sum())  # grad = 1 per weight
+        stepper.step()
+    tb = _Recorder()
+    probe.flush(tb, 1)
+    assert tb.values["numerics/lost_update_frac/model.weight"] == lost
+    assert tb.values["numerics/lost_update_frac/all"] == lost
+    assert tb.values["numerics/underflow_frac/weight/model.weight"] == 0.0
+    assert "numerics/grad_log2/weight/model.weight" in tb.histograms
+    assert (tmp_path / "numerics.jsonl").read_text().count('"kind": "lost_update"') == 1
+
+
+class _Recorder:
+    def __init__(self):
+        self.values, self.histograms = {}, {}
+
+    def scalars(self, values, step):
+        self.values.update(values)
+
+    def histogram_raw(self, tag, bins, counts, step):
+        self.histograms[tag] = counts
+
+
+def test_numerics_through_the_cli_and_nothing_when_off(tmp_path):
+    on, off = tmp_path / "on", tmp_path / "off"
+    for run, extra in ((on, ["telemetry.numerics.every=2"]), (off, [])):
+        out = mptrain("precision=mixed", *TINY, "trainer.max_steps=4", *extra, f"hydra.run.dir={run}", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+    records = [json.loads(line) for line in (on / "numerics.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in records} == {2, 4} and {r["kind"] for r in records} == {"weight", "activation", "lost_update"}
+    tags = scalar_tags(on / "tb")
+    assert {"numerics/underflow_frac/weight/all", "numerics/overflow_scaled_frac/activation/all",
+            "numerics/lost_update_frac/all"} <= tags.keys()
+    assert not (off / "numerics.jsonl").exists() and not any(t.startswith("numerics/") for t in scalar_tags(off / "tb"))
