@@ -23,6 +23,7 @@ from mptrain.tasks import Task
 from mptrain.telemetry.memory import PeakMemory
 from mptrain.telemetry.meters import MeanMeter
 from mptrain.telemetry.numerics import NumericsProbe
+from mptrain.telemetry.overflow import OverflowLog, first_nonfinite_module, nonfinite_grads
 from mptrain.telemetry.tensorboard import TensorBoardLogger
 from mptrain.telemetry.throughput import Throughput
 
@@ -40,6 +41,8 @@ class Trainer:
                  numerics: NumericsProbe | None = None):
         self.cfg = cfg
         self.numerics = numerics  # None: no numerics hooks exist, the step costs nothing extra
+        self.overflows = OverflowLog(cfg.telemetry.get("overflow_events", 20))
+        self.last_batch = None
         self.task = task
         self.data = data
         self.precision = precision
@@ -115,6 +118,7 @@ class Trainer:
             "skipped_steps": sum(s.skipped_steps for s in self.steppers.values()),
             "skipped_steps_by_network": self._named_only({n: s.skipped_steps for n, s in self.steppers.items()}),
             "final_loss_scale": self._single_or_named({n: float(v) for n, v in scales.items()}),
+            "overflow_events": list(self.overflows.events),
             **self.task.describe(),
         }
 
@@ -145,6 +149,8 @@ class Trainer:
     def _train_step(self, batch) -> dict:
         measure = self.step < MEMORY_STEPS or (self.step + 1) % self.cfg.trainer.log_every == 0
         probe = self.numerics is not None and self.numerics.due(self.step + 1)
+        skipped = {name: s.skipped_steps for name, s in self.steppers.items()}  # host ints: no sync
+        self.last_batch = batch
         try:
             with contextlib.ExitStack() as stack:
                 if measure:
@@ -153,10 +159,31 @@ class Trainer:
                     stack.enter_context(self.numerics.capture(self.task.networks(), self.steppers))
                 metrics = self.task.train_step(batch, self.steppers, self.precision)
         except LossScaleCollapsed as e:
-            raise Diverged(f"step {self.step + 1}: {e}") from None
+            event = self._attribute_overflow(self.step + 1, None)
+            raise Diverged(f"step {self.step + 1}: {e}{self._cause(event)}") from None
         if probe:
             self.numerics.flush(self.tb, self.step + 1)
+        for name, stepper in self.steppers.items():
+            if stepper.skipped_steps > skipped[name]:
+                self._attribute_overflow(self.step + 1, name)
         return metrics
+
+    def _attribute_overflow(self, step: int, network: str | None) -> dict | None:
+        """Name the gradients and the first layer behind a skipped step (runs only when one happens)."""
+        networks = self.task.networks()
+        suspects = networks if network is None else {network: networks[network]}
+        grads = nonfinite_grads(suspects)
+        module = first_nonfinite_module(networks, lambda: self.task.replay_forward(self.last_batch, self.precision))
+        stepper = self.steppers[network] if network else next(iter(self.steppers.values()))
+        scale = float(stepper.loss_scale) if stepper.loss_scale is not None else None
+        event = self.overflows.record(step, network or "all", grads, module, scale)
+        log.info("step %d: %s skipped: %s", step, event["network"], OverflowLog.describe(event))
+        return event
+
+    @staticmethod
+    def _cause(event: dict | None) -> str:
+        cause = OverflowLog.describe(event)
+        return f" ({cause})" if cause else ""
 
     def _log_window(self, bar) -> None:
         """Close the timing window and write one TensorBoard point (one host sync)."""
@@ -169,7 +196,8 @@ class Trainer:
         scaled = any(s.scaler is not None or s.grad_scaler is not None for s in self.steppers.values())
         bad = {k: v for k, v in nonfinite.items() if v and k.split("/")[-1].startswith("loss")}
         if bad and not scaled:
-            raise Diverged(f"non-finite {', '.join(bad)} at step {self.step} (no loss scaler to skip it)")
+            event = self._attribute_overflow(self.step, None)
+            raise Diverged(f"non-finite {', '.join(bad)} at step {self.step} (no loss scaler to skip it){self._cause(event)}")
         means.update(self.task.derived_metrics(means))
         values = {tag("train", k): v for k, v in means.items()}
         if timing is not None:

@@ -64,6 +64,7 @@ def validate_config(cfg) -> None:
     _check(cfg, "trainer.eval_max_batches", pos_int, "null or a positive integer", "10", optional=True)
     _check(cfg, "trainer.media_every", pos_int, "a positive integer", "100")
     _check(cfg, "telemetry.numerics.every", pos_int, "null or a positive integer", "100", optional=True)
+    _check(cfg, "telemetry.overflow_events", pos_int, "a positive integer", "20")
     _check(cfg, "trainer.perf_warmup_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0", "10")
     _check(cfg, "trainer.progress", lambda v: v in ("auto", True, False), "auto, true or false", "auto")
     device = cfg.trainer.device

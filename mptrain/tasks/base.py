@@ -54,6 +54,10 @@ class Task(ABC):
         means, _ = meter.read()
         return {**means, **self.derived_metrics(means)}
 
+    def replay_forward(self, batch, precision: Precision) -> None:
+        """Run the training forward of ``batch`` again without side effects (the overflow hunt's replay)."""
+        self.eval_step(batch, precision)
+
     def log_media(self, tb, step: int) -> None:
         """Write images or other non-scalar summaries (the trainer calls it every `trainer.media_every` steps)."""
 

@@ -115,6 +115,13 @@ class GanTask(Task):
         return {"d_real": torch.sigmoid(logits).mean()}
 
     @torch.no_grad()
+    def replay_forward(self, batch, precision) -> None:
+        noise = torch.randn(batch[0].shape[0], self.latent, 1, 1, device=batch[0].device)
+        with precision.autocast():
+            self.d(self.to_gan_range(batch[0]))
+            self.d(self.g(noise))
+
+    @torch.no_grad()
     def evaluate(self, batches, precision):
         batches = list(batches)
         metrics = super().evaluate(batches, precision)
