@@ -197,7 +197,8 @@ class Trainer:
         bad = {k: v for k, v in nonfinite.items() if v and k.split("/")[-1].startswith("loss")}
         if bad and not scaled:
             event = self._attribute_overflow(self.step, None)
-            raise Diverged(f"non-finite {', '.join(bad)} at step {self.step} (no loss scaler to skip it){self._cause(event)}")
+            what = f"non-finite {', '.join(bad)} at step {self.step} (no loss scaler to skip it)"
+            raise Diverged(what + self._cause(event))
         means.update(self.task.derived_metrics(means))
         values = {tag("train", k): v for k, v in means.items()}
         if timing is not None:
