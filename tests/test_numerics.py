@@ -25,6 +25,12 @@ def test_range_fractions_and_histogram_of_known_gradients():
     assert [int(EXPONENTS[i]) for i, c in enumerate(histogram) if c] == [-30, -20, -10, 0, 17]
 
 
+def test_inf_and_nan_gradients_count_as_overflow_in_the_top_bin():
+    stats = gradient_stats(torch.tensor([float("inf"), float("nan"), 0.5]), 1.0).tolist()
+    assert stats[4] == 2 and stats[7] == 2  # overflow, unscaled and scaled
+    assert stats[8:][-1] == 2 and stats[8:][int(-1 - EXPONENTS[0])] == 1  # 0.5 = 2^-1
+
+
 def test_half_ulp_of_fp16_weights():
     w = torch.tensor([1.0, 0.0, 2.0**-20, 1000.0, -3.0])
     # FP16 has 10 mantissa bits: ulp(w) = 2^(floor(log2 w) - 10), subnormals 2^-24

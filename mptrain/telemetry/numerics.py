@@ -38,17 +38,20 @@ SUMS = ("count", *FRACTIONS, *(f"{f}_scaled" for f in FRACTIONS[1:]))
 
 def gradient_stats(grad: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """[count, zero, underflow, subnormal, overflow, underflow/subnormal/overflow once scaled, *histogram] on the device."""
-    unscaled = grad.detach().float().abs().flatten() / scale
-    scaled = unscaled * scale
+    magnitude = grad.detach().float().abs().flatten()
+    magnitude = torch.where(torch.isnan(magnitude), torch.inf, magnitude)  # NaN counts as overflow, top bin
+    unscaled = magnitude / scale
 
     def bands(a):
         return [(a > 0) & (a < FP16_TINY), (a >= FP16_TINY) & (a < FP16_MIN_NORMAL), a > FP16_MAX]
 
-    flags = [unscaled == 0, *bands(unscaled), *bands(scaled)]
+    flags = [unscaled == 0, *bands(unscaled), *bands(magnitude)]
     counts = torch.stack([f.sum() for f in flags]).float()
-    nonzero = unscaled[unscaled > 0]
-    exponent = torch.floor(torch.log2(nonzero)).clamp(int(EXPONENTS[0]), int(EXPONENTS[-1])) - EXPONENTS[0]
-    histogram = torch.bincount(exponent.long(), minlength=len(EXPONENTS)).float()
+    # scatter_add, not boolean indexing or bincount: no host sync on a GPU
+    nonzero = unscaled > 0
+    exponent = torch.floor(torch.log2(torch.where(nonzero, unscaled, 1.0)))
+    bins = (exponent.clamp(int(EXPONENTS[0]), int(EXPONENTS[-1])) - int(EXPONENTS[0])).long()
+    histogram = torch.zeros(len(EXPONENTS), device=grad.device).scatter_add_(0, bins, nonzero.float())
     return torch.cat([torch.tensor([float(unscaled.numel())], device=grad.device), counts, histogram])
 
 
