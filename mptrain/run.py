@@ -38,6 +38,7 @@ def run(cfg) -> float | None:
         "family": cfg.model.get("family"),
         "dataset": cfg.dataset.name,
         "precision": cfg.precision.mode,
+        "loss_scale": cfg.precision.loss_scale,
         "seed": cfg.seed,
         "overrides": list(hydra_cfg.overrides.task),
         "warnings": [],
@@ -104,49 +105,61 @@ def seed_everything(seed: int) -> None:
 
 
 def _train(cfg, run_dir: Path, summary: dict) -> dict:
+    from mptrain.telemetry.env import environment
+    from mptrain.telemetry.numerics import NumericsProbe
+    from mptrain.telemetry.tensorboard import TensorBoardLogger
+
+    device = resolve_device(cfg.trainer.device)
+    summary["env"] = environment(device)
+    tb = TensorBoardLogger(run_dir / "tb")
+    tb.text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
+    numerics = None
+    if cfg.telemetry.numerics.every:
+        numerics = NumericsProbe(cfg.telemetry.numerics.every, run_dir, bool(cfg.telemetry.numerics.activations))
+    try:
+        trainer = build_trainer(cfg, device, run_dir, tb, numerics, summary["warnings"])
+        summary["primary_metric"] = trainer.task.primary_metric
+        summary["higher_is_better"] = trainer.task.higher_is_better
+        return _fit(cfg, trainer, summary)
+    finally:
+        tb.close()
+
+
+def build_trainer(cfg, device, run_dir: Path, tb, numerics, warnings: list[str]):
+    """config → data, model, precision → Trainer; each warning is logged once and appended to `warnings`."""
     import torch
 
     from mptrain.data import build_data
     from mptrain.precision import Precision
     from mptrain.precision.pitfalls import find_pitfalls
     from mptrain.tasks import build_task
-    from mptrain.telemetry.env import environment
-    from mptrain.telemetry.numerics import NumericsProbe
     from mptrain.telemetry.summary import write_json_atomic
-    from mptrain.telemetry.tensorboard import TensorBoardLogger
     from mptrain.trainer import Trainer
 
-    device = resolve_device(cfg.trainer.device)
-    summary["env"] = environment(device)
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed)
     precision = Precision(cfg.precision, device)
-    for note in precision.notes:
-        log.warning(note)
-        summary["warnings"].append(note)
     data = build_data(cfg.dataset, device, cfg.seed, augment=bool(cfg.model.get("augment", True)))
     for filename, content in data.artifacts.items():
         write_json_atomic(run_dir / filename, content)
     task = build_task(cfg.model, data, precision)
-    summary["primary_metric"] = task.primary_metric
-    tb = TensorBoardLogger(run_dir / "tb")
-    tb.text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
-    numerics = None
-    if cfg.telemetry.numerics.every:
-        numerics = NumericsProbe(cfg.telemetry.numerics.every, run_dir, bool(cfg.telemetry.numerics.activations))
     trainer = Trainer(cfg, task, data, precision, device, tb, numerics)
-    for pitfall in find_pitfalls(precision, task.networks(), trainer.steppers):
-        log.warning(pitfall)
-        summary["warnings"].append(pitfall)
+    for warning in precision.notes + find_pitfalls(precision, task.networks(), trainer.steppers):
+        log.warning(warning)
+        warnings.append(warning)
+    return trainer
+
+
+def _fit(cfg, trainer, summary: dict) -> dict:
+    data, precision = trainer.data, trainer.precision
     log.info(
         "training %s on %s (%s), precision=%s, %d steps, device %s",
-        cfg.model.name, cfg.dataset.name, f"{data.train_size} samples", precision.mode, trainer.total_steps, device,
+        cfg.model.name, cfg.dataset.name, f"{data.train_size} samples", precision.mode, trainer.total_steps,
+        trainer.device,
     )
     try:
         return trainer.fit()
     except (Diverged, KeyboardInterrupt):
         summary.update(trainer.results())
         raise
-    finally:
-        tb.close()

@@ -69,7 +69,8 @@ class Trainer:
         self.best: dict | None = None
 
     # -- public --------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self, evaluate: bool = True) -> dict:
+        """Train `total_steps` steps, evaluating each epoch (if asked) and at the end; `evaluate=False`: no evaluation."""
         t = self.cfg.trainer
         epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         show = t.progress is True or (t.progress == "auto" and sys.stderr.isatty())
@@ -78,7 +79,7 @@ class Trainer:
             for epoch in range(epochs):
                 self._train_epoch(epoch, bar)
                 last = self.step >= self.total_steps
-                if t.eval_every_epoch or last:
+                if evaluate and (t.eval_every_epoch or last):
                     self.evaluate(epoch + 1)
                 if last:
                     break

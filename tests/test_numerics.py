@@ -31,6 +31,22 @@ def test_inf_and_nan_gradients_count_as_overflow_in_the_top_bin():
     assert stats[8:][-1] == 2 and stats[8:][int(-1 - EXPONENTS[0])] == 1  # 0.5 = 2^-1
 
 
+@pytest.mark.parametrize("scale", [1.0, 1024.0, 1000.0])
+def test_fractions_match_a_direct_count_on_random_magnitudes(scale):
+    torch.manual_seed(0)
+    g = torch.randn(10_000) * torch.exp2(torch.randint(-45, 25, (10_000,)).float())
+    g[::97] = 0.0
+    stats = gradient_stats(g * scale, torch.tensor(scale)).tolist()
+    a, s = g.abs(), (g * scale).abs()
+
+    def bands(x):
+        return [int(((x > 0) & (x < 2.0**-24)).sum()), int(((x >= 2.0**-24) & (x < 2.0**-14)).sum()), int((x > 65504).sum())]
+
+    assert stats[:8] == [len(g), int((a == 0).sum()), *bands(a), *bands(s)]
+    exponent = torch.floor(torch.log2(a[a > 0])).clamp(int(EXPONENTS[0]), int(EXPONENTS[-1]))
+    assert stats[8:] == torch.bincount((exponent - EXPONENTS[0]).long(), minlength=len(EXPONENTS)).tolist()
+
+
 def test_half_ulp_of_fp16_weights():
     w = torch.tensor([1.0, 0.0, 2.0**-20, 1000.0, -3.0])
     # FP16 has 10 mantissa bits: ulp(w) = 2^(floor(log2 w) - 10), subnormals 2^-24
@@ -61,6 +77,30 @@ def test_lost_updates_are_the_papers_2_to_the_minus_12(compose_cfg, tmp_path, mo
     assert (tmp_path / "numerics.jsonl").read_text().count('"kind": "lost_update"') == 1
 
 
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        out, _state = self.rnn(x)
+        return self.head(out)
+
+
+def test_activation_gradient_of_a_recurrent_layer_is_its_output_sequence(compose_cfg, tmp_path):
+    """An LSTM returns (sequence, state); the sequence's gradient is the layer's activation gradient."""
+    model = _Recurrent()
+    stepper = Precision(compose_cfg("precision=fp32").precision, CPU).stepper(model, lambda p: torch.optim.SGD(p, lr=0.1))
+    probe = NumericsProbe(every=1, run_dir=tmp_path)
+    with probe.capture({"model": model}, {"model": stepper}):
+        stepper.backward(model(torch.randn(2, 5, 3)).sum())
+        stepper.step()
+    taken = probe.take()
+    assert taken[("activation", "model.rnn")][0] == 2 * 5 * 4  # count: batch x time x hidden
+    assert ("activation", "model.head") in taken and ("weight", "model.rnn.weight_hh_l0") in taken
+
+
 class _Recorder:
     def __init__(self):
         self.values, self.histograms = {}, {}
@@ -68,8 +108,8 @@ class _Recorder:
     def scalars(self, values, step):
         self.values.update(values)
 
-    def histogram_raw(self, tag, bins, counts, step):
-        self.histograms[tag] = counts
+    def histograms_raw(self, histograms, bins, step):
+        self.histograms.update(histograms)
 
 
 def test_numerics_through_the_cli_and_nothing_when_off(tmp_path):

@@ -22,7 +22,9 @@ layer to `numerics.jsonl` in the run dir, for the report.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -31,28 +33,56 @@ from torch import nn
 FP16_TINY = 2.0**-24  # smallest FP16 subnormal: anything smaller flushes to zero
 FP16_MIN_NORMAL = 2.0**-14
 FP16_MAX = 65504.0
-EXPONENTS = torch.arange(-40, 18)  # histogram bins of floor(log2|g|); the end bins take what lies beyond
+EXPONENTS = torch.arange(-64, 18)  # histogram bins of floor(log2|g|); the end bins take what lies beyond
 FRACTIONS = ("zero", "underflow", "subnormal", "overflow")
 SUMS = ("count", *FRACTIONS, *(f"{f}_scaled" for f in FRACTIONS[1:]))
 
 
 def gradient_stats(grad: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """[count, zero, underflow, subnormal, overflow, underflow/subnormal/overflow once scaled, *histogram] on the device."""
-    magnitude = grad.detach().float().abs().flatten()
-    magnitude = torch.where(torch.isnan(magnitude), torch.inf, magnitude)  # NaN counts as overflow, top bin
+    """[count, zero, underflow, subnormal, overflow, underflow/subnormal/overflow once scaled, *histogram] on the device.
+
+    One joint count per element instead of a dozen passes: the FP32 exponent bits of the
+    unscaled value (|g| / scale) times the FP16 band of the value as backward produced it
+    (zero, flushed, subnormal, normal, overflow); everything else is a fixed sum over that
+    table. No boolean indexing or bincount: no host sync on a GPU.
+    """
+    magnitude = torch.nan_to_num(grad.detach().float().abs(), nan=torch.inf).flatten()  # NaN counts as overflow
+    scaled_band = torch.bucketize(magnitude, _scaled_edges(grad.device), right=True, out_int32=True)
     unscaled = magnitude / scale
+    exponent_bits = unscaled.view(torch.int32) >> 23  # biased FP32 exponent: floor(log2 x) + 127, 255 = inf
+    joint = torch.zeros(256 * _BANDS, device=grad.device)
+    joint.index_add_(0, exponent_bits * _BANDS + scaled_band, torch.ones(1, device=grad.device).expand(len(magnitude)))
+    stats = joint @ _projection(grad.device)
+    overflow = (unscaled > FP16_MAX).sum().float()  # exact at 65504, which is no power of two
+    return torch.cat([stats[:4], overflow.view(1), stats[5:]])
 
-    def bands(a):
-        return [(a > 0) & (a < FP16_TINY), (a >= FP16_TINY) & (a < FP16_MIN_NORMAL), a > FP16_MAX]
 
-    flags = [unscaled == 0, *bands(unscaled), *bands(magnitude)]
-    counts = torch.stack([f.sum() for f in flags]).float()
-    # scatter_add, not boolean indexing or bincount: no host sync on a GPU
-    nonzero = unscaled > 0
-    exponent = torch.floor(torch.log2(torch.where(nonzero, unscaled, 1.0)))
-    bins = (exponent.clamp(int(EXPONENTS[0]), int(EXPONENTS[-1])) - int(EXPONENTS[0])).long()
-    histogram = torch.zeros(len(EXPONENTS), device=grad.device).scatter_add_(0, bins, nonzero.float())
-    return torch.cat([torch.tensor([float(unscaled.numel())], device=grad.device), counts, histogram])
+_BANDS = 5  # of a scaled value in FP16: 0 zero, 1 flushed, 2 subnormal, 3 normal, 4 overflow
+
+
+@functools.cache
+def _scaled_edges(device: torch.device) -> torch.Tensor:
+    above_max = torch.nextafter(torch.tensor(FP16_MAX), torch.tensor(math.inf)).item()
+    return torch.tensor([2.0**-149, FP16_TINY, FP16_MIN_NORMAL, above_max], device=device)
+
+
+@functools.cache
+def _projection(device: torch.device) -> torch.Tensor:
+    """(exponent bits, scaled band) table -> the SUMS and the histogram (column 4, overflow, is counted apart)."""
+    rows = torch.zeros(256, _BANDS, len(SUMS) + len(EXPONENTS))
+    biased = torch.arange(256).view(-1, 1)
+    band = torch.arange(_BANDS).view(1, -1)
+    nonzero = band > 0
+    exponent = biased - 127  # 0 (zero or below FP32's normal range) sits with the smallest
+    rows[..., 0] = 1
+    rows[..., 1] = (band == 0).float()
+    rows[..., 2] = (nonzero & (exponent < -24)).float()
+    rows[..., 3] = (nonzero & (exponent >= -24) & (exponent < -14)).float()
+    for column, b in ((5, 1), (6, 2), (7, 4)):
+        rows[..., column] = (band == b).float()
+    bins = (exponent.clamp(int(EXPONENTS[0]), int(EXPONENTS[-1])) - int(EXPONENTS[0])).expand(256, _BANDS)
+    rows[..., len(SUMS):].scatter_(-1, bins.unsqueeze(-1), nonzero.expand(256, _BANDS).unsqueeze(-1).float())
+    return rows.view(256 * _BANDS, -1).to(device)
 
 
 def half_ulp_fp16(weights: torch.Tensor) -> torch.Tensor:
@@ -111,6 +141,8 @@ class NumericsProbe:
 
     def _output_hook(self, name: str, scale):
         def hook(_module, _inputs, output):
+            if isinstance(output, (tuple, list)) and output:
+                output = output[0]  # recurrent layers return (sequence, state): the sequence is the activation
             if torch.is_tensor(output) and output.requires_grad:
                 output.register_hook(self._recorder("activation", name, scale))
 
@@ -127,28 +159,38 @@ class NumericsProbe:
             lost = (delta != 0) & (delta.abs() < half_ulp_fp16(old))
         return torch.stack([torch.tensor(float(delta.numel()), device=delta.device), lost.sum().float()])
 
+    def take(self) -> dict[tuple[str, str], list[float]]:
+        """The sums the last capture measured, by (kind, layer), read in one host sync; then forget them."""
+        stats, self._stats = self._stats, {}
+        if not stats:
+            return {}
+        values = torch.stack([torch.nn.functional.pad(v, (0, len(SUMS) + len(EXPONENTS) - len(v))) for v in stats.values()])
+        return {key: row[: len(stats[key])] for key, row in zip(stats, values.tolist())}
+
     def flush(self, tb, step: int) -> None:
-        """Write what the last capture measured (one host sync) and forget it."""
-        if not self._stats:
+        """Write what the last capture measured and forget it."""
+        taken = self.take()
+        if not taken:
             return
-        keys = list(self._stats)
-        values = [v.tolist() for v in self._stats.values()]
-        self._stats = {}
+        keys, values = list(taken), list(taken.values())
         totals: dict[str, list[float]] = {}
+        scalars, histograms = {}, {}
         with open(self.path, "a") as out:
             for (kind, layer), v in zip(keys, values):
-                record = self._record(kind, layer, step, v)
+                record = self.to_record(kind, layer, step, v)
                 out.write(json.dumps(record) + "\n")
-                tb.scalars(_fraction_tags(record), step)
+                scalars.update(_fraction_tags(record))
                 if kind != "lost_update":
-                    tb.histogram_raw(f"numerics/grad_log2/{kind}/{layer}", EXPONENTS.tolist(), record["log2_hist"], step)
+                    histograms[f"numerics/grad_log2/{kind}/{layer}"] = record["log2_hist"]
                 total = totals.setdefault(kind, [0.0] * len(v))
                 totals[kind] = [a + b for a, b in zip(total, v)]
         for kind, v in totals.items():
-            tb.scalars(_fraction_tags(self._record(kind, "all", step, v)), step)
+            scalars.update(_fraction_tags(self.to_record(kind, "all", step, v)))
+        tb.scalars(scalars, step)
+        tb.histograms_raw(histograms, EXPONENTS.tolist(), step)
 
     @staticmethod
-    def _record(kind: str, layer: str, step: int, v: list[float]) -> dict:
+    def to_record(kind: str, layer: str, step: int | None, v: list[float]) -> dict:
         n = v[0] or 1.0
         if kind == "lost_update":
             return {"step": step, "kind": kind, "layer": layer, "count": v[0], "lost_update_frac": v[1] / n}

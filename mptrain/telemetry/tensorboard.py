@@ -1,9 +1,14 @@
-"""TensorBoard scalars, images and text, written by one small component (rank 0 only, later)."""
+"""TensorBoard scalars, histograms, images and text, written by one small component (rank 0 only, later).
+
+Scalars and histograms of one step go out as one event each call: a numerics step writes
+a thousand per-layer values, and one event per value would cost more than measuring them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 from torch.utils.tensorboard import SummaryWriter
 
 
@@ -12,25 +17,17 @@ class TensorBoardLogger:
         self.writer = SummaryWriter(log_dir=str(log_dir))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        for tag, value in values.items():
-            if value is not None:
-                self.writer.add_scalar(tag, value, step)
+        summary = [Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items() if v is not None]
+        self._write(summary, step)
 
     def image(self, tag: str, image, step: int) -> None:
         """A (C, H, W) image with values in [0, 1] (e.g. torchvision's make_grid)."""
         self.writer.add_image(tag, image, step)
 
-    def histogram_raw(self, tag: str, bins: list[int], counts: list[float], step: int) -> None:
-        """A histogram over integer bins (bin b holds values in [b, b+1)), e.g. log2 exponents."""
-        total = sum(counts)
-        if not total:
-            return
-        used = [b for b, c in zip(bins, counts) if c]
-        self.writer.add_histogram_raw(
-            tag, min=used[0], max=used[-1] + 1, num=total,
-            sum=sum(b * c for b, c in zip(bins, counts)), sum_squares=sum(b * b * c for b, c in zip(bins, counts)),
-            bucket_limits=[b + 1 for b in bins], bucket_counts=counts, global_step=step,
-        )  # fmt: skip
+    def histograms_raw(self, histograms: dict[str, list[float]], bins: list[int], step: int) -> None:
+        """Histograms over integer bins (bin b holds values in [b, b+1)), e.g. log2 exponents, by tag."""
+        self._write([Summary.Value(tag=tag, histo=_histogram(bins, counts)) for tag, counts in histograms.items()
+                     if sum(counts)], step)  # fmt: skip
 
     def text(self, tag: str, text: str) -> None:
         self.writer.add_text(tag, text, 0)
@@ -38,3 +35,16 @@ class TensorBoardLogger:
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
+
+    def _write(self, values: list, step: int) -> None:
+        if values:
+            self.writer._get_file_writer().add_summary(Summary(value=values), step)
+
+
+def _histogram(bins: list[int], counts: list[float]) -> HistogramProto:
+    used = [b for b, c in zip(bins, counts) if c]
+    return HistogramProto(
+        min=used[0], max=used[-1] + 1, num=sum(counts),
+        sum=sum(b * c for b, c in zip(bins, counts)), sum_squares=sum(b * b * c for b, c in zip(bins, counts)),
+        bucket_limit=[b + 1 for b in bins], bucket=counts,
+    )  # fmt: skip
