@@ -18,6 +18,7 @@ TINY = {
     "resnet": {"name": "resnet", "depth": 8, "width": 4},
     "vgg": {"name": "vgg", "width_mult": 0.0625},
     "alexnet": {"name": "alexnet", "width_mult": 0.0625},
+    "mlp": {"name": "mlp", "depth": 4, "width": 8},
 }
 
 
@@ -97,4 +98,19 @@ def test_model_yamls_name_registered_models_and_tasks():
     for path in files:
         cfg = OmegaConf.load(path)
         assert cfg.name == path.stem and cfg.name in MODELS
-        assert cfg.family in ("cnn", "rnn", "gan") and cfg.task in TASKS
+        assert cfg.family in ("cnn", "rnn", "gan", "mlp") and cfg.task in TASKS
+
+
+def test_mlp_is_plain_and_its_gradients_shrink_with_depth():
+    """No normalisation, default init: the first layer's gradient shrinks as layers are added."""
+    spec = DataSpec(name="t", in_channels=1, image_size=28, num_classes=10)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    first_grad = {}
+    for depth in (3, 12):
+        torch.manual_seed(0)
+        model = build_model(OmegaConf.create({"name": "mlp", "depth": depth, "width": 64}), spec)
+        assert sum(isinstance(m, nn.Linear) for m in model.modules()) == depth
+        assert not any(isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)) for m in model.modules())
+        nn.functional.cross_entropy(model(x), y).backward()
+        first_grad[depth] = model[1].weight.grad.abs().mean().item()
+    assert first_grad[12] < first_grad[3] / 100

@@ -9,6 +9,7 @@ from torch import nn
 from mptrain.errors import UserError
 from mptrain.models.cnn import build_alexnet, build_resnet, build_resnet50, build_vgg
 from mptrain.models.gan import build_dcgan
+from mptrain.models.mlp import build_mlp
 from mptrain.models.rnn import build_lstm_classifier, build_lstm_lm
 
 # A builder takes (model config, data spec) and returns the module(s) its task trains:
@@ -19,6 +20,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": build_resnet50,
     "vgg": build_vgg,
     "alexnet": build_alexnet,
+    "mlp": build_mlp,
     "lstm_classifier": build_lstm_classifier,
     "lstm_lm": build_lstm_lm,
     "dcgan": build_dcgan,

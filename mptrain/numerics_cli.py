@@ -1,0 +1,199 @@
+"""`mptrain-numerics`: what FP16 would do to a model's gradients, from K training steps in FP32.
+
+    mptrain-numerics model=lstm_lm --steps 50
+    mptrain-numerics model=resnet --coverage 0.999 --json scan.json
+    mptrain-numerics model=dcgan --kind weight
+
+Any argument that is not an option is a Hydra override of mptrain's config, as for
+`mptrain` (precision excepted: the scan is FP32 by definition). Per layer it prints the
+share of non-zero gradients FP16 would flush to zero, the smallest loss scale keeping
+`--coverage` of them representable with no overflow, the largest scale without overflow,
+and the updates FP16 weights would lose; then one recommended static scale per network.
+Nothing is written except `--json`; no Hydra output folder is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from mptrain.errors import UserError
+
+log = logging.getLogger("mptrain")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(f"{message} (see mptrain-numerics --help)")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, e.g. 0.999 (got {text})")
+    return value
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0 or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__} (got {text})")
+        return value
+
+    return parse
+
+
+def parse_args(argv):
+    parser = _OneLineParser(prog="mptrain-numerics", description=__doc__.split("\n\n")[0],
+                            epilog="Other arguments: Hydra overrides (model=..., dataset=..., optim=..., seed=...).")
+    parser.add_argument("--steps", type=_positive(int), default=50, help="FP32 training steps measured (default 50)")
+    parser.add_argument("--coverage", type=_fraction, default=0.999,
+                        help="share of non-zero gradients a scale must keep above 2^-24 (default 0.999)")
+    parser.add_argument("--headroom", type=_positive(float), default=8.0,
+                        help="recommend this factor below the overflow ceiling (default 8)")
+    parser.add_argument("--kind", choices=("all", "weight", "activation"), default="all", help="rows to print")
+    parser.add_argument("--json", type=Path, help="also write the full scan (histograms included) here")
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [o for o in overrides if o.startswith("-")]
+    if unknown:
+        parser.error(f"unknown option {unknown[0]}")
+    if any(o.lstrip("+~").split("=")[0] == "precision" or o.startswith("precision.") for o in overrides):
+        parser.error("the scan runs in fp32 by definition; drop the precision override")
+    return args, overrides
+
+
+def compose(overrides: list[str], steps: int):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from mptrain.cli import config_dir
+
+    forced = ["precision=fp32", f"trainer.max_steps={steps}", "trainer.progress=false",
+              f"trainer.log_every={steps}", "telemetry.numerics.activations=true"]  # fmt: skip
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=[*overrides, *forced])
+    except (HydraException, OmegaConfBaseException) as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{first} (overrides are as for mptrain, e.g. model=lstm_lm dataset=text)") from None
+
+
+def scan(cfg, steps: int):
+    """Train `steps` FP32 steps with every step measured; return {(kind, layer): summed stats}."""
+    from mptrain.run import build_trainer, resolve_device
+    from mptrain.telemetry.numerics import NumericsProbe
+    from mptrain.telemetry.tensorboard import TensorBoardLogger
+    from mptrain.validate import validate_config
+
+    class Accumulate(NumericsProbe):
+        def __init__(self, run_dir):
+            super().__init__(every=1, run_dir=run_dir, activations=True)
+            self.sums: dict[tuple[str, str], list[float]] = {}
+
+        def flush(self, tb, step):
+            for key, v in self.take().items():
+                old = self.sums.get(key)
+                self.sums[key] = v if old is None else [a + b for a, b in zip(old, v)]
+
+    validate_config(cfg)
+    with tempfile.TemporaryDirectory(prefix="mptrain-numerics-") as tmp:
+        probe = Accumulate(Path(tmp))
+        tb = TensorBoardLogger(Path(tmp) / "tb")
+        try:
+            trainer = build_trainer(cfg, resolve_device(cfg.trainer.device), Path(tmp), tb, probe, [])
+            trainer.fit(evaluate=False)
+        finally:
+            tb.close()
+    return probe.sums
+
+
+def analyse(sums, steps: int, coverage: float, headroom: float) -> dict:
+    from mptrain.precision.scale_advice import advise, recommend
+    from mptrain.telemetry.numerics import EXPONENTS, NumericsProbe
+
+    exponents = EXPONENTS.tolist()
+    lost = {layer: v[1] / v[0] for (kind, layer), v in sums.items() if kind == "lost_update" and v[0]}
+    rows, by_network, totals = [], {}, {}
+    for (kind, layer), v in sums.items():
+        if kind == "lost_update":
+            continue
+        record = NumericsProbe.to_record(kind, layer, None, v)
+        advice = advise(exponents, record["log2_hist"], coverage)
+        by_network.setdefault(layer.split(".")[0], {})[f"{kind}/{layer}"] = advice
+        total = totals.setdefault(kind, [0.0] * len(v))
+        totals[kind] = [a + b for a, b in zip(total, v)]
+        rows.append({"kind": kind, "layer": layer, "values_per_step": record["count"] / steps,
+                     "zero_frac": record["zero_frac"], "flushed_frac": advice.flushed, "subnormal_frac": advice.subnormal,
+                     "min_scale": advice.min_scale, "max_scale": advice.max_scale,
+                     "lost_update_frac": lost.get(layer) if kind == "weight" else None,
+                     "log2_hist": record["log2_hist"]})  # fmt: skip
+    overall = {}
+    for kind, v in totals.items():
+        record = NumericsProbe.to_record(kind, "all", None, v)
+        nonzero = sum(record["log2_hist"]) or 1.0
+        overall[kind] = {"zero_frac": record["zero_frac"], "flushed_frac": record["underflow_frac"] * v[0] / nonzero,
+                         "subnormal_frac": record["subnormal_frac"] * v[0] / nonzero}  # fmt: skip
+    rows.sort(key=lambda r: (r["kind"] != "weight", _natural(r["layer"])))  # model order, not backward's
+    recommended = {net: recommend(advice, headroom).__dict__ for net, advice in by_network.items()}
+    return {"exponents": exponents, "layers": rows, "overall": overall, "recommended": recommended}
+
+
+def _natural(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def print_report(result: dict, kind: str, out=sys.stdout) -> None:
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.2f}%"
+
+    def pow2(x):
+        return "none" if x is None else f"2^{int(math.log2(x))}"
+
+    header = f"{'gradient':<48} {'zero':>8} {'flushed':>8} {'subnorm':>8} {'min scale':>9} {'max scale':>9} {'lost upd':>8}"
+    print(header, file=out)
+    for r in result["layers"]:
+        if kind in ("all", r["kind"]):
+            name = f"{r['kind'][:3]} {r['layer']}"[:48]
+            print(f"{name:<48} {pct(r['zero_frac']):>8} {pct(r['flushed_frac']):>8} {pct(r['subnormal_frac']):>8} "
+                  f"{pow2(r['min_scale']):>9} {pow2(r['max_scale']):>9} {pct(r['lost_update_frac']):>8}", file=out)
+    for k, o in result["overall"].items():
+        print(f"all {k} gradients: {pct(o['zero_frac'])} zero; of the non-zero, {pct(o['flushed_frac'])} flush to "
+              f"zero in FP16 and {pct(o['subnormal_frac'])} are subnormal (unscaled)", file=out)
+    for net, rec in result["recommended"].items():
+        scale = "none: use precision.loss_scale=dynamic" if rec["scale"] is None else \
+            f"precision.loss_scale={rec['scale']:g} (2^{int(math.log2(rec['scale']))})"  # fmt: skip
+        print(f"recommended static scale for {net}: {scale}: {rec['reason']}", file=out)
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg = compose(overrides, args.steps)
+        sums = scan(cfg, args.steps)
+        result = analyse(sums, args.steps, args.coverage, args.headroom)
+        result.update(steps=args.steps, coverage=args.coverage, headroom=args.headroom, overrides=overrides,
+                      model=cfg.model.name, dataset=cfg.dataset.name)  # fmt: skip
+        print(f"{cfg.model.name} on {cfg.dataset.name}: gradients of {args.steps} FP32 training steps, as FP16 "
+              f"would hold them (coverage {args.coverage:g}, no overflow)")
+        print_report(result, args.kind)
+        if args.json:
+            from mptrain.telemetry.summary import write_json_atomic
+
+            write_json_atomic(args.json, result)
+            print(f"full scan: {args.json}")
+    except UserError as e:
+        print(f"mptrain-numerics: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
