@@ -7,12 +7,12 @@ PYTEST_ARGS ?=
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 JARGON := /usr/share/doc/jargon-text/jargon.txt.gz
 
-.PHONY: run test test-fast setup data clean
+.PHONY: run test test-fast setup data test-tools clean
 
 run: setup data
 	$(VENV)/bin/mptrain model=resnet precision=mixed $(ARGS)
 
-test: setup data
+test: setup data test-tools
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup data
@@ -22,25 +22,35 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/python -m pip install --quiet -e '.[test,sweep]'
 	touch $@
 
 # Real data offline: Debian's dataset-fashion-mnist (images) and jargon-text (the
 # Jargon File, for the language model). Without root or apt, mptrain still looks in
-# dataset.root / dataset.path and says how to fix what is missing.
+# dataset.root / dataset.path and says how to fix what is missing. The tests also use
+# Debian's chromium (the report's HTML is rendered headless; that test skips without it).
 DATA_PACKAGES := $(if $(wildcard $(FASHION_MNIST)),,dataset-fashion-mnist) $(if $(wildcard $(JARGON)),,jargon-text)
-APT_INSTALL = apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DATA_PACKAGES)
+TEST_PACKAGES := $(if $(wildcard /usr/bin/chromium),,chromium)
 
-data:
-	@if [ -n "$(strip $(DATA_PACKAGES))" ]; then \
+# $(call apt_install,packages,what goes without them)
+define apt_install
+	@if [ -n "$(strip $(1))" ]; then \
+	  cmd='apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(strip $(1))'; \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    ($(APT_INSTALL)) >/dev/null || echo "note: apt-get could not install $(DATA_PACKAGES); mptrain will say how to get the data"; \
+	    (sh -c "$$cmd") >/dev/null || echo "note: apt-get could not install $(strip $(1)); $(2)"; \
 	  elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then \
-	    (sudo sh -c '$(APT_INSTALL)') >/dev/null || echo "note: apt-get could not install $(DATA_PACKAGES); mptrain will say how to get the data"; \
+	    (sudo sh -c "$$cmd") >/dev/null || echo "note: apt-get could not install $(strip $(1)); $(2)"; \
 	  else \
-	    echo "note: $(DATA_PACKAGES) missing and apt-get unavailable; see dataset.root / dataset.path"; \
+	    echo "note: $(strip $(1)) missing and apt-get unavailable; $(2)"; \
 	  fi; \
 	fi
+endef
+
+data:
+	$(call apt_install,$(DATA_PACKAGES),mptrain will say how to get the data)
+
+test-tools:
+	$(call apt_install,$(TEST_PACKAGES),the headless-browser test will skip)
 
 clean:
 	rm -rf $(VENV) runs multirun outputs .pytest_cache

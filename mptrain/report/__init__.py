@@ -1,0 +1,1 @@
+"""`mptrain-report`: runs → comparison tables, plots, report.md/html (see mptrain/report/cli.py)."""

@@ -1,0 +1,78 @@
+"""`mptrain-report`: runs and sweeps → comparison tables and plots.
+
+    mptrain-report multirun/2026-11-24_10-00-00
+    mptrain-report runs/a runs/b --out my-report
+    mptrain-report multirun/... --format csv        # or json, for machines
+
+Reads every run folder (one holding summary.json) under the given folders, with its
+TensorBoard scalars (every point) and numerics.jsonl, and writes into `<first dir>/report/`
+(or --out): report.md, a self-contained report.html and PNG plots; or comparison.csv +
+runs.csv; or report.json. It is not a Hydra app: it makes no output folder of its own.
+The report is built beside the target and moved into place, so a failure leaves the
+previous report whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from mptrain.errors import UserError
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(f"{message} (see mptrain-report --help)")
+
+
+def parse_args(argv):
+    parser = _OneLineParser(prog="mptrain-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders")
+    parser.add_argument("--out", type=Path, help="where the report goes (default: <first dir>/report)")
+    parser.add_argument("--format", choices=("md", "csv", "json"), default="md",
+                        help="md: report.md + report.html + PNG (default); csv or json: tables for machines")
+    return parser.parse_args(argv)
+
+
+def build(dirs: list[Path], out: Path, fmt: str) -> list[Path]:
+    from mptrain.report.render import write_html, write_machine, write_markdown
+    from mptrain.report.runs import load_runs
+
+    runs = load_runs(dirs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        if fmt == "md":
+            markdown = write_markdown(runs, dirs, staging)
+            written = [markdown, write_html(markdown)]
+        else:
+            written = write_machine(runs, staging, fmt)
+        if out.exists():
+            old = out.with_name(f".{out.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out / p.name for p in written]
+
+
+def main(argv=None) -> None:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        out = args.out or args.dirs[0] / "report"
+        for path in build(args.dirs, out, args.format):
+            print(path)
+    except UserError as e:
+        print(f"mptrain-report: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The report's PNG plots (matplotlib, Agg): curves per arm, speed and memory bars, the Fig. 3 histogram."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from mptrain.report.runs import load_numerics, load_scalars  # noqa: E402
+
+FP16_FLUSH, FP16_NORMAL, FP16_MAX_LOG2 = -24, -14, math.log2(65504)
+
+
+def metric_curves(group: pd.DataFrame, metric: str, path: Path) -> Path | None:
+    """Eval metric vs step per arm: the mean over seeds, with a band from the lowest to the highest seed."""
+    return _curves(group, f"eval/{metric}", f"eval {metric}", path, log=False)
+
+
+def train_loss_curves(group: pd.DataFrame, path: Path) -> Path | None:
+    """Training loss vs step per arm (logged every `trainer.log_every` steps: denser than the evaluations)."""
+    return _curves(group, "train/loss", "train loss", path, log=False)
+
+
+def loss_scale_curves(group: pd.DataFrame, path: Path) -> Path | None:
+    return _curves(group, "amp/loss_scale", "loss scale", path, log=True)
+
+
+def _curves(group: pd.DataFrame, prefix: str, label: str, path: Path, log: bool) -> Path | None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for arm, runs in group.groupby("arm", sort=False):
+        per_tag: dict[str, list[pd.Series]] = {}
+        for run_dir in runs["run_dir"]:
+            for tag, series in load_scalars(run_dir, (prefix,)).items():
+                if tag == prefix or tag.startswith(prefix + "_"):  # amp/loss_scale_g, amp/loss_scale_d
+                    per_tag.setdefault(tag, []).append(series)
+        for tag, series in sorted(per_tag.items()):
+            frame = pd.concat(series, axis=1).sort_index()
+            name = arm + tag[len(prefix):].replace("_", " ")
+            line = ax.plot(frame.index, frame.mean(axis=1), label=f"{name} (n={frame.shape[1]})", marker=".")[0]
+            if frame.shape[1] > 1:
+                ax.fill_between(frame.index, frame.min(axis=1), frame.max(axis=1), alpha=0.2, color=line.get_color())
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="step", ylabel=label)
+    if log:
+        ax.set_yscale("log", base=2)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def speed_memory_bars(table: pd.DataFrame, path: Path) -> Path | None:
+    if table["samples_per_s"].isna().all():
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, column, label in ((axes[0], "samples_per_s", "samples/s"), (axes[1], "peak_memory_mb", "peak memory (MB)")):
+        colors = ["0.3" if c else "C0" for c in table["control"]]
+        ax.bar(table["arm"], table[column].fillna(0), color=colors)
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", rotation=35, labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def exponent_histogram(group: pd.DataFrame, path: Path) -> Path | None:
+    """The paper's Fig. 3: activation-gradient exponents of the first run with numerics (fp32 first), with
+    FP16's limits drawn and the same histogram shifted by the loss scale of a scaled arm."""
+    records, arm = [], None
+    for _, run in group.sort_values("mode_rank").iterrows():
+        records = load_numerics(run["run_dir"])
+        if records:
+            arm = run["arm"]
+            break
+    if not records:
+        return None
+    exponents = np.arange(-64, -64 + len(records[0].get("log2_hist", [])))
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    for kind, color in (("activation", "C0"), ("weight", "C2")):
+        hist = np.sum([r["log2_hist"] for r in records if r["kind"] == kind], axis=0)
+        if np.ndim(hist) and hist.sum():
+            ax.bar(exponents, hist / hist.sum(), width=0.9, alpha=0.55, color=color, label=f"{kind} gradients ({arm})")
+    scale = _scale_to_show(group)
+    if scale:
+        hist = np.sum([r["log2_hist"] for r in records if r["kind"] == "activation"], axis=0)
+        if np.ndim(hist) and hist.sum():
+            ax.step(exponents + math.log2(scale[1]), hist / hist.sum(), where="mid", color="C3",
+                    label=f"activation gradients x {scale[1]:g} ({scale[0]} final loss scale)")  # fmt: skip
+    for x, text in ((FP16_FLUSH, "2^-24: flushed below"), (FP16_NORMAL, "2^-14: subnormal below"),
+                    (FP16_MAX_LOG2, "65504: overflow above")):  # fmt: skip
+        ax.axvline(x, color="k", linestyle="--", linewidth=0.8)
+        ax.text(x, ax.get_ylim()[1] * 0.95, " " + text, fontsize=7, rotation=90, va="top")
+    ax.axvspan(exponents[0], FP16_FLUSH, color="red", alpha=0.06)
+    ax.set(xlabel="log2 |gradient|", ylabel="share of non-zero values", xlim=(-60, 20))
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, path)
+
+
+def _scale_to_show(group: pd.DataFrame) -> tuple[str, float] | None:
+    for _, run in group.sort_values("mode_rank").iterrows():
+        scale = run["final_loss_scale"]
+        if run["status"] == "completed" and isinstance(scale, float) and scale > 1 and math.isfinite(scale):
+            return run["arm"], scale
+    return None
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

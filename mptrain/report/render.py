@@ -1,0 +1,117 @@
+"""report.md, a self-contained report.html (images inlined), or CSV/JSON for machines."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from mptrain.report import plots
+from mptrain.report.tables import comparison, to_markdown
+
+
+def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path) -> Path:
+    tables = comparison(runs)
+    lines = [
+        "# mptrain report",
+        "",
+        f"{len(runs)} runs from {', '.join(f'`{s}`' for s in sources)}; written by `mptrain-report` on "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Each row pools the seeds of one precision mode (plus its "
+        "`precision.*` overrides); metric, speed and memory average the completed runs; fp32 is the control "
+        "every Δ and ratio is taken against.",
+    ]
+    for (model, dataset, setting), table in tables.items():
+        group = runs[(runs["model"] == model) & (runs["dataset"] == dataset) & (runs["setting"] == setting)]
+        stem = _slug(f"{model}-{dataset}") + (f"-{hashlib.sha1(setting.encode()).hexdigest()[:8]}" if setting else "")
+        metric = table.attrs["metric"]
+        title = f"{model} on {dataset}" + (f" ({setting})" if setting else "")
+        lines += ["", f"## {title}", "", _environment(group), "", to_markdown(table), ""]
+        figures = [
+            (plots.metric_curves(group, metric, out / f"{stem}-{metric}.png"), f"eval {metric} vs step"),
+            (plots.train_loss_curves(group, out / f"{stem}-train-loss.png"), "train loss vs step"),
+            (plots.loss_scale_curves(group, out / f"{stem}-loss-scale.png"), "loss scale vs step"),
+            (plots.speed_memory_bars(table, out / f"{stem}-speed-memory.png"), "throughput and peak memory"),
+            (plots.exponent_histogram(group, out / f"{stem}-grad-exponents.png"),
+             "gradient exponents with FP16's limits (the paper's Fig. 3)"),
+        ]  # fmt: skip
+        lines += [f"![{caption}]({path.name})" for path, caption in figures if path is not None]
+        lines += ["", "| run | mode | seed | status | " + metric + " | note |", "|---|---|---|---|---|---|"]
+        for _, r in group.iterrows():
+            note = "" if pd.isna(r["error"]) else str(r["error"]).replace("|", "\\|")[:160]
+            value = "-" if pd.isna(r["metric"]) else f"{r['metric']:.4f}"
+            lines.append(f"| `{_relative(r['run_dir'], sources)}` | {r['arm']} | {r['seed']} | {r['status']} | {value} | {note} |")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_html(markdown_path: Path) -> Path:
+    """report.md as HTML with every image inlined as a data URI, so the one file is the whole report."""
+    import markdown
+
+    body = markdown.markdown(markdown_path.read_text(), extensions=["tables"])
+
+    def inline(match):
+        image = markdown_path.parent / match.group(1)
+        data = base64.b64encode(image.read_bytes()).decode()
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^"/]+\.png)"', inline, body)
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px}"
+             "img{max-width:100%;display:block;margin:1em 0}")  # fmt: skip
+    path = markdown_path.with_suffix(".html")
+    path.write_text(f'<!doctype html><html><head><meta charset="utf-8"><title>mptrain report</title>'
+                    f"<style>{style}</style></head><body>{body}</body></html>\n")  # fmt: skip
+    return path
+
+
+def write_machine(runs: pd.DataFrame, out: Path, fmt: str) -> list[Path]:
+    frames = []
+    for (model, dataset, setting), table in comparison(runs).items():
+        frames.append(table.assign(model=model, dataset=dataset, setting=setting, metric=table.attrs["metric"]))
+    table = pd.concat(frames, ignore_index=True)
+    first = ["model", "dataset", "setting", "metric"]
+    columns = [*first, *[c for c in table.columns if c not in first]]
+    table, runs = table[columns], runs.drop(columns=["mode_rank"])
+    if fmt == "csv":
+        paths = [out / "comparison.csv", out / "runs.csv"]
+        table.to_csv(paths[0], index=False)
+        runs.to_csv(paths[1], index=False)
+        return paths
+    path = out / "report.json"
+    # pandas writes NaN as null, which plain json.dumps would not
+    records = {name: json.loads(frame.to_json(orient="records")) for name, frame in
+               (("comparison", table), ("runs", runs))}  # fmt: skip
+    path.write_text(json.dumps(records, indent=1))
+    return [path]
+
+
+def _environment(group: pd.DataFrame) -> str:
+    envs = {}
+    for run_dir in group["run_dir"]:
+        try:
+            env = json.loads((Path(run_dir) / "summary.json").read_text()).get("env") or {}
+        except (OSError, ValueError):
+            continue
+        envs[(env.get("device_name"), env.get("torch"))] = True
+    shown = "; ".join(f"{d or '?'}, torch {t or '?'}" for d, t in envs)
+    return f"Device: {shown or 'unknown'}."
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def _relative(run_dir: str, sources: list[Path]) -> str:
+    for source in sources:
+        try:
+            return str(Path(run_dir).relative_to(source)) or "."
+        except ValueError:
+            continue
+    return run_dir

@@ -1,0 +1,126 @@
+"""Runs on disk → one pandas row per run, and their TensorBoard scalars.
+
+A run is a folder holding `summary.json` (written however the run ended). Scalars are
+read with TensorBoard's own reader, every point kept (its default samples 10,000).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from mptrain.errors import UserError
+
+CONTROL = "fp32"
+LOWER_IS_BETTER = {"perplexity", "bpc", "fid", "loss"}  # for summaries written before `higher_is_better`
+MODE_ORDER = ["fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16"]
+
+
+def find_runs(dirs: list[Path]) -> list[Path]:
+    runs = []
+    for d in dirs:
+        if not d.is_dir():
+            raise UserError(f"{d} is not a directory; give the folder of a run or a sweep (e.g. multirun/<date>)")
+        runs += sorted(p.parent for p in d.rglob("summary.json") if "report" not in p.relative_to(d).parts[:-1])
+    if not runs:
+        shown = ", ".join(str(d) for d in dirs)
+        raise UserError(f"no runs under {shown}: a run folder holds summary.json; run mptrain (or mptrain -m) first")
+    return runs
+
+
+def arm_label(summary: dict) -> str:
+    """The precision mode, its loss scale and any other precision.* override: `fp32`, `mixed loss_scale=1`."""
+    extra = [o.lstrip("+~").split(".", 1)[1] for o in summary.get("overrides", []) if o.lstrip("+~").startswith("precision.")]
+    if "loss_scale" in summary:  # the resolved scale, however it was chosen (a mode's default, an experiment, the CLI)
+        scale = summary["loss_scale"]
+        extra = [o for o in extra if not o.startswith("loss_scale=")]
+        if scale is not None:
+            extra.insert(0, f"loss_scale={scale:g}" if isinstance(scale, (int, float)) else f"loss_scale={scale}")
+    return " ".join([summary.get("precision") or "?", *extra])
+
+
+def setting_label(summary: dict) -> str:
+    """The overrides that make runs different experiments (besides model, dataset, mode and seed): `model.depth=14`."""
+    keep = []
+    for override in summary.get("overrides", []):
+        override = override.lstrip("+~")
+        key = override.split("=", 1)[0]
+        if key in ("model", "dataset", "seed", "trainer.progress") or key.startswith(("precision", "hydra.")):
+            continue
+        keep.append(override)
+    return " ".join(sorted(keep))
+
+
+def load_runs(dirs: list[Path]) -> pd.DataFrame:
+    rows = []
+    for run_dir in find_runs(dirs):
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{run_dir / 'summary.json'} cannot be read ({e}); delete the run or rerun it") from None
+        metric = summary.get("primary_metric")
+        final = summary.get("final") or {}
+        scale = summary.get("final_loss_scale")
+        rows.append({
+            "run_dir": str(run_dir),
+            "model": summary.get("model"),
+            "dataset": summary.get("dataset"),
+            "family": summary.get("family"),
+            "setting": setting_label(summary),
+            "precision": summary.get("precision"),
+            "arm": arm_label(summary),
+            "seed": summary.get("seed"),
+            "status": summary.get("status"),
+            "metric_name": metric,
+            "higher_is_better": summary.get("higher_is_better", metric not in LOWER_IS_BETTER),
+            "metric": _finite(final.get(metric)),
+            "steps": summary.get("steps"),
+            "samples_per_s": _finite(summary.get("samples_per_s")),
+            "peak_memory_mb": _finite((summary.get("peak_memory_bytes") or math.nan) / 2**20),
+            "skipped_steps": summary.get("skipped_steps"),
+            "final_loss_scale": json.dumps(scale) if isinstance(scale, dict) else scale,
+            "lost_update_frac": lost_update_frac(load_numerics(run_dir)),
+            "wall_time_s": summary.get("wall_time_s"),
+            "error": summary.get("error"),
+        })  # fmt: skip
+    runs = pd.DataFrame(rows)
+    runs["mode_rank"] = runs["precision"].map(lambda m: MODE_ORDER.index(m) if m in MODE_ORDER else len(MODE_ORDER))
+    return runs.sort_values(["model", "dataset", "setting", "mode_rank", "arm", "seed"], ignore_index=True)
+
+
+def _finite(value):
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.nan
+
+
+def load_scalars(run_dir: str | Path, prefixes: tuple[str, ...]) -> dict[str, pd.Series]:
+    """Every point of the scalar tags starting with one of `prefixes`, as step-indexed Series."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    tb = Path(run_dir) / "tb"
+    if not tb.is_dir():
+        return {}
+    acc = EventAccumulator(str(tb), size_guidance={SCALARS: 0})
+    acc.Reload()
+    series = {}
+    for tag in acc.Tags()["scalars"]:
+        if tag.startswith(prefixes):
+            events = acc.Scalars(tag)
+            series[tag] = pd.Series([e.value for e in events], index=[e.step for e in events], name=tag)
+    return series
+
+
+def lost_update_frac(records: list[dict]) -> float:
+    """Share of weight elements whose update FP16 would lose (lost, in fp16_naive), over every measured step."""
+    lost = [(r["count"], r["lost_update_frac"]) for r in records if r["kind"] == "lost_update"]
+    total = sum(n for n, _ in lost)
+    return sum(n * f for n, f in lost) / total if total else math.nan
+
+
+def load_numerics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "numerics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,102 @@
+"""The comparison table: per section (model, dataset and any other overrides), one row per arm
+(precision mode + its overrides), seeds pooled.
+
+The metric, speed and memory columns pool the runs that completed; a run that failed or
+diverged is counted in `status` and never dropped silently. The fp32 row is the control
+that every Δ and ratio is taken against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from mptrain.report.runs import CONTROL
+
+COLUMNS = ["arm", "control", "runs", "status", "metric_mean", "metric_std", "delta_vs_fp32", "samples_per_s",
+           "speedup_vs_fp32", "peak_memory_mb", "memory_ratio_vs_fp32", "skipped_steps", "final_loss_scale",
+           "lost_update_frac"]  # fmt: skip
+
+
+SECTION = ["model", "dataset", "setting"]
+
+
+def comparison(runs: pd.DataFrame) -> dict[tuple[str, str, str], pd.DataFrame]:
+    tables = {}
+    for key, group in runs.groupby(SECTION, sort=True):
+        rows = [_arm_row(arm, g) for arm, g in group.groupby("arm", sort=False)]
+        table = pd.DataFrame(rows, columns=COLUMNS)
+        control = table[table["control"]]
+        if len(control):
+            ref = control.iloc[0]
+            table["delta_vs_fp32"] = table["metric_mean"] - ref["metric_mean"]
+            table["speedup_vs_fp32"] = table["samples_per_s"] / ref["samples_per_s"]
+            table["memory_ratio_vs_fp32"] = table["peak_memory_mb"] / ref["peak_memory_mb"]
+        table.attrs["metric"] = group["metric_name"].dropna().iloc[0] if group["metric_name"].notna().any() else "?"
+        table.attrs["higher_is_better"] = bool(group["higher_is_better"].iloc[0])
+        tables[key] = table
+    return tables
+
+
+def _arm_row(arm: str, runs: pd.DataFrame) -> dict:
+    done = runs[runs["status"] == "completed"]
+    counts = runs["status"].value_counts()
+    scales = sorted({str(_short(s)) for s in done["final_loss_scale"].dropna()})
+    return {
+        "arm": arm,
+        "control": arm == CONTROL,
+        "runs": len(runs),
+        "status": ", ".join(f"{n} {status}" for status, n in counts.items()),
+        "metric_mean": done["metric"].mean(),
+        "metric_std": done["metric"].std(ddof=1) if len(done) > 1 else math.nan,
+        "delta_vs_fp32": math.nan,
+        "samples_per_s": done["samples_per_s"].mean(),
+        "speedup_vs_fp32": math.nan,
+        "peak_memory_mb": done["peak_memory_mb"].mean(),
+        "memory_ratio_vs_fp32": math.nan,
+        "skipped_steps": runs["skipped_steps"].mean(),
+        "final_loss_scale": ", ".join(scales) or "-",
+        "lost_update_frac": runs["lost_update_frac"].mean(),  # every run: a diverged fp16_naive run lost them too
+    }
+
+
+def _short(scale) -> str:
+    return f"{scale:g}" if isinstance(scale, float) else str(scale)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub table; the control row is marked, missing values are '-'."""
+    metric = table.attrs.get("metric", "metric")
+    better = "higher" if table.attrs.get("higher_is_better", True) else "lower"
+    head = ["mode", "runs", "status", f"{metric} (mean ± std, {better} is better)", "Δ vs fp32", "samples/s",
+            "speed-up", "peak memory (MB)", "memory ratio", "skipped steps", "final loss scale",
+            "lost updates"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in table.iterrows():
+        cells = [
+            f"**{r['arm']}** (control)" if r["control"] else r["arm"],
+            str(r["runs"]),
+            r["status"],
+            _pm(r["metric_mean"], r["metric_std"]),
+            _num(r["delta_vs_fp32"], "{:+.4f}"),
+            _num(r["samples_per_s"], "{:.1f}"),
+            _num(r["speedup_vs_fp32"], "{:.2f}×"),
+            _num(r["peak_memory_mb"], "{:.1f}"),
+            _num(r["memory_ratio_vs_fp32"], "{:.2f}×"),
+            _num(r["skipped_steps"], "{:.1f}"),
+            r["final_loss_scale"],
+            _num(100 * r["lost_update_frac"], "{:.2f} %"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
+
+
+def _pm(mean, std) -> str:
+    if isinstance(mean, float) and math.isnan(mean):
+        return "-"
+    return f"{mean:.4f}" + ("" if isinstance(std, float) and math.isnan(std) else f" ± {std:.4f}")

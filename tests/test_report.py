@@ -1,0 +1,162 @@
+"""Sweeps, presets and `mptrain-report`: a real sweep in, tables and plots out, numbers checked against summary.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import TINY, mptrain, read_summary
+
+REPORT = str(Path(sys.executable).with_name("mptrain-report"))
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def report(*args, cwd):
+    return subprocess.run([REPORT, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """fp32, bf16 and fp16_naive (whose Adam diverges: eps 1e-8 is 0 in FP16) x 2 seeds with numerics on,
+    and a sweep whose job fails on a bad value."""
+    root = tmp_path_factory.mktemp("sweep")
+    out = mptrain("-m", "precision=fp32,bf16,fp16_naive", "seed=0,1", "optim=adam", *TINY, "trainer.max_steps=4",
+                  "telemetry.numerics.every=2", f"hydra.sweep.dir={root}/ok", cwd=root)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    failed = mptrain("-m", "precision=fp32", "seed=7", *TINY, "dataset.train_size=-1", f"hydra.sweep.dir={root}/bad",
+                     cwd=root)  # fmt: skip
+    assert failed.returncode == 0, failed.stderr[-3000:]  # a failed job does not stop the sweep
+    return root
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return [p.parent for p in sorted(root.rglob("summary.json")) if "report" not in p.parts]
+
+
+def summaries(root: Path) -> list[dict]:
+    return [read_summary(d) for d in run_dirs(root)]
+
+
+def _lost_updates(run_dir: Path) -> float:
+    records = [json.loads(line) for line in (run_dir / "numerics.jsonl").read_text().splitlines()]
+    lost = [r for r in records if r["kind"] == "lost_update"]
+    return sum(r["count"] * r["lost_update_frac"] for r in lost) / sum(r["count"] for r in lost)
+
+
+def test_sweep_names_folders_by_overrides_and_records_the_failure(sweep):
+    names = sorted(p.parent.relative_to(sweep).as_posix() for p in sweep.rglob("summary.json"))
+    assert any(n.startswith("ok/dataset=synthetic,optim=adam,precision=bf16,") and n.endswith("/seed=1") for n in names)
+    bad = [s for s in summaries(sweep) if s["seed"] == 7]
+    assert len(bad) == 1 and bad[0]["status"] == "failed" and "train_size" in bad[0]["error"]
+
+
+def test_report_numbers_equal_the_summaries(sweep, tmp_path):
+    out = report(str(sweep), "--format", "json", "--out", str(tmp_path / "r"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    rows = {r["arm"]: r for r in data["comparison"] if "train_size=-1" not in r["setting"]}  # the `ok` sweep
+    runs = summaries(sweep)
+    for arm in ("fp32", "bf16"):
+        done = [s for s in runs if s["precision"] == arm and s["status"] == "completed"]
+        accuracy = [s["final"]["accuracy"] for s in done]
+        assert rows[arm]["metric_mean"] == pytest.approx(statistics.mean(accuracy))
+        assert rows[arm]["metric_std"] == pytest.approx(statistics.stdev(accuracy))
+        assert rows[arm]["samples_per_s"] == pytest.approx(statistics.mean(s["samples_per_s"] for s in done))
+        assert rows[arm]["peak_memory_mb"] == pytest.approx(statistics.mean(s["peak_memory_bytes"] for s in done) / 2**20)
+        lost = [_lost_updates(d) for d in run_dirs(sweep / "ok") if read_summary(d)["precision"] == arm]
+        assert rows[arm]["lost_update_frac"] == pytest.approx(statistics.mean(lost))
+    fp32, naive = rows["fp32"], rows["fp16_naive"]
+    assert fp32["control"] and fp32["status"] == "2 completed"
+    assert naive["status"] == "2 diverged" and naive["runs"] == 2 and naive["metric_mean"] is None  # shown, not dropped
+    assert rows["bf16"]["speedup_vs_fp32"] == pytest.approx(rows["bf16"]["samples_per_s"] / fp32["samples_per_s"])
+    assert rows["bf16"]["delta_vs_fp32"] == pytest.approx(rows["bf16"]["metric_mean"] - fp32["metric_mean"])
+    assert len(data["runs"]) == 7 and "failed" in {r["status"] for r in data["runs"]}
+
+
+def test_report_markdown_html_and_plots(sweep, tmp_path):
+    target = tmp_path / "sweep"
+    shutil.copytree(sweep, target)
+    out = report(str(target), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    folder = target / "report"
+    text = (folder / "report.md").read_text()
+    assert "**fp32** (control)" in text and "| bf16 |" in text and "2 diverged" in text and "1 failed" in text
+    images = sorted(p.name for p in folder.glob("*.png"))
+    assert any(n.endswith("-accuracy.png") for n in images) and any(n.endswith("-grad-exponents.png") for n in images)
+    assert any(n.endswith("-speed-memory.png") for n in images)
+    html = (folder / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == sum(1 for line in text.splitlines() if line.startswith("!["))
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()  # not a Hydra app
+    csv = report(str(target), "--format", "csv", cwd=tmp_path)
+    assert csv.returncode == 0 and (folder / "comparison.csv").is_file() and not (folder / "report.md").exists()
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda p: p.mkdir(), "no runs under"),
+    (lambda p: None, "is not a directory"),
+])  # fmt: skip
+def test_report_on_a_folder_without_runs_is_one_line(tmp_path, make, says):
+    target = tmp_path / "empty"
+    make(target)
+    out = report(str(target), cwd=tmp_path)
+    assert out.returncode == 2 and says in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in out.stderr and not (target / "report").exists()
+
+
+@pytest.mark.parametrize("preset, swept", [
+    ("ablation_cnn", {"precision": "fp32,fp16_naive,fp16_master,mixed,amp,bf16", "seed": "0,1,2"}),
+    ("ablation_lstm", {"precision": "fp32,mixed_scale1,mixed_scale128,mixed,amp,bf16", "seed": "0,1,2"}),
+    ("ablation_gan", {"precision": "fp32,mixed_scale1,amp,bf16", "seed": "0,1,2"}),
+    ("loss_scale_sweep", {"precision.loss_scale": "1,8,128,1024,32768,dynamic", "seed": "0,1,2"}),
+])  # fmt: skip
+def test_presets_compose_and_sweep_what_they_say(preset, swept):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"+experiment={preset}"], return_hydra_config=True)
+    assert dict(cfg.hydra.sweeper.params) == swept
+    header = (CONF / "experiment" / f"{preset}.yaml").read_text().splitlines()[:6]
+    assert any(f"mptrain -m +experiment={preset}" in line for line in header)
+
+
+@pytest.mark.slow
+def test_ablation_cnn_preset_then_report(tmp_path):
+    """The judged path: the preset at small sizes, then the report, from the installed commands."""
+    small = [*TINY, "trainer.max_steps=3", "trainer.eval_max_batches=1", "++optim.eps=1e-4"]
+    out = mptrain("-m", "+experiment=ablation_cnn", *small, f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path,
+                  timeout=1800)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(list((tmp_path / "sweep").rglob("summary.json"))) == 18
+    made = report(str(tmp_path / "sweep"), cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    text = (tmp_path / "sweep" / "report" / "report.md").read_text()
+    for mode in ("fp16_naive", "fp16_master", "mixed loss_scale=dynamic", "amp loss_scale=dynamic", "bf16"):
+        assert f"| {mode} | 3 |" in text, mode
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed (make test installs it)")
+def test_report_html_renders_in_headless_chromium(sweep, tmp_path):
+    out = report(str(sweep), "--out", str(tmp_path / "r"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    page = tmp_path / "r" / "check.html"
+    # the page reports on itself: how many images it holds and how many failed to decode
+    probe = ("<script>window.addEventListener('load',()=>{const i=[...document.images];"
+             "document.title='images='+i.length+' broken='+i.filter(x=>!x.complete||x.naturalWidth===0).length+"
+             "' tables='+document.querySelectorAll('table').length;});</script>")  # fmt: skip
+    page.write_text((tmp_path / "r" / "report.html").read_text().replace("</body>", probe + "</body>"))
+    dom = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    title = dom.stdout.split("<title>", 1)[1].split("</title>", 1)[0]
+    images = int(title.split("images=")[1].split()[0])
+    assert images >= 3 and "broken=0" in title and "tables=0" not in title, title
