@@ -70,16 +70,18 @@ class Trainer:
 
     # -- public --------------------------------------------------------------------------
     def fit(self, evaluate: bool = True) -> dict:
-        """Train `total_steps` steps, evaluating each epoch (if asked) and at the end; `evaluate=False`: no evaluation."""
+        """Train `total_steps` steps, evaluating every `eval_every` steps and each epoch (if asked) and at the end;
+        `evaluate=False`: no evaluation."""
         t = self.cfg.trainer
         epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         show = t.progress is True or (t.progress == "auto" and sys.stderr.isatty())
         bar = tqdm(total=self.total_steps, disable=not show, dynamic_ncols=True, leave=False)
         try:
             for epoch in range(epochs):
-                self._train_epoch(epoch, bar)
+                self._train_epoch(epoch, bar, evaluate)
                 last = self.step >= self.total_steps
-                if evaluate and (t.eval_every_epoch or last):
+                fresh = self.history and self.history[-1]["step"] == self.step  # eval_every just did it
+                if evaluate and (t.eval_every_epoch or last) and not fresh:
                     self.evaluate(epoch + 1)
                 if last:
                     break
@@ -124,7 +126,7 @@ class Trainer:
         }
 
     # -- the loop ------------------------------------------------------------------------
-    def _train_epoch(self, epoch: int, bar) -> None:
+    def _train_epoch(self, epoch: int, bar, evaluate: bool) -> None:
         for net in self.task.networks().values():
             net.train()
         self.data.train.set_epoch(epoch)
@@ -138,13 +140,22 @@ class Trainer:
             self.step += 1
             bar.update(1)
             done = self.step >= self.total_steps
-            if self.step % self.cfg.trainer.log_every == 0 or done:
+            logged = self.step % self.cfg.trainer.log_every == 0 or done
+            if logged:
                 self._log_window(bar)
             elif self.throughput.at_warmup_boundary:
                 self.throughput.end()
                 self.throughput.begin()
             if done:
                 break
+            every = self.cfg.trainer.get("eval_every")
+            if evaluate and every and self.step % every == 0:
+                if not logged:
+                    self._log_window(bar)
+                self.evaluate(epoch + 1)  # between two timing windows: not counted as training time
+                for net in self.task.networks().values():
+                    net.train()
+                self.throughput.begin()
         self._log_window(bar)
 
     def _train_step(self, batch) -> dict:

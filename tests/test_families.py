@@ -94,6 +94,9 @@ def test_bptt_state_is_carried_and_detached_between_chunks(compose_cfg):
     task.model.rnn.register_forward_pre_hook(lambda _m, args: seen.append(args[1]))
     task.train_step(next(batches), steppers, precision)  # backward must not reach the first chunk's graph
     assert all(s is c for s, c in zip(seen[0], carried))
+    after = task.state
+    task.evaluate(list(data.test)[:2], precision)  # an evaluation mid-epoch carries its own state
+    assert task.state is after
     task.start_pass(training=True)
     assert task.state is None  # a new pass starts from zeros
 

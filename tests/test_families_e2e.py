@@ -28,12 +28,13 @@ def _image_tags(tb_dir: Path) -> list[str]:
 
 def test_language_model_run_logs_perplexity_bpc_and_saves_the_vocabulary(tmp_path):
     run = tmp_path / "run"
-    out = mptrain("model=lstm_lm", "precision=mixed", *TINY_TEXT, "trainer.max_steps=6", f"hydra.run.dir={run}",
-                  cwd=tmp_path)
+    out = mptrain("model=lstm_lm", "precision=mixed", *TINY_TEXT, "trainer.max_steps=6", "trainer.eval_every=2",
+                  f"hydra.run.dir={run}", cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     s = read_summary(run)
     assert s["primary_metric"] == "perplexity" and s["family"] == "rnn" and s["status"] == "completed"
     assert 1 < s["final"]["perplexity"] < 40 and s["final"]["bpc"] > 0
+    assert [h["step"] for h in s["history"]][:3] == [2, 4, 6]  # mid-epoch evaluations, then the last step
     assert {"train/loss", "train/perplexity", "train/bpc", "eval/loss", "eval/perplexity", "eval/bpc",
             "amp/loss_scale", "optim/lr"} <= scalar_tags(run / "tb").keys()
     vocab = (run / "vocab.json").read_text()

@@ -28,46 +28,49 @@ class LanguageModelTask(Task):
     def __init__(self, model: LanguageModel, level: str):
         self.model = model
         self.level = level
-        self.state = None  # carried hidden state of the current pass
+        self._states = {True: None, False: None}  # carried hidden state, keyed by training or not
 
     def networks(self):
         return {"model": self.model}
 
-    def start_pass(self, training: bool) -> None:
-        self.state = None
+    @property
+    def state(self):
+        """The training pass's carried hidden state."""
+        return self._states[True]
 
-    def _loss(self, batch, precision):
+    def start_pass(self, training: bool) -> None:
+        # each kind of pass has its own state: an evaluation in the middle of an epoch leaves training's intact
+        self._states[training] = None
+
+    def _loss(self, batch, precision, training: bool):
         x, y = batch
-        if self.state is None or self._state_batch() != x.shape[0]:
-            self.state = self.model.initial_state(x.shape[0], x.device)
+        state = self._states[training]
+        if state is None or _batch_of(state) != x.shape[0]:
+            state = self.model.initial_state(x.shape[0], x.device)
         with precision.autocast():
-            logits, state = self.model(x, self.state)
-        self.state = _detach(state)  # truncated BPTT: the next chunk starts from values, not a graph
+            logits, state = self.model(x, state)
+        self._states[training] = _detach(state)  # truncated BPTT: the next chunk starts from values, not a graph
         # softmax over the vocabulary is a reduction: computed in FP32
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-
-    def _state_batch(self) -> int:
-        first = self.state[0] if isinstance(self.state, tuple) else self.state
-        return first.shape[1]
 
     def train_step(self, batch, steppers, precision):
         stepper = steppers["model"]
         stepper.zero_grad()
-        loss = self._loss(batch, precision)
+        loss = self._loss(batch, precision, training=True)
         stepper.backward(loss)
         stepper.step()
         return {"loss": loss.detach()}
 
     @torch.no_grad()
     def eval_step(self, batch, precision):
-        return {"loss": self._loss(batch, precision)}
+        return {"loss": self._loss(batch, precision, training=False)}
 
     def replay_forward(self, batch, precision) -> None:
-        carried = self.state
+        carried = self._states[True]
         try:
-            self._loss(batch, precision)
+            self._loss(batch, precision, training=True)
         finally:
-            self.state = carried
+            self._states[True] = carried
 
     def derived_metrics(self, means):
         loss = means.get("loss")
@@ -80,3 +83,8 @@ class LanguageModelTask(Task):
 
     def batch_size(self, batch) -> int:
         return batch[1].numel()  # tokens predicted: the unit perplexity averages over
+
+
+def _batch_of(state) -> int:
+    first = state[0] if isinstance(state, tuple) else state
+    return first.shape[1]
