@@ -22,14 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mptrain.console import OneLineParser, compose, overridden, positive
 from mptrain.errors import UserError
 
 log = logging.getLogger("mptrain")
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{message} (see mptrain-numerics --help)")
 
 
 def _fraction(text: str) -> float:
@@ -39,51 +35,26 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0 or (kind is float and not math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__} (got {text})")
-        return value
-
-    return parse
-
-
 def parse_args(argv):
-    parser = _OneLineParser(prog="mptrain-numerics", description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(prog="mptrain-numerics", description=__doc__.split("\n\n")[0],
                             epilog="Other arguments: Hydra overrides (model=..., dataset=..., optim=..., seed=...).")
-    parser.add_argument("--steps", type=_positive(int), default=50, help="FP32 training steps measured (default 50)")
+    parser.add_argument("--steps", type=positive(int), default=50, help="FP32 training steps measured (default 50)")
     parser.add_argument("--coverage", type=_fraction, default=0.999,
                         help="share of non-zero gradients a scale must keep above 2^-24 (default 0.999)")
-    parser.add_argument("--headroom", type=_positive(float), default=8.0,
+    parser.add_argument("--headroom", type=positive(float), default=8.0,
                         help="recommend this factor below the overflow ceiling (default 8)")
     parser.add_argument("--kind", choices=("all", "weight", "activation"), default="all", help="rows to print")
     parser.add_argument("--json", type=Path, help="also write the full scan (histograms included) here")
-    args, overrides = parser.parse_known_args(argv)
-    unknown = [o for o in overrides if o.startswith("-")]
-    if unknown:
-        parser.error(f"unknown option {unknown[0]}")
-    if any(o.lstrip("+~").split("=")[0] == "precision" or o.startswith("precision.") for o in overrides):
+    args, overrides = parser.split_overrides(argv)
+    if overridden(overrides, "precision"):
         parser.error("the scan runs in fp32 by definition; drop the precision override")
     return args, overrides
 
 
-def compose(overrides: list[str], steps: int):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from mptrain.cli import config_dir
-
+def compose_scan(overrides: list[str], steps: int):
     forced = ["precision=fp32", f"trainer.max_steps={steps}", "trainer.progress=false",
               f"trainer.log_every={steps}", "telemetry.numerics.activations=true"]  # fmt: skip
-    try:
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=[*overrides, *forced])
-    except (HydraException, OmegaConfBaseException) as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"{first} (overrides are as for mptrain, e.g. model=lstm_lm dataset=text)") from None
+    return compose([*overrides, *forced])
 
 
 def scan(cfg, steps: int):
@@ -177,7 +148,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-        cfg = compose(overrides, args.steps)
+        cfg = compose_scan(overrides, args.steps)
         sums = scan(cfg, args.steps)
         result = analyse(sums, args.steps, args.coverage, args.headroom)
         result.update(steps=args.steps, coverage=args.coverage, headroom=args.headroom, overrides=overrides,

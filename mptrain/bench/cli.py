@@ -1,0 +1,192 @@
+"""`mptrain-bench`: each precision mode's training speed and memory, beside a bare PyTorch loop.
+
+    mptrain-bench                                       # ResNet-20, synthetic data, fp32 amp bf16 mixed
+    mptrain-bench model=resnet50 dataset.image_size=224 --batch-sizes 64,128 --modes fp32,amp,mixed
+    mptrain-bench model=lstm_lm --modes fp32,mixed --no-bare
+
+Other arguments are Hydra overrides of mptrain's config (data defaults to synthetic,
+on the device). For every mode and batch size, in one process and alternating with the
+bare loop `--repeats` times: median throughput over timed windows after warm-up, the
+windows' spread, and peak memory; then the ratios ours/bare and vs fp32, and the slope of
+peak memory against batch size (activation memory) per mode. Writes a JSON and a
+Markdown table under `--out`/<device>_torch<version>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import re
+import sys
+from pathlib import Path
+
+from mptrain.console import OneLineParser, compose, overridden, positive
+from mptrain.errors import UserError
+
+MODES = ("fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16")
+
+
+def _csv(kind, choices=None):
+    def parse(text: str):
+        try:
+            items = [kind(t) for t in text.split(",") if t]
+        except ValueError:
+            items = []
+        bad = [t for t in items if (choices and t not in choices) or (kind is int and t <= 0)]
+        if not items or bad:
+            allowed = f"from {', '.join(choices)}" if choices else "of positive integers"
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list {allowed} (got {text})")
+        return items
+
+    parse.__name__ = "list"
+    return parse
+
+
+def parse_args(argv):
+    parser = OneLineParser(prog="mptrain-bench", description=__doc__.split("\n\n")[0],
+                           epilog="Other arguments: Hydra overrides (model=..., dataset=..., optim=...).")
+    parser.add_argument("--modes", type=_csv(str, MODES), default=["fp32", "amp", "bf16", "mixed"])
+    parser.add_argument("--batch-sizes", type=_csv(int), default=[64, 128])
+    parser.add_argument("--warmup", type=positive(int), default=10, help="untimed steps first (default 10)")
+    parser.add_argument("--window", type=positive(int), default=10, help="steps per timed window (default 10)")
+    parser.add_argument("--windows", type=positive(int), default=5, help="timed windows per repeat (default 5)")
+    parser.add_argument("--repeats", type=positive(int), default=2, help="ours/bare alternations (default 2)")
+    parser.add_argument("--no-bare", action="store_true", help="skip the bare PyTorch loop")
+    parser.add_argument("--out", type=Path, default=Path("results/bench"), help="folder for the JSON and table")
+    args, overrides = parser.split_overrides(argv)
+    for key in ("precision", "dataset.batch_size"):
+        if overridden(overrides, key):
+            parser.error(f"{key} is set by --modes / --batch-sizes; drop the override")
+    return args, overrides
+
+
+def configs(overrides: list[str], mode: str, batch: int, args):
+    """The run's config for ours, and the fp32 one the bare loop builds its model and data from."""
+    steps = args.warmup + args.windows * args.window
+    forced = [f"dataset.batch_size={batch}", f"trainer.max_steps={steps}", f"trainer.log_every={args.window}",
+              f"trainer.perf_warmup_steps={args.warmup}", "trainer.progress=false", "telemetry.numerics.every=null"]
+    base = compose([o for o in overrides if o.lstrip("+").split("=")[0] == "model"])  # the task picks the data
+    data = [] if any(o.lstrip("+").split("=")[0] == "dataset" for o in overrides) else \
+        ["dataset=synthetic_text" if base.model.task == "language_model" else "dataset=synthetic"]  # fmt: skip
+    return (compose([*overrides, *data, *forced, f"precision={mode}"]),
+            compose([*overrides, *data, *forced, "precision=fp32"]))
+
+
+def run(args, overrides) -> dict:
+    from mptrain.bench.bare import BARE_FOR_MODE, SUPPORTED_TASKS
+    from mptrain.bench.measure import Timing, cuda_reset, time_bare, time_trainer
+    from mptrain.run import resolve_device
+    from mptrain.telemetry.env import environment
+    from mptrain.validate import validate_config
+
+    rows = []
+    for batch in args.batch_sizes:
+        for mode in args.modes:
+            cfg, cfg_fp32 = configs(overrides, mode, batch, args)
+            validate_config(cfg)
+            device = resolve_device(cfg.trainer.device)
+            bare_kind = BARE_FOR_MODE[mode] if not args.no_bare and cfg.model.task in SUPPORTED_TASKS else None
+            ours, bare = Timing(), Timing()
+            for _ in range(args.repeats):
+                for side in ("ours", "bare"):
+                    if side == "bare" and bare_kind is None:
+                        continue
+                    gc.collect()
+                    cuda_reset(device)
+                    if side == "ours":
+                        ours.merge(time_trainer(cfg, device, args.warmup))
+                    else:
+                        bare.merge(time_bare(cfg_fp32, device, bare_kind, args.warmup, args.windows, args.window))
+            row = {"mode": mode, "batch": batch, "bare": bare_kind, "ours": ours.summary(),
+                   "bare_loop": bare.summary() if bare.step_ms else None}  # fmt: skip
+            rows.append(row)
+            print(_progress(row), flush=True)
+    return {"model": cfg.model.name, "dataset": cfg.dataset.name, "overrides": overrides, "env": environment(device),
+            "settings": {k: getattr(args, k) for k in ("warmup", "window", "windows", "repeats")},
+            "rows": _with_ratios(rows), "activation_memory": _slopes(rows)}  # fmt: skip
+
+
+def _progress(row) -> str:
+    o, b = row["ours"], row["bare_loop"]
+    text = f"{row['mode']:>11} batch {row['batch']:>4}: ours {o['samples_per_s']:.1f}/s"
+    return text + (f", bare {row['bare']} {b['samples_per_s']:.1f}/s" if b else "")
+
+
+def _with_ratios(rows: list[dict]) -> list[dict]:
+    fp32 = {r["batch"]: r["ours"] for r in rows if r["mode"] == "fp32"}
+    for r in rows:
+        o, b, ref = r["ours"], r["bare_loop"], fp32.get(r["batch"])
+        r["ours_over_bare"] = o["samples_per_s"] / b["samples_per_s"] if b else None
+        r["speedup_vs_fp32"] = o["samples_per_s"] / ref["samples_per_s"] if ref else None
+        r["memory_vs_fp32"] = o["peak_bytes"] / ref["peak_bytes"] if ref and ref["peak_bytes"] else None
+    return rows
+
+
+def _slopes(rows: list[dict]) -> dict:
+    """Per mode, bytes of peak memory per extra sample (least squares over the batch sizes), and vs fp32."""
+    import numpy as np
+
+    slopes = {}
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        points = [(r["batch"], r["ours"]["peak_bytes"]) for r in rows if r["mode"] == mode]
+        if len(points) > 1:
+            slopes[mode] = {"bytes_per_sample": float(np.polyfit(*zip(*points), 1)[0])}
+    ref = slopes.get("fp32", {}).get("bytes_per_sample")
+    for s in slopes.values():
+        s["vs_fp32"] = s["bytes_per_sample"] / ref if ref else None
+    return slopes
+
+
+def to_markdown(result: dict) -> str:
+    def num(x, fmt):
+        return "-" if x is None else fmt.format(x)
+
+    env = result["env"]
+    lines = [f"{result['model']} on {result['dataset']} ({' '.join(result['overrides']) or 'defaults'}), "
+             f"{env['device_name']}, torch {env['torch']}; windows of {result['settings']['window']} steps after "
+             f"{result['settings']['warmup']} warm-up, {result['settings']['windows']} windows x "
+             f"{result['settings']['repeats']} repeats, median", "",
+             "| mode | batch | samples/s | step ms (IQR %) | bare loop | bare samples/s | ours/bare | vs fp32 | "
+             "peak MB | bare peak MB | memory vs fp32 |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result["rows"]:
+        o, b = r["ours"], r["bare_loop"] or {}
+        lines.append(f"| {r['mode']} | {r['batch']} | {o['samples_per_s']:.1f} | {o['step_ms']:.1f} "
+                     f"({o['step_ms_iqr_pct']:.1f}) | {r['bare'] or '-'} | {num(b.get('samples_per_s'), '{:.1f}')} | "
+                     f"{num(r['ours_over_bare'], '{:.3f}')} | {num(r['speedup_vs_fp32'], '{:.2f}x')} | "
+                     f"{o['peak_bytes'] / 2**20:.1f} | {num(b.get('peak_bytes') and b['peak_bytes'] / 2**20, '{:.1f}')} | "
+                     f"{num(r['memory_vs_fp32'], '{:.3f}')} |")  # fmt: skip
+    if result["activation_memory"]:
+        lines += ["", "Activation memory (slope of peak memory vs batch size):", ""]
+        lines += [f"- {mode}: {s['bytes_per_sample'] / 2**10:.1f} KiB/sample"
+                  + (f", {s['vs_fp32']:.3f} of fp32's" if s["vs_fp32"] is not None else "")
+                  for mode, s in result["activation_memory"].items()]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def output_dir(out: Path, env: dict) -> Path:
+    device = re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-")
+    return out / f"{device}_torch{env['torch'].split('+')[0]}"
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        result = run(args, overrides)
+        from mptrain.telemetry.summary import write_json_atomic
+
+        folder = output_dir(args.out, result["env"])
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = folder / f"{result['model']}_{result['dataset']}"
+        table = to_markdown(result)
+        write_json_atomic(stem.with_suffix(".json"), result)
+        stem.with_suffix(".md").write_text(table)
+        print(table + f"\nwritten: {stem}.json, {stem}.md")
+    except UserError as e:
+        print(f"mptrain-bench: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
