@@ -94,7 +94,8 @@ class Trainer:
             net.eval()
         limit = self.cfg.trainer.get("eval_max_batches")
         batches = itertools.islice(self.data.test, limit) if limit else self.data.test
-        metrics = self.task.evaluate(batches, self.precision)
+        with self.precision.kernels():
+            metrics = self.task.evaluate(batches, self.precision)
         self.tb.scalars({tag("eval", k): v for k, v in metrics.items()}, self.step)
         self._log_media()
         record = {"step": self.step, "epoch": epoch, **metrics}
@@ -169,6 +170,7 @@ class Trainer:
                     stack.enter_context(self.memory.measure_step(self._state_tensors))
                 if probe:
                     stack.enter_context(self.numerics.capture(self.task.networks(), self.steppers))
+                stack.enter_context(self.precision.kernels())
                 metrics = self.task.train_step(batch, self.steppers, self.precision)
         except LossScaleCollapsed as e:
             event = self._attribute_overflow(self.step + 1, None)
@@ -185,12 +187,16 @@ class Trainer:
         networks = self.task.networks()
         suspects = networks if network is None else {network: networks[network]}
         grads = nonfinite_grads(suspects)
-        module = first_nonfinite_module(networks, lambda: self.task.replay_forward(self.last_batch, self.precision))
+        module = first_nonfinite_module(networks, self._replay)
         stepper = self.steppers[network] if network else next(iter(self.steppers.values()))
         scale = float(stepper.loss_scale) if stepper.loss_scale is not None else None
         event = self.overflows.record(step, network or "all", grads, module, scale)
         log.info("step %d: %s skipped: %s", step, event["network"], OverflowLog.describe(event))
         return event
+
+    def _replay(self) -> None:
+        with self.precision.kernels():
+            self.task.replay_forward(self.last_batch, self.precision)
 
     @staticmethod
     def _cause(event: dict | None) -> str:

@@ -5,7 +5,7 @@ The trainer calls this package, never the other way round:
     precision = Precision(cfg.precision, device)
     model = precision.prepare(model)                 # storage dtype, BN in FP32
     stepper = precision.stepper(model, make_opt, make_sched, max_grad_norm)
-    with precision.autocast():
+    with precision.kernels(), precision.autocast():
         loss = ...
     stepper.backward(loss); applied = stepper.step()
 """
@@ -19,6 +19,7 @@ from torch import nn
 
 from mptrain.errors import UserError
 from mptrain.precision.casting import cast_model
+from mptrain.precision.emulation import CPU_FP16, EmulatedFP16Kernels
 from mptrain.precision.modes import MODES, ModeSpec
 from mptrain.precision.scaler import LossScaleCollapsed, LossScaler
 from mptrain.precision.stepper import PrecisionStepper
@@ -38,11 +39,15 @@ class Precision:
             torch.backends.cuda.matmul.allow_tf32 = bool(cfg.allow_tf32)
             torch.backends.cudnn.allow_tf32 = bool(cfg.allow_tf32)
         self.notes: list[str] = []  # warnings the run prints once and records in summary.json
-        if device.type == "cpu" and self.spec.uses_fp16:
+        cpu_fp16 = cfg.get("cpu_fp16", "native")
+        if cpu_fp16 not in CPU_FP16:
+            raise UserError(f"unknown precision.cpu_fp16={cpu_fp16!r}; choose one of {', '.join(CPU_FP16)}")
+        self.emulate = device.type == "cpu" and self.spec.uses_fp16 and cpu_fp16 == "emulate"
+        if device.type == "cpu" and self.spec.uses_fp16 and not self.emulate:
             self.notes.append(
                 f"precision={self.spec.name} on the CPU is slow: this CPU has no native fp16 "
                 "arithmetic, so fp16 kernels run 10-40x slower than fp32 (the numerics are exact; "
-                "use a GPU for speed, or bf16 for fast low precision on a CPU)"
+                "precision.cpu_fp16=emulate computes them from the same FP16 values at FP32 speed)"
             )
 
     @property
@@ -57,6 +62,10 @@ class Precision:
         if self.spec.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.spec.autocast_dtype)
+
+    def kernels(self):
+        """Where forward and backward run: emulated FP16 tensor-core kernels under cpu_fp16=emulate."""
+        return EmulatedFP16Kernels() if self.emulate else contextlib.nullcontext()
 
     def stepper(self, model, make_optimizer, make_scheduler=None, max_grad_norm=None) -> PrecisionStepper:
         scale = self.cfg.loss_scale
