@@ -11,3 +11,7 @@ class UserError(Exception):
 
 class Diverged(Exception):
     """Training cannot go on (NaN loss, collapsed loss scale): status ``diverged``."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT: the run saved a checkpoint and stops with status ``interrupted``."""

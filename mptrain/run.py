@@ -7,9 +7,12 @@ inside a sweep it is recorded and the sweep goes on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from mptrain.errors import Diverged, UserError
+from mptrain.errors import Diverged, Interrupted, UserError
 from mptrain.validate import validate_config
 
 log = logging.getLogger("mptrain")
@@ -55,6 +58,9 @@ def run(cfg) -> float | None:
     except Diverged as e:
         summary.update(status="diverged", error=str(e))
         code = EXIT_DIVERGED
+    except Interrupted as e:
+        summary.update(status="interrupted", error=str(e))
+        code = EXIT_INTERRUPTED
     except KeyboardInterrupt:
         summary.update(status="interrupted", error="interrupted by the user")
         code = EXIT_INTERRUPTED
@@ -105,6 +111,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _train(cfg, run_dir: Path, summary: dict) -> dict:
+    from mptrain import checkpoint
     from mptrain.telemetry.env import environment
     from mptrain.telemetry.numerics import NumericsProbe
     from mptrain.telemetry.tensorboard import TensorBoardLogger
@@ -117,12 +124,32 @@ def _train(cfg, run_dir: Path, summary: dict) -> dict:
     if cfg.telemetry.numerics.every:
         numerics = NumericsProbe(cfg.telemetry.numerics.every, run_dir, bool(cfg.telemetry.numerics.activations))
     try:
+        resume = _checkpoint_to_resume(cfg, run_dir, device)
         trainer = build_trainer(cfg, device, run_dir, tb, numerics, summary["warnings"])
+        trainer.checkpoint_path = run_dir / checkpoint.FILENAME
+        if resume is not None:
+            path, state = resume
+            checkpoint.restore(trainer, state)
+            summary["resumed_from"] = {"checkpoint": str(path), "step": trainer.step}
+            log.info("resumed from %s at step %d", path, trainer.step)
         summary["primary_metric"] = trainer.task.primary_metric
         summary["higher_is_better"] = trainer.task.higher_is_better
         return _fit(cfg, trainer, summary)
     finally:
         tb.close()
+
+
+def _checkpoint_to_resume(cfg, run_dir: Path, device):
+    """(path, state) of the checkpoint trainer.resume names, checked against this config; None: start afresh."""
+    from mptrain import checkpoint
+
+    resume = cfg.trainer.get("resume")
+    path = checkpoint.locate(str(resume), run_dir) if resume else None
+    if path is None:
+        if resume:
+            log.info("trainer.resume=auto: no checkpoint in %s, starting afresh", run_dir)
+        return None
+    return path, checkpoint.load(path, cfg, device)
 
 
 def build_trainer(cfg, device, run_dir: Path, tb, numerics, warnings: list[str]):
@@ -159,7 +186,28 @@ def _fit(cfg, trainer, summary: dict) -> dict:
         trainer.device,
     )
     try:
-        return trainer.fit()
-    except (Diverged, KeyboardInterrupt):
+        with _stop_on_signals(trainer):
+            return trainer.fit()
+    except (Diverged, Interrupted, KeyboardInterrupt):
         summary.update(trainer.results())
         raise
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer):
+    """SIGTERM / SIGINT ask the trainer to checkpoint and stop after the current step; a second SIGINT stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ask(signum, _frame):
+        if trainer.stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.stop_signal = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -11,12 +11,15 @@ import contextlib
 import itertools
 import logging
 import math
+import os
+import signal
 import sys
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from mptrain.errors import Diverged
+from mptrain.errors import Diverged, Interrupted
 from mptrain.optim import build_optimizer, build_scheduler
 from mptrain.precision import LossScaleCollapsed, Precision
 from mptrain.tasks import Task
@@ -67,6 +70,10 @@ class Trainer:
         self.last_media_step = 0
         self.history: list[dict] = []  # eval results, one per evaluation
         self.best: dict | None = None
+        self.epoch = self.batch_in_epoch = 0  # the data position a checkpoint records
+        self.checkpoint_path: Path | None = None  # where checkpoints go (run.py sets it)
+        self.stop_signal: str | None = None  # set by a signal handler: checkpoint, then stop
+        self.resumed_task_state: dict | None = None
 
     # -- public --------------------------------------------------------------------------
     def fit(self, evaluate: bool = True) -> dict:
@@ -75,9 +82,9 @@ class Trainer:
         t = self.cfg.trainer
         epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         show = t.progress is True or (t.progress == "auto" and sys.stderr.isatty())
-        bar = tqdm(total=self.total_steps, disable=not show, dynamic_ncols=True, leave=False)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not show, dynamic_ncols=True, leave=False)
         try:
-            for epoch in range(epochs):
+            for epoch in range(self.epoch, epochs):  # a resumed run starts where its checkpoint stopped
                 self._train_epoch(epoch, bar, evaluate)
                 last = self.step >= self.total_steps
                 fresh = self.history and self.history[-1]["step"] == self.step  # eval_every just did it
@@ -85,6 +92,8 @@ class Trainer:
                     self.evaluate(epoch + 1)
                 if last:
                     break
+            if self.checkpoint_path and t.get("checkpoint_every"):
+                self.save_checkpoint()  # the final state
         finally:
             bar.close()
         return self.results()
@@ -128,17 +137,23 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
     def _train_epoch(self, epoch: int, bar, evaluate: bool) -> None:
+        skip = self.batch_in_epoch if epoch == self.epoch else 0  # resumed mid-epoch: batches already trained on
+        self.epoch, self.batch_in_epoch = epoch, skip
         for net in self.task.networks().values():
             net.train()
         self.data.train.set_epoch(epoch)
         self.task.start_pass(training=True)
+        if self.resumed_task_state is not None:
+            self.task.load_state_dict(self.resumed_task_state)
+            self.resumed_task_state = None
         self.throughput.begin()
-        for batch in self.data.train:
+        for batch in itertools.islice(self.data.train, skip, None):
             metrics = self._train_step(batch)
             n = self.task.batch_size(batch)
             self.train_meter.add(metrics, n)
             self.throughput.count(n)
             self.step += 1
+            self.batch_in_epoch += 1
             bar.update(1)
             done = self.step >= self.total_steps
             logged = self.step % self.cfg.trainer.log_every == 0 or done
@@ -157,7 +172,25 @@ class Trainer:
                 for net in self.task.networks().values():
                     net.train()
                 self.throughput.begin()
+                logged = True
+            every = self.cfg.trainer.get("checkpoint_every")
+            if self.stop_signal or (self.checkpoint_path and every and self.step % every == 0):
+                if not logged:  # a checkpoint holds no half-filled logging window
+                    self._log_window(bar)
+                self.save_checkpoint()
+                if self.stop_signal:
+                    raise Interrupted(f"{self.stop_signal} at step {self.step}; checkpoint saved: continue with "
+                                      f"trainer.resume={self.checkpoint_path.parent}")
+                self.throughput.begin()
         self._log_window(bar)
+
+    def save_checkpoint(self) -> None:
+        from mptrain import checkpoint
+
+        checkpoint.save(self.checkpoint_path, checkpoint.capture(self))
+        log.info("step %d: checkpoint %s", self.step, self.checkpoint_path)
+        if os.environ.get("MPTRAIN_FAULT_KILL_AFTER_CHECKPOINT") == str(self.step):  # fault injection for tests
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _train_step(self, batch) -> dict:
         measure = self.step < MEMORY_STEPS or (self.step + 1) % self.cfg.trainer.log_every == 0

@@ -41,6 +41,13 @@ class Task(ABC):
     def start_pass(self, training: bool) -> None:
         """Called before each pass over a split: where a recurrent model resets its carried state."""
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must carry besides the networks (an LM's hidden state mid-epoch)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`, after `start_pass(training=True)` of the resumed epoch."""
+
     def derived_metrics(self, means: dict[str, float]) -> dict[str, float]:
         """Metrics computed from a window's or an evaluation's means (perplexity from the mean loss)."""
         return {}

@@ -42,6 +42,12 @@ class LanguageModelTask(Task):
         # each kind of pass has its own state: an evaluation in the middle of an epoch leaves training's intact
         self._states[training] = None
 
+    def state_dict(self) -> dict:
+        return {"hidden": self._states[True]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._states[True] = state["hidden"]
+
     def _loss(self, batch, precision, training: bool):
         x, y = batch
         state = self._states[training]

@@ -1,0 +1,119 @@
+"""Checkpoints: everything a run needs to continue bit-identically, written atomically.
+
+One file per run, `<run dir>/checkpoint.pt`: each network's weights, each stepper's state
+(optimizer, FP32 master weights, loss scaler: scale, growth tracker, hysteresis, skipped
+steps; LR schedule), the task's carried state (an LM's hidden state), the RNG streams
+(python, numpy, torch, CUDA), the data position (epoch, batch within it), the step, and
+the evaluation history. Written to a temporary file in the same folder, flushed and
+renamed over the old one, so a crash mid-write leaves the previous checkpoint whole.
+Read with `torch.load(weights_only=True)`: nothing in it can run code. A checkpoint whose
+precision mode, model or dataset differs from the run's config is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mptrain.errors import UserError
+
+FILENAME = "checkpoint.pt"
+FORMAT = 1
+IDENTITY = ("precision", "model", "dataset")  # what a resumed run may not change
+
+
+def identity(cfg) -> dict:
+    return {"precision": cfg.precision.mode, "model": cfg.model.name, "dataset": cfg.dataset.name}
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path: Path, state: dict) -> None:
+    """Write `state` to `path` atomically: a temporary file beside it, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def locate(resume: str, run_dir: Path) -> Path | None:
+    """The checkpoint `trainer.resume` names: `auto` (this run dir's, if any) or a run dir / checkpoint file."""
+    if resume == "auto":
+        path = run_dir / FILENAME
+        return path if path.is_file() else None
+    path = Path(resume).expanduser()
+    path = path / FILENAME if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f"trainer.resume={resume}: no checkpoint at {path}; point it at a run dir holding "
+                        f"{FILENAME} (written every trainer.checkpoint_every steps), or use trainer.resume=auto")
+    return path
+
+
+def load(path: Path, cfg, device: torch.device) -> dict:
+    """A checkpoint made for this config; any other gets one clear line."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises many kinds for a truncated or foreign file
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise UserError(f"checkpoint {path} is unreadable ({reason}); it is corrupt or not an mptrain "
+                        "checkpoint: resume from another run dir, or start afresh without trainer.resume") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"checkpoint {path} is not an mptrain checkpoint of format {FORMAT}; start afresh")
+    made, wanted = state["identity"], identity(cfg)
+    differ = [f"{k}={made[k]} (this run: {wanted[k]})" for k in IDENTITY if made.get(k) != wanted[k]]
+    if differ:
+        raise UserError(f"checkpoint {path} was made with {', '.join(differ)}; resume with the same "
+                        "settings, or start afresh without trainer.resume")
+    return state
+
+
+def capture(trainer) -> dict:
+    return {
+        "identity": identity(trainer.cfg),
+        "step": trainer.step, "epoch": trainer.epoch, "batch_in_epoch": trainer.batch_in_epoch,
+        "networks": {name: net.state_dict() for name, net in trainer.task.networks().items()},
+        "steppers": {name: stepper.state_dict() for name, stepper in trainer.steppers.items()},
+        "task": trainer.task.state_dict(),
+        "rng": rng_state(),
+        "history": trainer.history, "best": trainer.best, "last_media_step": trainer.last_media_step,
+        "overflow_events": list(trainer.overflows.events),
+    }  # fmt: skip
+
+
+def restore(trainer, state: dict) -> None:
+    """Put a freshly built Trainer where the checkpoint left off (weights first, then masters over them)."""
+    for name, net in trainer.task.networks().items():
+        net.load_state_dict(state["networks"][name])
+    for name, stepper in trainer.steppers.items():
+        stepper.load_state_dict(state["steppers"][name])
+    trainer.step, trainer.epoch, trainer.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    trainer.history, trainer.best, trainer.last_media_step = state["history"], state["best"], state["last_media_step"]
+    trainer.overflows.events.extend(state["overflow_events"])
+    trainer.resumed_task_state = state["task"]
+    set_rng_state(state["rng"])

@@ -1,0 +1,143 @@
+"""Checkpoint and resume: straight 2N steps == N steps, SIGKILL, resume to 2N, bit for bit; faults and mistakes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import MPTRAIN, TINY, mptrain, read_summary, scalar_tags
+from mptrain import checkpoint
+
+N = 4
+RUN = [*TINY, "optim=adam", "optim.eps=1e-4", "dataset.train_size=96", f"trainer.max_steps={2 * N}",
+       "trainer.eval_every=3", f"trainer.checkpoint_every={N}", "trainer.log_every=1"]  # 3 batches an epoch
+
+
+def _load(run: Path) -> dict:
+    return torch.load(run / checkpoint.FILENAME, weights_only=True)
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("mode", ["fp32", pytest.param("mixed", marks=pytest.mark.slow),
+                                  pytest.param("fp16_naive", marks=pytest.mark.slow)])
+def test_resume_after_sigkill_continues_bit_identically(tmp_path, mode):
+    args = [*RUN, f"precision={mode}"]
+    straight, killed, resumed = tmp_path / "straight", tmp_path / "killed", tmp_path / "resumed"
+    out = mptrain(*args, f"hydra.run.dir={straight}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = mptrain(*args, f"hydra.run.dir={killed}", cwd=tmp_path, env={"MPTRAIN_FAULT_KILL_AFTER_CHECKPOINT": str(N)})
+    assert out.returncode == -signal.SIGKILL and _load(killed)["step"] == N
+    out = mptrain(*args, f"trainer.resume={killed}", f"hydra.run.dir={resumed}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    a, b = _load(straight), _load(resumed)
+    assert a["step"] == b["step"] == 2 * N
+    for key in ("networks", "steppers", "history", "best", "epoch", "batch_in_epoch"):
+        assert _equal(a[key], b[key]), key  # weights, FP32 masters, optimizer, scaler, schedule
+    if mode == "mixed":
+        assert a["steppers"]["model"]["scaler"]["scale"] == b["steppers"]["model"]["scaler"]["scale"]
+    s_a, s_b = read_summary(straight), read_summary(resumed)
+    assert s_a["history"] == s_b["history"] and s_b["resumed_from"]["step"] == N
+    loss_a = {e.step: e.value for e in scalar_tags(straight / "tb")["train/loss"]}
+    loss_b = {e.step: e.value for e in scalar_tags(resumed / "tb")["train/loss"]}
+    assert min(loss_b) == N + 1 and all(loss_a[step] == value for step, value in loss_b.items())  # same metrics, step by step
+
+
+@pytest.mark.slow
+def test_language_model_resumes_its_hidden_state_mid_epoch(tmp_path):
+    args = ["model=lstm_lm", "dataset=synthetic_text", "model.width=8", "dataset.batch_size=4", "dataset.bptt=8",
+            "trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.log_every=1", "precision=fp32"]
+    out = mptrain(*args, f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = mptrain(*args, f"hydra.run.dir={tmp_path / 'k'}", cwd=tmp_path, env={"MPTRAIN_FAULT_KILL_AFTER_CHECKPOINT": "3"})
+    assert _load(tmp_path / "k")["task"]["hidden"] is not None
+    out = mptrain(*args, f"trainer.resume={tmp_path / 'k'}", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _equal(_load(tmp_path / "a")["networks"], _load(tmp_path / "b")["networks"])
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    path = tmp_path / checkpoint.FILENAME
+    checkpoint.save(path, {"step": 1, "weights": torch.ones(3)})
+
+    def crash(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        checkpoint.save(path, {"step": 2, "weights": torch.zeros(3)})
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 1 and torch.equal(state["weights"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILENAME]  # no temp file left behind
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saved")
+    out = mptrain(*RUN, "precision=mixed", f"hydra.run.dir={root / 'run'}", cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / "run"
+
+
+def _truncate(run: Path) -> None:
+    data = (run / checkpoint.FILENAME).read_bytes()
+    (run / checkpoint.FILENAME).write_bytes(data[: len(data) // 2])
+
+
+def _garbage(run: Path) -> None:
+    (run / checkpoint.FILENAME).write_bytes(os.urandom(4096))
+
+
+@pytest.mark.parametrize("damage, args, says", [
+    (_truncate, ["precision=mixed"], "is unreadable"),
+    (_garbage, ["precision=mixed"], "is unreadable"),
+    (None, ["precision=fp32"], "was made with precision=mixed (this run: fp32)"),
+    (None, ["precision=mixed", "model=vgg"], "model=resnet (this run: vgg)"),
+    (None, ["precision=mixed", "trainer.resume=/no/such/run"], "no checkpoint at /no/such/run;"),
+])  # fmt: skip
+def test_bad_checkpoints_get_one_line(saved_run, tmp_path, damage, args, says):
+    source = tmp_path / "copy"
+    source.mkdir()
+    (source / checkpoint.FILENAME).write_bytes((saved_run / checkpoint.FILENAME).read_bytes())
+    if damage:
+        damage(source)
+    resume = [] if any(a.startswith("trainer.resume") for a in args) else [f"trainer.resume={source}"]
+    out = mptrain(*[a for a in RUN if not a.startswith("model")], *args, *resume,
+                  f"hydra.run.dir={tmp_path / 'new'}", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], out.stderr
+    assert read_summary(tmp_path / "new")["status"] == "failed"
+
+
+def test_sigterm_saves_a_checkpoint_and_records_interrupted(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([MPTRAIN, *TINY, "trainer.max_steps=100000", "trainer.log_every=1", f"hydra.run.dir={run}"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not list((run / "tb").glob("events.*")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # some steps in
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    summary = read_summary(run)
+    assert summary["status"] == "interrupted" and "SIGTERM at step" in summary["error"]
+    assert _load(run)["step"] == summary["steps"] > 0
