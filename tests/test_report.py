@@ -160,3 +160,14 @@ def test_report_html_renders_in_headless_chromium(sweep, tmp_path):
     title = dom.stdout.split("<title>", 1)[1].split("</title>", 1)[0]
     images = int(title.split("images=")[1].split()[0])
     assert images >= 3 and "broken=0" in title and "tables=0" not in title, title
+
+
+def test_cpu_fp16_emulation_is_part_of_the_setting_not_the_arm():
+    from mptrain.report.runs import arm_label, setting_label
+
+    summary = {"precision": "fp32", "loss_scale": None,
+               "overrides": ["precision=fp32", "precision.cpu_fp16=emulate", "optim.lr=0.01", "seed=1"]}
+    assert arm_label(summary) == "fp32"  # still the control
+    assert setting_label(summary) == "optim.lr=0.01 precision.cpu_fp16=emulate"
+    mixed = {"precision": "mixed", "loss_scale": 1, "overrides": ["precision=mixed", "precision.loss_scale=1"]}
+    assert arm_label(mixed) == "mixed loss_scale=1" and setting_label(mixed) == ""

@@ -15,6 +15,7 @@ import pandas as pd
 from mptrain.errors import UserError
 
 CONTROL = "fp32"
+EXECUTION = "cpu_fp16"  # how the CPU runs FP16, the same for every arm of an experiment: part of the setting
 LOWER_IS_BETTER = {"perplexity", "bpc", "fid", "loss"}  # for summaries written before `higher_is_better`
 MODE_ORDER = ["fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16"]
 
@@ -34,6 +35,7 @@ def find_runs(dirs: list[Path]) -> list[Path]:
 def arm_label(summary: dict) -> str:
     """The precision mode, its loss scale and any other precision.* override: `fp32`, `mixed loss_scale=1`."""
     extra = [o.lstrip("+~").split(".", 1)[1] for o in summary.get("overrides", []) if o.lstrip("+~").startswith("precision.")]
+    extra = [o for o in extra if not o.startswith(EXECUTION)]
     if "loss_scale" in summary:  # the resolved scale, however it was chosen (a mode's default, an experiment, the CLI)
         scale = summary["loss_scale"]
         extra = [o for o in extra if not o.startswith("loss_scale=")]
@@ -48,7 +50,9 @@ def setting_label(summary: dict) -> str:
     for override in summary.get("overrides", []):
         override = override.lstrip("+~")
         key = override.split("=", 1)[0]
-        if key in ("model", "dataset", "seed", "trainer.progress") or key.startswith(("precision", "hydra.")):
+        if key in ("model", "dataset", "seed", "trainer.progress") or key.startswith("hydra."):
+            continue
+        if key.startswith("precision") and not key.startswith("precision." + EXECUTION):
             continue
         keep.append(override)
     return " ".join(sorted(keep))
