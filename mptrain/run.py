@@ -74,7 +74,7 @@ def run(cfg) -> float | None:
     _finish(run_dir, summary, started)
     if code:
         print(f"mptrain: {'error' if code == EXIT_USER_ERROR else summary['status']}: {summary['error']}", file=sys.stderr)
-        if not in_sweep:
+        if not in_sweep or code == EXIT_INTERRUPTED:  # a signal stops the whole sweep, not just this job
             sys.exit(code)
         return None
     final = summary.get("final") or {}

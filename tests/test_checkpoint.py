@@ -141,3 +141,19 @@ def test_sigterm_saves_a_checkpoint_and_records_interrupted(tmp_path):
     summary = read_summary(run)
     assert summary["status"] == "interrupted" and "SIGTERM at step" in summary["error"]
     assert _load(run)["step"] == summary["steps"] > 0
+
+
+def test_sigterm_stops_a_whole_sweep_not_just_its_job(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([MPTRAIN, "-m", "seed=0,1,2", *TINY, "trainer.max_steps=100000", "trainer.log_every=1",
+                             f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    deadline = time.time() + 120
+    while not list((tmp_path / "sweep").rglob("events.*")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    summaries = sorted((tmp_path / "sweep").rglob("summary.json"))
+    assert len(summaries) == 1 and read_summary(summaries[0].parent)["status"] == "interrupted"  # no next job started
