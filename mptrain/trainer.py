@@ -164,8 +164,8 @@ class Trainer:
                 self.throughput.begin()
             if done:
                 break
-            every = self.cfg.trainer.get("eval_every")
-            if evaluate and every and self.step % every == 0:
+            eval_every = self.cfg.trainer.get("eval_every")
+            if evaluate and eval_every and self.step % eval_every == 0:
                 if not logged:
                     self._log_window(bar)
                 self.evaluate(epoch + 1)  # between two timing windows: not counted as training time
@@ -173,8 +173,8 @@ class Trainer:
                     net.train()
                 self.throughput.begin()
                 logged = True
-            every = self.cfg.trainer.get("checkpoint_every")
-            if self.stop_signal or (self.checkpoint_path and every and self.step % every == 0):
+            checkpoint_every = self.cfg.trainer.get("checkpoint_every")
+            if self.stop_signal or (self.checkpoint_path and checkpoint_every and self.step % checkpoint_every == 0):
                 if not logged:  # a checkpoint holds no half-filled logging window
                     self._log_window(bar)
                 self.save_checkpoint()

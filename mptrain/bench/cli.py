@@ -61,16 +61,21 @@ def parse_args(argv):
     return args, overrides
 
 
+def default_data(overrides: list[str]) -> list[str]:
+    """On-device synthetic data of the model's kind, unless the user picked a dataset."""
+    if any(o.lstrip("+").split("=")[0] == "dataset" for o in overrides):
+        return []
+    base = compose([o for o in overrides if o.lstrip("+").split("=")[0] == "model"])  # the task picks the data
+    return ["dataset=synthetic_text" if base.model.task == "language_model" else "dataset=synthetic"]
+
+
 def configs(overrides: list[str], mode: str, batch: int, args):
     """The run's config for ours, and the fp32 one the bare loop builds its model and data from."""
     steps = args.warmup + args.windows * args.window
     forced = [f"dataset.batch_size={batch}", f"trainer.max_steps={steps}", f"trainer.log_every={args.window}",
               f"trainer.perf_warmup_steps={args.warmup}", "trainer.progress=false", "telemetry.numerics.every=null"]
-    base = compose([o for o in overrides if o.lstrip("+").split("=")[0] == "model"])  # the task picks the data
-    data = [] if any(o.lstrip("+").split("=")[0] == "dataset" for o in overrides) else \
-        ["dataset=synthetic_text" if base.model.task == "language_model" else "dataset=synthetic"]  # fmt: skip
-    return (compose([*overrides, *data, *forced, f"precision={mode}"]),
-            compose([*overrides, *data, *forced, "precision=fp32"]))
+    return (compose([*overrides, *forced, f"precision={mode}"]),
+            compose([*overrides, *forced, "precision=fp32"]))
 
 
 def run(args, overrides) -> dict:
@@ -81,9 +86,10 @@ def run(args, overrides) -> dict:
     from mptrain.validate import validate_config
 
     rows = []
+    with_data = [*overrides, *default_data(overrides)]  # composed once, not per arm
     for batch in args.batch_sizes:
         for mode in args.modes:
-            cfg, cfg_fp32 = configs(overrides, mode, batch, args)
+            cfg, cfg_fp32 = configs(with_data, mode, batch, args)
             validate_config(cfg)
             device = resolve_device(cfg.trainer.device)
             bare_kind = BARE_FOR_MODE[mode] if not args.no_bare and cfg.model.task in SUPPORTED_TASKS else None
