@@ -75,8 +75,8 @@ def locate(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
-def load(path: Path, cfg, device: torch.device) -> dict:
-    """A checkpoint made for this config; any other gets one clear line."""
+def load(path: Path, cfg, device: torch.device, world_size: int = 1) -> dict:
+    """A checkpoint made for this config (and as many data-parallel ranks); any other gets one clear line."""
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # torch raises many kinds for a truncated or foreign file
@@ -87,6 +87,9 @@ def load(path: Path, cfg, device: torch.device) -> dict:
         raise UserError(f"checkpoint {path} is not an mptrain checkpoint of format {FORMAT}; start afresh")
     made, wanted = state["identity"], identity(cfg)
     differ = [f"{k}={made[k]} (this run: {wanted[k]})" for k in IDENTITY if made.get(k) != wanted[k]]
+    made_world = state.get("world_size", 1)
+    if made_world != world_size:  # the global batch and each rank's data would change under the run
+        differ.append(f"{made_world} data-parallel process(es) (this run: {world_size})")
     if differ:
         raise UserError(f"checkpoint {path} was made with {', '.join(differ)}; resume with the same "
                         "settings, or start afresh without trainer.resume")
@@ -95,7 +98,7 @@ def load(path: Path, cfg, device: torch.device) -> dict:
 
 def capture(trainer) -> dict:
     return {
-        "identity": identity(trainer.cfg),
+        "identity": identity(trainer.cfg), "world_size": trainer.replicas.world_size,
         "step": trainer.step, "epoch": trainer.epoch, "batch_in_epoch": trainer.batch_in_epoch,
         "networks": {name: net.state_dict() for name, net in trainer.task.networks().items()},
         "steppers": {name: stepper.state_dict() for name, stepper in trainer.steppers.items()},

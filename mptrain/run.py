@@ -7,12 +7,10 @@ inside a sweep it is recorded and the sweep goes on.
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import os
 import random
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from mptrain.errors import Diverged, Interrupted, UserError
+from mptrain.signals import StopRequest, stop_signals_to
 from mptrain.validate import validate_config
 
 log = logging.getLogger("mptrain")
@@ -32,9 +31,12 @@ EXIT_INTERRUPTED = 130
 
 def run(cfg) -> float | None:
     """The Hydra task function's body; returns the primary metric (for sweepers)."""
+    from mptrain.distributed import Replicas, join
+
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    replicas = join(str(cfg.trainer.device)) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else Replicas()
+    run_dir = Path(replicas.broadcast(hydra_cfg.runtime.output_dir))  # torchrun: every rank uses rank 0's
     summary = {
         "status": "running",
         "model": cfg.model.name,
@@ -47,33 +49,19 @@ def run(cfg) -> float | None:
         "warnings": [],
     }
     started = time.perf_counter()
-    code = 0
     try:
-        validate_config(cfg)
-        summary.update(_train(cfg, run_dir, summary))
-        summary["status"] = "completed"
-    except UserError as e:
-        summary.update(status="failed", error=str(e))
-        code = EXIT_USER_ERROR
-    except Diverged as e:
-        summary.update(status="diverged", error=str(e))
-        code = EXIT_DIVERGED
-    except Interrupted as e:
-        summary.update(status="interrupted", error=str(e))
-        code = EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        summary.update(status="interrupted", error="interrupted by the user")
-        code = EXIT_INTERRUPTED
-    except Exception as e:  # a bug, not a user's mistake: keep the traceback
-        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
-        _finish(run_dir, summary, started)
+        code = _launch_or_execute(cfg, run_dir, summary, replicas)
+    except Exception:  # a bug, not a user's mistake: keep the traceback
+        _finish(run_dir, summary, started, replicas)
         if in_sweep:
             log.exception("run failed; the sweep goes on")
             return None
         raise
-    _finish(run_dir, summary, started)
+    _finish(run_dir, summary, started, replicas)
     if code:
-        print(f"mptrain: {'error' if code == EXIT_USER_ERROR else summary['status']}: {summary['error']}", file=sys.stderr)
+        if replicas.is_main:
+            status = "error" if code == EXIT_USER_ERROR else summary["status"]
+            print(f"mptrain: {status}: {summary['error']}", file=sys.stderr)
         if not in_sweep or code == EXIT_INTERRUPTED:  # a signal stops the whole sweep, not just this job
             sys.exit(code)
         return None
@@ -81,9 +69,62 @@ def run(cfg) -> float | None:
     return final.get(summary.get("primary_metric"))
 
 
-def _finish(run_dir: Path, summary: dict, started: float) -> None:
+def _launch_or_execute(cfg, run_dir: Path, summary: dict, replicas) -> int:
+    """trainer.devices=N (N > 1) outside torchrun: start N ranks and take rank 0's outcome; else train here."""
+    devices = cfg.trainer.get("devices", 1)
+    if replicas.enabled or devices == 1:
+        return execute(cfg, run_dir, summary)
+    from mptrain.distributed import launch
+
+    try:
+        validate_config(cfg)
+        device = resolve_device(str(cfg.trainer.device))
+        if device.type == "cuda":
+            import torch
+
+            if devices > torch.cuda.device_count():
+                raise UserError(f"trainer.devices={devices} but torch sees {torch.cuda.device_count()} CUDA "
+                                f"device(s); use trainer.devices={torch.cuda.device_count()} or fewer")
+    except UserError as e:
+        summary.update(status="failed", error=str(e))
+        return EXIT_USER_ERROR
+    code, outcome = launch(OmegaConf.to_yaml(cfg), run_dir, summary, devices, cuda=device.type == "cuda")
+    summary.update(outcome)
+    return code
+
+
+def execute(cfg, run_dir: Path, summary: dict) -> int:
+    """Validate, build and train, recording how it ended in `summary`; the exit code (0: completed).
+    A bug is recorded and re-raised."""
+    stop = StopRequest()
+    try:
+        with stop_signals_to(stop.handler):  # from the start: a signal while building still ends cleanly
+            validate_config(cfg)
+            summary.update(_train(cfg, run_dir, summary, stop))
+        summary["status"] = "completed"
+        return 0
+    except UserError as e:
+        summary.update(status="failed", error=str(e))
+        return EXIT_USER_ERROR
+    except Diverged as e:
+        summary.update(status="diverged", error=str(e))
+        return EXIT_DIVERGED
+    except Interrupted as e:
+        summary.update(status="interrupted", error=str(e))
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        summary.update(status="interrupted", error="interrupted by the user")
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
+        raise
+
+
+def _finish(run_dir: Path, summary: dict, started: float, replicas) -> None:
     from mptrain.telemetry.summary import format_summary, write_summary
 
+    if not replicas.is_main:  # rank 0 writes for all
+        return
     summary["wall_time_s"] = round(time.perf_counter() - started, 3)
     write_summary(run_dir, summary)
     if "steps" in summary:
@@ -110,23 +151,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds every CUDA device too
 
 
-def _train(cfg, run_dir: Path, summary: dict) -> dict:
+def _train(cfg, run_dir: Path, summary: dict, stop) -> dict:
     from mptrain import checkpoint
+    from mptrain.distributed import join, replica_device
     from mptrain.telemetry.env import environment
     from mptrain.telemetry.numerics import NumericsProbe
-    from mptrain.telemetry.tensorboard import TensorBoardLogger
+    from mptrain.telemetry.tensorboard import NullLogger, TensorBoardLogger
 
-    device = resolve_device(cfg.trainer.device)
+    replicas = join(str(cfg.trainer.device))
+    if replicas.enabled and cfg.trainer.get("devices", 1) not in (1, replicas.world_size):
+        raise UserError(f"trainer.devices={cfg.trainer.devices} under torchrun, which started "
+                        f"{replicas.world_size} processes: drop trainer.devices (torchrun decides)")
+    device = resolve_device(replica_device(str(cfg.trainer.device), replicas))
     summary["env"] = environment(device)
-    tb = TensorBoardLogger(run_dir / "tb")
+    if replicas.enabled:
+        summary["env"]["world_size"] = replicas.world_size
+    tb = TensorBoardLogger(run_dir / "tb") if replicas.is_main else NullLogger()
     tb.text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
     numerics = None
-    if cfg.telemetry.numerics.every:
+    if cfg.telemetry.numerics.every and replicas.is_main:
         numerics = NumericsProbe(cfg.telemetry.numerics.every, run_dir, bool(cfg.telemetry.numerics.activations))
     try:
-        resume = _checkpoint_to_resume(cfg, run_dir, device)
-        trainer = build_trainer(cfg, device, run_dir, tb, numerics, summary["warnings"])
+        resume = _checkpoint_to_resume(cfg, run_dir, device, replicas)
+        trainer = build_trainer(cfg, device, run_dir, tb, numerics, summary["warnings"], replicas)
         trainer.checkpoint_path = run_dir / checkpoint.FILENAME
+        trainer.stop = stop
         if resume is not None:
             path, state = resume
             checkpoint.restore(trainer, state)
@@ -137,9 +186,10 @@ def _train(cfg, run_dir: Path, summary: dict) -> dict:
         return _fit(cfg, trainer, summary)
     finally:
         tb.close()
+        replicas.close()
 
 
-def _checkpoint_to_resume(cfg, run_dir: Path, device):
+def _checkpoint_to_resume(cfg, run_dir: Path, device, replicas):
     """(path, state) of the checkpoint trainer.resume names, checked against this config; None: start afresh."""
     from mptrain import checkpoint
 
@@ -149,14 +199,16 @@ def _checkpoint_to_resume(cfg, run_dir: Path, device):
         if resume:
             log.info("trainer.resume=auto: no checkpoint in %s, starting afresh", run_dir)
         return None
-    return path, checkpoint.load(path, cfg, device)
+    return path, checkpoint.load(path, cfg, device, replicas.world_size)
 
 
-def build_trainer(cfg, device, run_dir: Path, tb, numerics, warnings: list[str]):
-    """config → data, model, precision → Trainer; each warning is logged once and appended to `warnings`."""
+def build_trainer(cfg, device, run_dir: Path, tb, numerics, warnings: list[str], replicas=None):
+    """config → data, model, precision → Trainer; each warning is logged once and appended to `warnings`.
+    Among data-parallel `replicas`, each trains on its shard through a DDP wrapper."""
     import torch
 
     from mptrain.data import build_data
+    from mptrain.distributed import Replicas
     from mptrain.precision import Precision
     from mptrain.precision.pitfalls import find_pitfalls
     from mptrain.tasks import build_task
@@ -167,11 +219,16 @@ def build_trainer(cfg, device, run_dir: Path, tb, numerics, warnings: list[str])
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed)
     precision = Precision(cfg.precision, device)
+    replicas = replicas or Replicas()
     data = build_data(cfg.dataset, device, cfg.seed, augment=bool(cfg.model.get("augment", True)))
-    for filename, content in data.artifacts.items():
-        write_json_atomic(run_dir / filename, content)
+    if replicas.is_main:
+        for filename, content in data.artifacts.items():
+            write_json_atomic(run_dir / filename, content)
+    data.shard(replicas.rank, replicas.world_size)
     task = build_task(cfg.model, data, precision)
-    trainer = Trainer(cfg, task, data, precision, device, tb, numerics)
+    if replicas.enabled:
+        task.distribute(lambda net: replicas.wrap(net, device), replicas.sum)
+    trainer = Trainer(cfg, task, data, precision, device, tb, numerics, replicas)
     for warning in precision.notes + find_pitfalls(precision, task.networks(), trainer.steppers):
         log.warning(warning)
         warnings.append(warning)
@@ -186,28 +243,7 @@ def _fit(cfg, trainer, summary: dict) -> dict:
         trainer.device,
     )
     try:
-        with _stop_on_signals(trainer):
-            return trainer.fit()
+        return trainer.fit()
     except (Diverged, Interrupted, KeyboardInterrupt):
         summary.update(trainer.results())
         raise
-
-
-@contextlib.contextmanager
-def _stop_on_signals(trainer):
-    """SIGTERM / SIGINT ask the trainer to checkpoint and stop after the current step; a second SIGINT stops at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def ask(signum, _frame):
-        if trainer.stop_signal and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        trainer.stop_signal = signal.Signals(signum).name
-
-    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mptrain.distributed import Replicas
 from mptrain.errors import Diverged, Interrupted
 from mptrain.optim import build_optimizer, build_scheduler
 from mptrain.precision import LossScaleCollapsed, Precision
+from mptrain.signals import StopRequest
 from mptrain.tasks import Task
 from mptrain.telemetry.memory import PeakMemory
 from mptrain.telemetry.meters import MeanMeter
@@ -41,8 +43,9 @@ def tag(split: str, key: str) -> str:
 
 class Trainer:
     def __init__(self, cfg, task: Task, data, precision: Precision, device: torch.device, tb: TensorBoardLogger,
-                 numerics: NumericsProbe | None = None):
+                 numerics: NumericsProbe | None = None, replicas: Replicas | None = None):
         self.cfg = cfg
+        self.replicas = replicas or Replicas()  # data-parallel ranks: rank 0 writes, metrics are reduced
         self.numerics = numerics  # None: no numerics hooks exist, the step costs nothing extra
         self.overflows = OverflowLog(cfg.telemetry.get("overflow_events", 20))
         self.last_batch = None
@@ -60,9 +63,11 @@ class Trainer:
                 lambda params: build_optimizer(cfg.optim, params),
                 lambda opt: build_scheduler(cfg.optim, opt, self.total_steps),
                 max_grad_norm=cfg.optim.max_grad_norm,
+                agree_on_overflow=self.replicas.agree_on_overflow,
             )
             for name, net in task.networks().items()
         }
+        _inject_overflow_fault(self)
         self.throughput = Throughput(device, t.perf_warmup_steps)
         self.memory = PeakMemory(device)
         self.train_meter = MeanMeter()
@@ -72,7 +77,7 @@ class Trainer:
         self.best: dict | None = None
         self.epoch = self.batch_in_epoch = 0  # the data position a checkpoint records
         self.checkpoint_path: Path | None = None  # where checkpoints go (run.py sets it)
-        self.stop_signal: str | None = None  # set by a signal handler: checkpoint, then stop
+        self.stop = StopRequest()  # run.py hands in the one its signal handlers fill: checkpoint, then stop
         self.resumed_task_state: dict | None = None
 
     # -- public --------------------------------------------------------------------------
@@ -92,7 +97,7 @@ class Trainer:
                     self.evaluate(epoch + 1)
                 if last:
                     break
-            if self.checkpoint_path and t.get("checkpoint_every"):
+            if self.checkpoint_path and t.get("checkpoint_every") and self.replicas.is_main:
                 self.save_checkpoint()  # the final state
         finally:
             bar.close()
@@ -151,7 +156,7 @@ class Trainer:
             metrics = self._train_step(batch)
             n = self.task.batch_size(batch)
             self.train_meter.add(metrics, n)
-            self.throughput.count(n)
+            self.throughput.count(n * self.replicas.world_size)  # every rank trained on as many
             self.step += 1
             self.batch_in_epoch += 1
             bar.update(1)
@@ -174,15 +179,28 @@ class Trainer:
                 self.throughput.begin()
                 logged = True
             checkpoint_every = self.cfg.trainer.get("checkpoint_every")
-            if self.stop_signal or (self.checkpoint_path and checkpoint_every and self.step % checkpoint_every == 0):
+            stop = self._stop_requested(logged)
+            if stop or (self.checkpoint_path and checkpoint_every and self.step % checkpoint_every == 0):
                 if not logged:  # a checkpoint holds no half-filled logging window
                     self._log_window(bar)
-                self.save_checkpoint()
-                if self.stop_signal:
-                    raise Interrupted(f"{self.stop_signal} at step {self.step}; checkpoint saved: continue with "
+                if self.replicas.is_main:
+                    self.save_checkpoint()
+                if self.stop.signal:
+                    raise Interrupted(f"{self.stop.signal} at step {self.step}; checkpoint saved: continue with "
                                       f"trainer.resume={self.checkpoint_path.parent}")
                 self.throughput.begin()
         self._log_window(bar)
+
+    def _stop_requested(self, logged: bool) -> bool:
+        """Whether a signal asked to stop. Data-parallel ranks decide together, at logging steps only
+        (a per-step vote would cost a sync per step): a signal to any rank stops all within log_every steps."""
+        if not self.replicas.enabled:
+            return self.stop.signal is not None
+        if not logged:
+            return False
+        if self.replicas.any(self.stop.signal is not None, self.device) and self.stop.signal is None:
+            self.stop.signal = "a signal to another rank"
+        return self.stop.signal is not None
 
     def save_checkpoint(self) -> None:
         from mptrain import checkpoint
@@ -239,7 +257,7 @@ class Trainer:
     def _log_window(self, bar) -> None:
         """Close the timing window and write one TensorBoard point (one host sync)."""
         timing = self.throughput.end()
-        means, nonfinite = self.train_meter.read()
+        means, nonfinite = self.train_meter.read(self.replicas.sum if self.replicas.enabled else None)
         self.train_meter.reset()
         if timing is None and not means:
             self.throughput.begin()
@@ -303,3 +321,21 @@ class Trainer:
             return None
         return next(iter(values.values())) if len(values) == 1 else values
 
+
+
+def _inject_overflow_fault(trainer: Trainer) -> None:
+    """Fault injection for tests: MPTRAIN_FAULT_OVERFLOW=<rank>:<step> makes that rank's gradients inf at that step
+    (after backward and DDP's all-reduce, so only that rank sees it before the overflow vote)."""
+    fault = os.environ.get("MPTRAIN_FAULT_OVERFLOW")
+    if not fault:
+        return
+    rank, step = (int(v) for v in fault.split(":"))
+    if rank != trainer.replicas.rank:
+        return
+
+    def poison(grads):
+        if trainer.step + 1 == step and grads:
+            grads[0].fill_(float("inf"))
+
+    for stepper in trainer.steppers.values():
+        stepper.grad_hooks.append(poison)

@@ -66,6 +66,7 @@ def validate_config(cfg) -> None:
     _check(cfg, "trainer.checkpoint_every", pos_int, "null or a positive integer", "500", optional=True)
     _check(cfg, "trainer.resume", lambda v: isinstance(v, str) and v.strip() != "", "null, auto or a run dir",
            "auto", optional=True)
+    _check(cfg, "trainer.devices", pos_int, "a positive integer", "2")
     _check(cfg, "trainer.media_every", pos_int, "a positive integer", "100")
     _check(cfg, "telemetry.numerics.every", pos_int, "null or a positive integer", "100", optional=True)
     _check(cfg, "telemetry.overflow_events", pos_int, "a positive integer", "20")

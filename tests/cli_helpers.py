@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 MPTRAIN = str(Path(sys.executable).with_name("mptrain"))
@@ -43,3 +45,18 @@ def scalar_tags(tb_dir: Path) -> dict[str, list]:
     acc = EventAccumulator(str(tb_dir), size_guidance={SCALARS: 0})
     acc.Reload()
     return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+
+
+def sigterm_once_training(*args: str, watch: Path, cwd: Path, after: float = 1.0) -> subprocess.CompletedProcess:
+    """Start `mptrain args`, wait until TensorBoard events appear under `watch` (training has begun) and `after`
+    seconds more, send SIGTERM, and wait for the process to end."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([MPTRAIN, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)  # fmt: skip
+    deadline = time.time() + 120
+    while not list(Path(watch).rglob("events.*")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(after)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from cli_helpers import MPTRAIN, TINY, mptrain, read_summary, scalar_tags
+from cli_helpers import TINY, mptrain, read_summary, scalar_tags, sigterm_once_training
 from mptrain import checkpoint
 
 N = 4
@@ -87,73 +84,19 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint_whole(tmp_path, monkey
     assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILENAME]  # no temp file left behind
 
 
-@pytest.fixture(scope="module")
-def saved_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("saved")
-    out = mptrain(*RUN, "precision=mixed", f"hydra.run.dir={root / 'run'}", cwd=root)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return root / "run"
-
-
-def _truncate(run: Path) -> None:
-    data = (run / checkpoint.FILENAME).read_bytes()
-    (run / checkpoint.FILENAME).write_bytes(data[: len(data) // 2])
-
-
-def _garbage(run: Path) -> None:
-    (run / checkpoint.FILENAME).write_bytes(os.urandom(4096))
-
-
-@pytest.mark.parametrize("damage, args, says", [
-    (_truncate, ["precision=mixed"], "is unreadable"),
-    (_garbage, ["precision=mixed"], "is unreadable"),
-    (None, ["precision=fp32"], "was made with precision=mixed (this run: fp32)"),
-    (None, ["precision=mixed", "model=vgg"], "model=resnet (this run: vgg)"),
-    (None, ["precision=mixed", "trainer.resume=/no/such/run"], "no checkpoint at /no/such/run;"),
-])  # fmt: skip
-def test_bad_checkpoints_get_one_line(saved_run, tmp_path, damage, args, says):
-    source = tmp_path / "copy"
-    source.mkdir()
-    (source / checkpoint.FILENAME).write_bytes((saved_run / checkpoint.FILENAME).read_bytes())
-    if damage:
-        damage(source)
-    resume = [] if any(a.startswith("trainer.resume") for a in args) else [f"trainer.resume={source}"]
-    out = mptrain(*[a for a in RUN if not a.startswith("model")], *args, *resume,
-                  f"hydra.run.dir={tmp_path / 'new'}", cwd=tmp_path)  # fmt: skip
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and says in lines[0], out.stderr
-    assert read_summary(tmp_path / "new")["status"] == "failed"
-
-
 def test_sigterm_saves_a_checkpoint_and_records_interrupted(tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([MPTRAIN, *TINY, "trainer.max_steps=100000", "trainer.log_every=1", f"hydra.run.dir={run}"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while not list((run / "tb").glob("events.*")) and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)  # some steps in
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in stderr
+    done = sigterm_once_training(*TINY, "trainer.max_steps=100000", "trainer.log_every=1", f"hydra.run.dir={run}",
+                                 watch=run, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 130 and "Traceback" not in done.stderr
     summary = read_summary(run)
     assert summary["status"] == "interrupted" and "SIGTERM at step" in summary["error"]
     assert _load(run)["step"] == summary["steps"] > 0
 
 
 def test_sigterm_stops_a_whole_sweep_not_just_its_job(tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([MPTRAIN, "-m", "seed=0,1,2", *TINY, "trainer.max_steps=100000", "trainer.log_every=1",
-                             f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
-    deadline = time.time() + 120
-    while not list((tmp_path / "sweep").rglob("events.*")) and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    done = sigterm_once_training("-m", "seed=0,1,2", *TINY, "trainer.max_steps=100000", "trainer.log_every=1",
+                                 f"hydra.sweep.dir={tmp_path / 'sweep'}", watch=tmp_path / "sweep", cwd=tmp_path)
+    assert done.returncode == 130
     summaries = sorted((tmp_path / "sweep").rglob("summary.json"))
     assert len(summaries) == 1 and read_summary(summaries[0].parent)["status"] == "interrupted"  # no next job started

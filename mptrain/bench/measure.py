@@ -18,6 +18,7 @@ import torch
 
 from mptrain.bench.bare import BareLoop
 from mptrain.telemetry.memory import PeakMemory
+from mptrain.telemetry.tensorboard import NullLogger
 from mptrain.telemetry.throughput import synchronize
 
 
@@ -40,7 +41,7 @@ class Timing:
                 "windows": len(ms), "peak_bytes": self.peak_bytes}  # fmt: skip
 
 
-class RecordingLogger:
+class RecordingLogger(NullLogger):
     """Stands in for TensorBoard: keeps the scalars, drops the rest."""
 
     def __init__(self):
@@ -48,11 +49,6 @@ class RecordingLogger:
 
     def scalars(self, values: dict, step: int) -> None:
         self.points.append((step, dict(values)))
-
-    def image(self, *args, **kwargs) -> None: ...
-    def histograms_raw(self, *args, **kwargs) -> None: ...
-    def text(self, *args, **kwargs) -> None: ...
-    def close(self) -> None: ...
 
 
 def time_trainer(cfg, device, warmup: int) -> Timing:

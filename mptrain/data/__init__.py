@@ -66,19 +66,35 @@ class DeviceLoader:
         # uint8 pixels -> (p / 255 - mean) / std as one multiply-add.
         self._scale, self._shift = 1.0 / (255.0 * std_t), -mean_t / std_t
         self.epoch = 0
+        self.rank, self.world = 0, 1
 
     @property
     def num_samples(self) -> int:
         return self.images.shape[0]
+
+    def shard(self, rank: int, world: int) -> None:
+        """Data parallelism: a shuffled loader yields rank's `batch_size` slice of each global batch of
+        `batch_size * world` (one order and one set of augmentation draws for all ranks, so N ranks of
+        batch B see exactly what one process of batch N*B sees); an unshuffled one keeps every world-th sample."""
+        if world == 1:
+            return
+        if not self.shuffle:
+            self.images, self.labels = self.images[rank::world], self.labels[rank::world]
+            return
+        if self.batch_size * world > self.num_samples:
+            raise UserError(f"dataset.batch_size={self.batch_size} on {world} ranks needs {self.batch_size * world} "
+                            f"training samples (there are {self.num_samples}); use a smaller dataset.batch_size")
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int) -> None:
         """Pick the shuffle order and augmentation draws for this epoch (deterministic per seed and epoch)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
+        step = self.batch_size * self.world
         if self.drop_last:
-            return self.num_samples // self.batch_size
-        return -(-self.num_samples // self.batch_size)
+            return self.num_samples // step
+        return -(-self.num_samples // step)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         augment = self.crop_padding > 0 or self.flip
@@ -86,12 +102,14 @@ class DeviceLoader:
         if self.shuffle or augment:
             generator = torch.Generator(device=self.device).manual_seed(stream_seed(self.seed, self.epoch))
         order = torch.randperm(self.num_samples, generator=generator, device=self.device) if self.shuffle else None
+        step = self.batch_size * self.world
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)  # this rank's part of a batch
         for batch in range(len(self)):
-            start = batch * self.batch_size
-            index = order[start : start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
+            start = batch * step
+            index = order[start : start + step][mine] if order is not None else slice(start, start + step)
             x, y = self.images[index], self.labels[index]
             if augment:
-                x = self._crop_and_flip(x, generator)
+                x = self._crop_and_flip(x, generator, step, mine)
             yield self._normalise(x), y
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,16 +117,17 @@ class DeviceLoader:
             return x.float().mul_(self._scale).add_(self._shift)
         return x  # float data (synthetic) is stored normalised
 
-    def _crop_and_flip(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Per-sample random crop (zero padding) and horizontal flip as a single gather."""
+    def _crop_and_flip(self, x: torch.Tensor, generator: torch.Generator, draws: int, mine: slice) -> torch.Tensor:
+        """Per-sample random crop (zero padding) and horizontal flip as a single gather; `draws` per global
+        batch, of which this rank's samples take `mine`."""
         n, channels, height, width = x.shape
         pad = self.crop_padding
-        shift_y = torch.randint(-pad, pad + 1, (n, 1), generator=generator, device=self.device)
-        shift_x = torch.randint(-pad, pad + 1, (n, 1), generator=generator, device=self.device)
+        shift_y = torch.randint(-pad, pad + 1, (draws, 1), generator=generator, device=self.device)[mine]
+        shift_x = torch.randint(-pad, pad + 1, (draws, 1), generator=generator, device=self.device)[mine]
         rows = torch.arange(height, device=self.device) + shift_y  # (n, H) source row of each output row
         cols = torch.arange(width, device=self.device).expand(n, width)
         if self.flip:
-            flipped = torch.rand(n, 1, generator=generator, device=self.device) < 0.5
+            flipped = torch.rand(draws, 1, generator=generator, device=self.device)[mine] < 0.5
             cols = torch.where(flipped, width - 1 - cols, cols)
         cols = cols + shift_x
         inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
@@ -124,6 +143,11 @@ class DataModule:
     train: DeviceLoader | StreamLoader
     test: DeviceLoader | StreamLoader  # the held-out split the trainer evaluates
     artifacts: dict[str, dict] = field(default_factory=dict)  # JSON files for the run dir (e.g. the vocabulary)
+
+    def shard(self, rank: int, world: int) -> None:
+        """Give this data-parallel rank its part of every batch (see the loaders' `shard`)."""
+        self.train.shard(rank, world)
+        self.test.shard(rank, world)
 
     @property
     def train_size(self) -> int:

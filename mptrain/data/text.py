@@ -64,10 +64,21 @@ class StreamLoader:
     """(x, y) chunks of ``bptt`` tokens from ``batch_size`` parallel streams; y is x shifted by one."""
 
     def __init__(self, ids: torch.Tensor, batch_size: int, bptt: int, *, shuffle: bool, seed: int = 0):
-        columns = ids.numel() // batch_size
-        self.streams = ids[: columns * batch_size].view(batch_size, columns)
+        self.ids = ids
         self.batch_size, self.bptt, self.shuffle, self.seed = batch_size, bptt, shuffle, seed
         self.epoch = 0
+        self.shard(0, 1)
+
+    def shard(self, rank: int, world: int) -> None:
+        """Data parallelism: lay the text out as `batch_size * world` streams and keep rank's `batch_size`
+        of them (N ranks of batch B see exactly what one process of batch N*B sees)."""
+        streams = self.batch_size * world
+        columns = self.ids.numel() // streams
+        if world > 1 and columns < 2 * (self.bptt if self.shuffle else 1) + 1:  # as build_text_data asks
+            raise UserError(f"{self.ids.numel()} tokens are too few for {streams} streams ({world} ranks x "
+                            f"{self.batch_size}) of bptt={self.bptt}; use a smaller dataset.batch_size or dataset.bptt")
+        layout = self.ids[: columns * streams].view(streams, columns)
+        self.streams = layout[rank * self.batch_size : (rank + 1) * self.batch_size]
 
     @property
     def num_samples(self) -> int:

@@ -67,7 +67,8 @@ class Precision:
         """Where forward and backward run: emulated FP16 tensor-core kernels under cpu_fp16=emulate."""
         return EmulatedFP16Kernels() if self.emulate else contextlib.nullcontext()
 
-    def stepper(self, model, make_optimizer, make_scheduler=None, max_grad_norm=None) -> PrecisionStepper:
+    def stepper(self, model, make_optimizer, make_scheduler=None, max_grad_norm=None,
+                agree_on_overflow=None) -> PrecisionStepper:
         scale = self.cfg.loss_scale
         scaler = grad_scaler = None
         if scale is not None and self.spec.name == "amp" and scale == "dynamic":
@@ -98,4 +99,5 @@ class Precision:
             scaler=scaler,
             grad_scaler=grad_scaler,
             max_grad_norm=max_grad_norm,
+            agree_on_overflow=agree_on_overflow,
         )

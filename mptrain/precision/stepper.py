@@ -28,8 +28,13 @@ class PrecisionStepper:
         scaler: LossScaler | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         max_grad_norm: float | None = None,
+        agree_on_overflow: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.model = model
+        # data parallelism: makes a found-inf flag global in place, so that every replica skips together
+        self.agree_on_overflow = agree_on_overflow or (lambda found_inf: found_inf)
+        # called with the (scaled) gradients before the overflow check, e.g. to inject a fault in a test
+        self.grad_hooks: list[Callable[[list[torch.Tensor]], None]] = []
         self.masters = MasterWeights(list(model.parameters())) if master_weights else None
         params = self.masters.master_params if self.masters else [p for p in model.parameters() if p.requires_grad]
         self.params = params
@@ -58,8 +63,10 @@ class PrecisionStepper:
         if self.grad_scaler is not None:
             return self._step_torch_amp()
         grads = self.masters.grads_to_master() if self.masters else self._grads()
+        for hook in self.grad_hooks:
+            hook(grads)
         if self.scaler is not None:
-            found_inf = self.scaler.unscale_(grads)
+            found_inf = self.agree_on_overflow(self.scaler.unscale_(grads))
             overflow = bool(found_inf.item())  # the one host sync: skip or not
             self.scaler.update(overflow)
             if overflow:
@@ -74,8 +81,11 @@ class PrecisionStepper:
         # GradScaler.step would sync again for the same decision: decide once, step ourselves;
         # update() reads the inf flags unscale_ recorded
         gs = self.grad_scaler
+        for hook in self.grad_hooks:
+            hook(self._grads())
         gs.unscale_(self.optimizer)
-        overflow = bool(sum(v for v in gs._found_inf_per_device(self.optimizer).values()).item())
+        found_inf = [self.agree_on_overflow(v) for v in gs._found_inf_per_device(self.optimizer).values()]
+        overflow = bool(sum(found_inf).item())
         if not overflow:
             self._clip(self._grads())
             self.optimizer.step()

@@ -12,11 +12,12 @@ already holds a ``/`` (``gan/loss_d``) is its own tag.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from mptrain.errors import UserError
 from mptrain.precision import Precision, PrecisionStepper
 from mptrain.telemetry.meters import MeanMeter
 
@@ -25,6 +26,8 @@ class Task(ABC):
     #: eval metric the run is judged by (summary.json `primary_metric`)
     primary_metric: str
     higher_is_better: bool = True
+    #: sums an evaluation's meter over data-parallel ranks (set by `distribute`)
+    reduce_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @abstractmethod
     def networks(self) -> dict[str, nn.Module]:
@@ -37,6 +40,11 @@ class Task(ABC):
     @abstractmethod
     def eval_step(self, batch, precision: Precision) -> dict[str, torch.Tensor]:
         """Metrics of one held-out batch as device scalars (batch means)."""
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module], reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Train through data-parallel replicas: `wrap` gives the DDP module for the training forward,
+        `reduce` sums evaluation meters over ranks. Evaluation and replays use the plain networks."""
+        raise UserError(f"{type(self).__name__} cannot train on several devices yet; use trainer.devices=1")
 
     def start_pass(self, training: bool) -> None:
         """Called before each pass over a split: where a recurrent model resets its carried state."""
@@ -58,7 +66,7 @@ class Task(ABC):
         meter = MeanMeter()
         for batch in batches:
             meter.add(self.eval_step(batch, precision), self.batch_size(batch))
-        means, _ = meter.read()
+        means, _ = meter.read(self.reduce_over_ranks)
         return {**means, **self.derived_metrics(means)}
 
     def replay_forward(self, batch, precision: Precision) -> None:

@@ -14,13 +14,17 @@ class ClassificationTask(Task):
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.trained = model  # what the training forward runs: the model, or its DDP replica
 
     def networks(self) -> dict[str, nn.Module]:
         return {"model": self.model}
 
-    def _loss_and_accuracy(self, x, y, precision):
+    def distribute(self, wrap, reduce) -> None:
+        self.trained, self.reduce_over_ranks = wrap(self.model), reduce
+
+    def _loss_and_accuracy(self, x, y, precision, net=None):
         with precision.autocast():
-            logits = self.model(x)
+            logits = (net or self.model)(x)
         # softmax is a reduction: the paper computes it in FP32
         loss = F.cross_entropy(logits.float(), y)
         accuracy = (logits.argmax(dim=1) == y).float().mean()
@@ -30,7 +34,7 @@ class ClassificationTask(Task):
         x, y = batch
         stepper = steppers["model"]
         stepper.zero_grad()
-        loss, accuracy = self._loss_and_accuracy(x, y, precision)
+        loss, accuracy = self._loss_and_accuracy(x, y, precision, self.trained)
         stepper.backward(loss)
         stepper.step()
         return {"loss": loss.detach(), "accuracy": accuracy}

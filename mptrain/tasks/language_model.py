@@ -27,11 +27,15 @@ class LanguageModelTask(Task):
 
     def __init__(self, model: LanguageModel, level: str):
         self.model = model
+        self.trained = model  # what the training forward runs: the model, or its DDP replica
         self.level = level
         self._states = {True: None, False: None}  # carried hidden state, keyed by training or not
 
     def networks(self):
         return {"model": self.model}
+
+    def distribute(self, wrap, reduce) -> None:
+        self.trained, self.reduce_over_ranks = wrap(self.model), reduce
 
     @property
     def state(self):
@@ -48,13 +52,13 @@ class LanguageModelTask(Task):
     def load_state_dict(self, state: dict) -> None:
         self._states[True] = state["hidden"]
 
-    def _loss(self, batch, precision, training: bool):
+    def _loss(self, batch, precision, training: bool, net=None):
         x, y = batch
         state = self._states[training]
         if state is None or _batch_of(state) != x.shape[0]:
             state = self.model.initial_state(x.shape[0], x.device)
         with precision.autocast():
-            logits, state = self.model(x, state)
+            logits, state = (net or self.model)(x, state)
         self._states[training] = _detach(state)  # truncated BPTT: the next chunk starts from values, not a graph
         # softmax over the vocabulary is a reduction: computed in FP32
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
@@ -62,7 +66,7 @@ class LanguageModelTask(Task):
     def train_step(self, batch, steppers, precision):
         stepper = steppers["model"]
         stepper.zero_grad()
-        loss = self._loss(batch, precision, training=True)
+        loss = self._loss(batch, precision, training=True, net=self.trained)
         stepper.backward(loss)
         stepper.step()
         return {"loss": loss.detach()}

@@ -30,14 +30,16 @@ class MeanMeter:
                 self._counts[key] = finite.float() * n
                 self._nonfinite[key] = (~finite).float()
 
-    def read(self) -> tuple[dict[str, float], dict[str, int]]:
-        """(means, non-finite counts): one host sync for every metric together."""
+    def read(self, reduce=None) -> tuple[dict[str, float], dict[str, int]]:
+        """(means, non-finite counts): one host sync for every metric together. `reduce` sums the
+        stacked sums and counts over data-parallel ranks first (every rank must call it, with the same keys)."""
         if not self._sums:
             return {}, {}
         keys = list(self._sums)
         stacked = torch.stack(
             [self._sums[k] for k in keys] + [self._counts[k] for k in keys] + [self._nonfinite[k] for k in keys]
-        ).tolist()
+        )
+        stacked = (reduce(stacked) if reduce else stacked).tolist()
         k = len(keys)
         means = {key: (stacked[i] / stacked[k + i] if stacked[k + i] else float("nan")) for i, key in enumerate(keys)}
         nonfinite = {key: int(stacked[2 * k + i]) for i, key in enumerate(keys)}

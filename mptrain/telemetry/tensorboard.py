@@ -1,4 +1,4 @@
-"""TensorBoard scalars, histograms, images and text, written by one small component (rank 0 only, later).
+"""TensorBoard scalars, histograms, images and text, written by one small component (rank 0 only: other ranks get a NullLogger).
 
 Scalars and histograms of one step go out as one event each call: a numerics step writes
 a thousand per-layer values, and one event per value would cost more than measuring them.
@@ -39,6 +39,28 @@ class TensorBoardLogger:
     def _write(self, values: list, step: int) -> None:
         if values:
             self.writer._get_file_writer().add_summary(Summary(value=values), step)
+
+
+class NullLogger(TensorBoardLogger):
+    """What a data-parallel rank other than 0 logs to: nothing (rank 0 writes the reduced metrics)."""
+
+    def __init__(self):
+        pass
+
+    def scalars(self, values, step):
+        pass
+
+    def image(self, tag, image, step):
+        pass
+
+    def histograms_raw(self, histograms, bins, step):
+        pass
+
+    def text(self, tag, text):
+        pass
+
+    def close(self):
+        pass
 
 
 def _histogram(bins: list[int], counts: list[float]) -> HistogramProto:

@@ -1,0 +1,146 @@
+"""The bad-input battery: every mistake gets exit code 2, one line `mptrain: error: ...`, no traceback, and
+nothing written outside the run dir (whose summary.json says `failed`)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import TINY, mptrain, read_summary
+from mptrain import checkpoint
+
+RUN = [*TINY, "trainer.max_steps=2", "trainer.checkpoint_every=2"]
+TEXT = ["model=lstm_lm", "model.width=16", "dataset.batch_size=4", "dataset.bptt=8"]
+
+
+def _checkpoint(inputs: Path, source: Path, change) -> str:
+    """A copy of the saved checkpoint in `inputs`, changed by `change(bytes or state)`."""
+    path = inputs / "ckpt" / checkpoint.FILENAME
+    path.parent.mkdir(exist_ok=True)
+    data = source.read_bytes()
+    if change is None:
+        path.write_bytes(data)
+    elif callable(change) and change.__name__.startswith("state_"):
+        state = torch.load(source, weights_only=True)
+        change(state)
+        torch.save(state, path)
+    else:
+        path.write_bytes(change(data))
+    return str(path.parent)
+
+
+class _CarriesCode:  # a pickled object: torch.load(weights_only=True) refuses to build it
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def state_foreign_world(state):
+    state["world_size"] = 2
+
+
+def state_with_code(state):
+    state["task"] = _CarriesCode()
+
+
+def _file(inputs: Path, name: str, data: bytes) -> str:
+    path = inputs / name
+    path.write_bytes(data)
+    return str(path)
+
+
+# (case id, args (a callable builds them from the inputs folder and the saved checkpoint), what the line says)
+CASES = [
+    # config values
+    ("lr-zero", ["optim.lr=0"], "optim.lr must be a number > 0"),
+    ("lr-negative", ["optim.lr=-1"], "optim.lr must be a number > 0"),
+    ("batch-zero", ["dataset.batch_size=0"], "dataset.batch_size must be a positive integer"),
+    ("batch-negative", ["dataset.batch_size=-4"], "dataset.batch_size must be a positive integer"),
+    ("loss-scale-zero", ["precision.loss_scale=0"], "precision.loss_scale must be dynamic, null or a number > 0"),
+    ("loss-scale-word", ["precision.loss_scale=auto"], "precision.loss_scale must be dynamic, null or a number > 0"),
+    ("growth-factor", ["precision.growth_factor=1"], "precision.growth_factor must be a number > 1"),
+    ("backoff-high", ["precision.backoff_factor=1.5"], "precision.backoff_factor must be in (0, 1)"),
+    ("backoff-zero", ["precision.backoff_factor=0"], "precision.backoff_factor must be in (0, 1)"),
+    ("growth-interval", ["precision.growth_interval=0"], "precision.growth_interval must be a positive integer"),
+    ("hysteresis", ["precision.hysteresis=0"], "precision.hysteresis must be a positive integer"),
+    ("amp-hysteresis", ["precision=amp", "precision.hysteresis=2"], "torch.amp.GradScaler, which has no hysteresis"),
+    ("max-steps", ["trainer.max_steps=0"], "trainer.max_steps must be null or a positive integer"),
+    ("epochs", ["trainer.epochs=0"], "trainer.epochs must be a positive integer"),
+    ("momentum", ["optim.momentum=1.5"], "optim.momentum must be in [0, 1)"),
+    ("devices-zero", ["trainer.devices=0"], "trainer.devices must be a positive integer"),
+    ("device-name", ["trainer.device=tpu"], "trainer.device must be auto, cpu, cuda or cuda:N"),
+    ("cpu-fp16", ["precision=mixed", "precision.cpu_fp16=fast"], "unknown precision.cpu_fp16='fast'"),
+    ("batch-too-big", [*TINY, "dataset.batch_size=4096"], "larger than the 256-sample training set"),
+    ("dcgan-size", ["model=dcgan", "dataset=synthetic", "dataset.image_size=8"], "needs images of base"),
+    ("gan-ddp", ["model=dcgan", "dataset=synthetic", "dataset.image_size=16", "model.width=4", "model.fid.enabled=false",
+                 "trainer.device=cpu", "trainer.devices=2", "trainer.max_steps=1"], "the GAN family trains on one device"),
+    ("wrong-data-kind", ["model=resnet", "dataset=text"], "reads image data but dataset=text is text"),
+    # wrong types
+    ("lr-word", ["optim.lr=fast"], "optim.lr must be a number > 0"),
+    ("batch-float", ["dataset.batch_size=2.5"], "dataset.batch_size must be a positive integer"),
+    ("seed-word", ["seed=abc"], "seed must be an integer"),
+    ("flag-word", ["precision.keep_batchnorm_fp32=maybe"], "precision.keep_batchnorm_fp32 must be true or false"),
+    ("devices-word", ["trainer.devices=two"], "trainer.devices must be a positive integer"),
+    # paths
+    ("no-mnist", lambda i, c: ["dataset=mnist", f"dataset.root={i / 'nothing'}", "dataset.download=false"], "MNIST"),
+    ("no-text", lambda i, c: [*TEXT, "dataset=text", f"dataset.path={i / 'nope.txt'}"], "does not exist"),
+    ("no-checkpoint", [*RUN, "trainer.resume=/no/such/run"], "no checkpoint at /no/such/run;"),
+    # corrupt files
+    ("text-not-utf8", lambda i, c: [*TEXT, "dataset=text", f"dataset.path={_file(i, 'bin.txt', bytes(range(256)) * 64)}"],
+     "is not UTF-8 text"),
+    ("text-bad-gzip", lambda i, c: [*TEXT, "dataset=text", f"dataset.path={_file(i, 'bad.txt.gz', b'not gzip at all')}"],
+     "cannot be read"),
+    ("text-too-short", lambda i, c: [*TEXT, "dataset=text", f"dataset.path={_file(i, 'short.txt.gz', gzip.compress(b'hi'))}"],
+     "too few for"),
+    ("ckpt-truncated", lambda i, c: [*RUN, f"trainer.resume={_checkpoint(i, c, lambda d: d[: len(d) // 2])}"],
+     "is unreadable"),
+    ("ckpt-garbage", lambda i, c: [*RUN, f"trainer.resume={_checkpoint(i, c, lambda d: os.urandom(4096))}"],
+     "is unreadable"),
+    ("ckpt-empty", lambda i, c: [*RUN, f"trainer.resume={_checkpoint(i, c, lambda d: b'')}"], "is unreadable"),
+    ("ckpt-carries-code", lambda i, c: [*RUN, f"trainer.resume={_checkpoint(i, c, state_with_code)}"], "is unreadable"),
+    # incompatible resume
+    ("resume-other-mode", lambda i, c: [*RUN, "precision=fp32", f"trainer.resume={_checkpoint(i, c, None)}"],
+     "was made with precision=mixed (this run: fp32)"),
+    ("resume-other-model", lambda i, c: [*[a for a in RUN if not a.startswith("model.")], "model=vgg",
+                                         f"trainer.resume={_checkpoint(i, c, None)}"],
+     "model=resnet (this run: vgg)"),
+    ("resume-other-world", lambda i, c: [*RUN, f"trainer.resume={_checkpoint(i, c, state_foreign_world)}"],
+     "2 data-parallel process(es) (this run: 1)"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    """A checkpoint of a tiny `precision=mixed` ResNet run, for the resume cases."""
+    root = tmp_path_factory.mktemp("saved")
+    out = mptrain(*RUN, "precision=mixed", f"hydra.run.dir={root / 'run'}", cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / "run" / checkpoint.FILENAME
+
+
+@pytest.mark.parametrize("args, says", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_line_and_exit_2(saved, tmp_path, args, says):
+    inputs, cwd = tmp_path / "inputs", tmp_path / "cwd"
+    inputs.mkdir()
+    cwd.mkdir()
+    args = args(inputs, saved) if callable(args) else args
+    if "precision=" not in " ".join(args) and any(a.startswith("trainer.resume") for a in args):
+        args = [*args, "precision=mixed"]  # the saved checkpoint's mode
+    given = sorted(inputs.rglob("*"))
+    out = mptrain(*args, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mptrain: error: ") and says in lines[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stdout + out.stderr
+    assert [p.name for p in cwd.iterdir()] == ["run"]  # nothing outside the run dir
+    assert sorted(inputs.rglob("*")) == given  # the inputs untouched: no cache or temp file beside them
+    assert read_summary(cwd / "run")["status"] == "failed"
+
+
+def test_torchrun_with_a_sweep_is_one_line_and_writes_nothing(tmp_path):
+    out = mptrain("-m", "precision=fp32,amp", cwd=tmp_path, env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert out.returncode == 2 and out.stderr.strip().startswith("mptrain: error: torchrun runs one job")
+    assert len(out.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
