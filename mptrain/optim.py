@@ -25,14 +25,31 @@ def _param_groups(params: list[nn.Parameter], cfg) -> list[dict]:
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def kernel_choice(params: list[nn.Parameter]) -> dict:
+    """torch's fused kernel for FP32 weights (one kernel for all parameters; 2-4x faster than the loop even on a
+    CPU), its foreach kernels otherwise: an FP16 update (fp16_naive) must keep doing its arithmetic in FP16,
+    which the fused kernels would do in FP32."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        fused_devices = _get_fused_kernels_supported_devices()
+    except ImportError:  # a private helper: if it moves, fused kernels where torch has had them longest
+        fused_devices = ["cuda"]
+    if params and all(p.dtype == torch.float32 and p.device.type in fused_devices for p in params):
+        return {"fused": True}
+    return {"foreach": True}
+
+
 def build_optimizer(cfg, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     groups = _param_groups(params, cfg)
+    kernels = kernel_choice(params)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov) and cfg.momentum > 0)
+        nesterov = bool(cfg.nesterov) and cfg.momentum > 0
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, **kernels)
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kernels)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kernels)
     raise UserError(f"unknown optim.name={cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 

@@ -88,7 +88,11 @@ def _launch_or_execute(cfg, run_dir: Path, summary: dict, replicas) -> int:
     except UserError as e:
         summary.update(status="failed", error=str(e))
         return EXIT_USER_ERROR
-    code, outcome = launch(OmegaConf.to_yaml(cfg), run_dir, summary, devices, cuda=device.type == "cuda")
+    try:
+        code, outcome = launch(OmegaConf.to_yaml(cfg), run_dir, summary, devices, cuda=device.type == "cuda")
+    except Exception as e:  # a rank crashed (a bug): torch's report above says which and where
+        summary.update(status="failed", error=f"a rank failed: {type(e).__name__}: {str(e).strip()[:300]}")
+        raise
     summary.update(outcome)
     return code
 
@@ -226,8 +230,17 @@ def build_trainer(cfg, device, run_dir: Path, tb, numerics, warnings: list[str],
             write_json_atomic(run_dir / filename, content)
     data.shard(replicas.rank, replicas.world_size)
     task = build_task(cfg.model, data, precision)
+    if cfg.trainer.get("channels_last"):
+        data.use_channels_last()
+        for net in task.networks().values():
+            net.to(memory_format=torch.channels_last)
     if replicas.enabled:
         task.distribute(lambda net: replicas.wrap(net, device), replicas.sum)
+    if cfg.trainer.get("compile"):
+        if precision.emulate:
+            raise UserError("trainer.compile with precision.cpu_fp16=emulate: the emulated kernels run in Python, "
+                            "outside what torch.compile can trace; use one or the other")
+        task.wrap_training_forward(torch.compile)
     trainer = Trainer(cfg, task, data, precision, device, tb, numerics, replicas)
     for warning in precision.notes + find_pitfalls(precision, task.networks(), trainer.steppers):
         log.warning(warning)

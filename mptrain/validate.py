@@ -67,6 +67,11 @@ def validate_config(cfg) -> None:
     _check(cfg, "trainer.resume", lambda v: isinstance(v, str) and v.strip() != "", "null, auto or a run dir",
            "auto", optional=True)
     _check(cfg, "trainer.devices", pos_int, "a positive integer", "2")
+    for flag in ("channels_last", "compile"):
+        _check(cfg, f"trainer.{flag}", lambda v: isinstance(v, bool), "true or false", "true")
+    if cfg.trainer.get("compile") and cfg.telemetry.numerics.every:
+        raise UserError("trainer.compile with telemetry.numerics.every: the numerics hooks on every layer would "
+                        "recompile the model; measure numerics without trainer.compile")
     _check(cfg, "trainer.media_every", pos_int, "a positive integer", "100")
     _check(cfg, "telemetry.numerics.every", pos_int, "null or a positive integer", "100", optional=True)
     _check(cfg, "telemetry.overflow_events", pos_int, "a positive integer", "20")

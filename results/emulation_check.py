@@ -2,9 +2,16 @@
 
     python results/emulation_check.py speed [model=resnet] [steps=6] [batch=64]
     python results/emulation_check.py numerics <native sweep dir> <emulated sweep dir>
+    python results/emulation_check.py same-state [model=resnet] [warm=20] [batch=64] [dataset=...]
 
 speed: one process, the same seeded model and batch, native and emulated `mixed` steps
 alternated (`steps` each after one warm-up each); median step times and their ratio.
+
+same-state: `warm` emulated `mixed` steps reach a realistic state; from that one checkpoint, the
+same next step is taken natively and emulated (weights, masters, scaler, RNG and batch all equal),
+with every numerics measurement on. Per layer: FP16 underflow fractions of weight and activation
+gradients and lost-update fractions, native vs emulated; relative error of the logits and of each
+weight gradient. What differs here is the arithmetic alone.
 
 numerics: two sweeps made with telemetry.numerics.every=N that differ only in
 precision.cpu_fp16; for each seed present in both, per layer at the first measured step,
@@ -49,6 +56,64 @@ def speed(model: str = "resnet", steps: int = 6, batch: int = 64) -> None:
           f"ms/step, speed-up {native / emulated:.2f}x")
 
 
+def same_state(model: str = "resnet", warm: int = 20, batch: int = 64, dataset: str | None = None) -> None:
+    import torch
+
+    from mptrain import checkpoint
+    from mptrain.bench.measure import RecordingLogger
+    from mptrain.console import compose
+    from mptrain.run import build_trainer
+    from mptrain.telemetry.numerics import NumericsProbe
+
+    def config(way: str, steps: int):
+        data = [f"dataset={dataset}"] if dataset else []
+        return compose([f"model={model}", *data, "precision=mixed", f"precision.cpu_fp16={way}",
+                        f"dataset.batch_size={batch}", f"trainer.max_steps={steps}", "trainer.progress=false",
+                        "trainer.log_every=1"])  # fmt: skip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        warmed = build_trainer(config("emulate", warm), torch.device("cpu"), Path(tmp), RecordingLogger(), None, [])
+        warmed.fit(evaluate=False)
+        state = checkpoint.capture(warmed)
+        outcome = {}
+        for way in ("native", "emulate"):
+            run_dir = Path(tmp) / way
+            run_dir.mkdir()
+            probe = NumericsProbe(1, run_dir, activations=True)
+            trainer = build_trainer(config(way, warm + 1), torch.device("cpu"), run_dir, RecordingLogger(), probe, [])
+            checkpoint.restore(trainer, state)
+            net = trainer.task.networks()["model"]
+            logits = []
+            hook = net.register_forward_hook(lambda _m, _i, out: logits.append((out[0] if isinstance(out, tuple)
+                                                                                  else out).detach().float()))
+            start = time.perf_counter()
+            trainer.fit(evaluate=False)
+            seconds = time.perf_counter() - start
+            hook.remove()
+            grads = {n: p.grad.detach().float() for n, p in net.named_parameters() if p.grad is not None}
+            records = [json.loads(line) for line in (run_dir / "numerics.jsonl").read_text().splitlines()]
+            outcome[way] = {"logits": logits[0], "grads": grads, "seconds": seconds,
+                            "records": {(r["kind"], r["layer"]): r for r in records}}  # fmt: skip
+    a, b = outcome["native"], outcome["emulate"]
+    print(f"{model} mixed, batch {batch}, one step from the state after {warm} steps (step {warm + 1}), "
+          f"torch {torch.__version__}: native {a['seconds']:.2f} s, emulated {b['seconds']:.2f} s")
+    for kind, field in (("weight", "underflow_frac"), ("activation", "underflow_frac"),
+                        ("lost_update", "lost_update_frac")):  # fmt: skip
+        keys = [k for k in a["records"] if k[0] == kind and k in b["records"]]
+        diffs = [abs(a["records"][k][field] - b["records"][k][field]) for k in keys]
+        if diffs:
+            worst = keys[diffs.index(max(diffs))]
+            print(f"{kind:<11} {field}: {len(keys)} layers, mean native {statistics.mean(a['records'][k][field] for k in keys):.4%}, "
+                  f"|native - emulated| max {max(diffs):.4%} ({worst[1]}) mean {statistics.mean(diffs):.5%}")
+    rel = lambda x, y: float((x - y).norm() / y.norm().clamp_min(1e-30))  # noqa: E731
+    by_depth = [(n, rel(b["grads"][n], g)) for n, g in a["grads"].items()]  # input side first
+    grad_errors = sorted(e for _, e in by_depth)
+    print(f"logits: relative error {rel(b['logits'], a['logits']):.2e}; weight gradients (scaled, FP16): relative "
+          f"error median {statistics.median(grad_errors):.2e}, max {grad_errors[-1]:.2e} over {len(grad_errors)} tensors; "
+          f"nearest the output {by_depth[-1][0]} {by_depth[-1][1]:.2e}, nearest the input {by_depth[0][0]} "
+          f"{by_depth[0][1]:.2e}")
+
+
 def _runs(sweep: Path) -> dict[int, Path]:
     return {json.loads((p.parent / "summary.json").read_text())["seed"]: p.parent
             for p in sweep.rglob("numerics.jsonl")}  # fmt: skip
@@ -79,7 +144,8 @@ def numerics(native_dir: str, emulated_dir: str) -> None:
 
 if __name__ == "__main__":
     what, rest = sys.argv[1], sys.argv[2:]
-    if what == "speed":
-        speed(**{k: (v if k == "model" else int(v)) for k, v in (a.split("=") for a in rest)})
+    if what in ("speed", "same-state"):
+        kwargs = {k: (v if k in ("model", "dataset") else int(v)) for k, v in (a.split("=") for a in rest)}
+        (speed if what == "speed" else same_state)(**kwargs)
     else:
         numerics(*rest)

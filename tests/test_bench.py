@@ -24,7 +24,7 @@ def test_bench_measures_ours_and_the_bare_loop_and_derives_the_ratios(tmp_path):
     out = bench(*SMALL, "--modes", "fp32,bf16", "--batch-sizes", "8,16", *QUICK, "--out", str(tmp_path / "b"),
                 cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    [path] = (tmp_path / "b").rglob("resnet_synthetic.json")
+    [path] = (tmp_path / "b").rglob("resnet_synthetic_*.json")  # the settings follow model and dataset
     assert path.parent.name.endswith(f"_torch{torch.__version__.split('+')[0]}")
     result = json.loads(path.read_text())
     rows = {(r["mode"], r["batch"]): r for r in result["rows"]}

@@ -110,7 +110,7 @@ def test_cli_refuses_a_gan_on_two_devices(tmp_path):
                    "trainer.device=cpu", "trainer.devices=2", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}",
                    cwd=tmp_path)  # fmt: skip
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith("mptrain: error: the GAN family trains on one device")
+    assert done.stderr.strip().splitlines()[-1].startswith("mptrain: error: the GAN family trains its networks as they are")
     assert "Traceback" not in done.stderr
 
 

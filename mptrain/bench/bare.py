@@ -3,9 +3,13 @@
 fp32: no autocast. Every FP16 mode is compared with `torch.autocast(float16)` +
 `torch.amp.GradScaler` (what a user would write instead of mptrain); bf16 with
 `torch.autocast(bfloat16)`. Same model definition, same optimizer and schedule, same batches.
+Against an arm with `precision.cpu_fp16=emulate`, its forward and backward run in the same
+emulated FP16 kernels, so that the ratio compares loops, not kernels.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +25,8 @@ SUPPORTED_TASKS = ("classification", "language_model")
 class BareLoop:
     """One model, its optimizer, schedule and scaler; `step(batch)` is one plain training step."""
 
-    def __init__(self, model: torch.nn.Module, task: str, kind: str, optim_cfg, total_steps: int, device):
+    def __init__(self, model: torch.nn.Module, task: str, kind: str, optim_cfg, total_steps: int, device,
+                 kernels=None):
         if task not in SUPPORTED_TASKS:
             raise ValueError(f"no bare loop for the {task} task")
         self.model, self.task, self.device = model.train(), task, device
@@ -31,13 +36,15 @@ class BareLoop:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype is torch.float16)
         self.max_grad_norm = optim_cfg.max_grad_norm
         self.state = None  # the language model's carried hidden state
+        self.kernels = kernels or contextlib.nullcontext  # e.g. the emulated FP16 kernels on a CPU
 
     def step(self, batch) -> torch.Tensor:
         x, y = batch
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            loss = self._loss(x, y)
-        self.scaler.scale(loss).backward()
+        with self.kernels():
+            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                loss = self._loss(x, y)
+            self.scaler.scale(loss).backward()
         if self.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)

@@ -21,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-from mptrain.console import OneLineParser, compose, overridden, positive
+from mptrain.console import OneLineParser, compose, positive
 from mptrain.errors import UserError
 
 MODES = ("fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16")
@@ -55,9 +55,9 @@ def parse_args(argv):
     parser.add_argument("--no-bare", action="store_true", help="skip the bare PyTorch loop")
     parser.add_argument("--out", type=Path, default=Path("results/bench"), help="folder for the JSON and table")
     args, overrides = parser.split_overrides(argv)
-    for key in ("precision", "dataset.batch_size"):
-        if overridden(overrides, key):
-            parser.error(f"{key} is set by --modes / --batch-sizes; drop the override")
+    for key, by in (("precision", "--modes"), ("dataset.batch_size", "--batch-sizes")):
+        if any(o.lstrip("+~").split("=")[0] == key for o in overrides):  # precision.<key>=... is a setting: kept
+            parser.error(f"{key} is set by {by}; drop the override")
     return args, overrides
 
 
@@ -81,6 +81,7 @@ def configs(overrides: list[str], mode: str, batch: int, args):
 def run(args, overrides) -> dict:
     from mptrain.bench.bare import BARE_FOR_MODE, SUPPORTED_TASKS
     from mptrain.bench.measure import Timing, cuda_reset, time_bare, time_trainer
+    from mptrain.precision import Precision
     from mptrain.run import resolve_device
     from mptrain.telemetry.env import environment
     from mptrain.validate import validate_config
@@ -103,7 +104,9 @@ def run(args, overrides) -> dict:
                     if side == "ours":
                         ours.merge(time_trainer(cfg, device, args.warmup))
                     else:
-                        bare.merge(time_bare(cfg_fp32, device, bare_kind, args.warmup, args.windows, args.window))
+                        kernels = Precision(cfg.precision, device).kernels if bare_kind == "amp" else None
+                        bare.merge(time_bare(cfg_fp32, device, bare_kind, args.warmup, args.windows, args.window,
+                                             kernels))  # fmt: skip
             row = {"mode": mode, "batch": batch, "bare": bare_kind, "ours": ours.summary(),
                    "bare_loop": bare.summary() if bare.step_ms else None}  # fmt: skip
             rows.append(row)
@@ -170,6 +173,14 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def file_stem(result: dict) -> str:
+    """model_dataset, then the other overrides (e.g. trainer.channels_last=true), so that benches of one model with
+    different settings do not overwrite each other."""
+    settings = [o for o in result["overrides"] if o.lstrip("+~").split("=")[0] not in ("model", "dataset")]
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "-", "_".join(settings))[:100]
+    return "_".join(filter(None, [result["model"], result["dataset"], slug]))
+
+
 def output_dir(out: Path, env: dict) -> Path:
     device = re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-")
     return out / f"{device}_torch{env['torch'].split('+')[0]}"
@@ -184,10 +195,10 @@ def main(argv=None) -> None:
 
         folder = output_dir(args.out, result["env"])
         folder.mkdir(parents=True, exist_ok=True)
-        stem = folder / f"{result['model']}_{result['dataset']}"
+        stem = folder / file_stem(result)  # holds dots (precision.cpu_fp16=...): add to it, never with_suffix
         table = to_markdown(result)
-        write_json_atomic(stem.with_suffix(".json"), result)
-        stem.with_suffix(".md").write_text(table)
+        write_json_atomic(Path(f"{stem}.json"), result)
+        Path(f"{stem}.md").write_text(table)
         print(table + f"\nwritten: {stem}.json, {stem}.md")
     except UserError as e:
         print(f"mptrain-bench: error: {e}", file=sys.stderr)

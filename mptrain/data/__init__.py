@@ -67,6 +67,7 @@ class DeviceLoader:
         self._scale, self._shift = 1.0 / (255.0 * std_t), -mean_t / std_t
         self.epoch = 0
         self.rank, self.world = 0, 1
+        self.memory_format = torch.contiguous_format
 
     @property
     def num_samples(self) -> int:
@@ -114,8 +115,9 @@ class DeviceLoader:
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:
-            return x.float().mul_(self._scale).add_(self._shift)
-        return x  # float data (synthetic) is stored normalised
+            x = x.float().mul_(self._scale).add_(self._shift)
+        # float data (synthetic) is stored normalised
+        return x.contiguous(memory_format=self.memory_format)
 
     def _crop_and_flip(self, x: torch.Tensor, generator: torch.Generator, draws: int, mine: slice) -> torch.Tensor:
         """Per-sample random crop (zero padding) and horizontal flip as a single gather; `draws` per global
@@ -143,6 +145,12 @@ class DataModule:
     train: DeviceLoader | StreamLoader
     test: DeviceLoader | StreamLoader  # the held-out split the trainer evaluates
     artifacts: dict[str, dict] = field(default_factory=dict)  # JSON files for the run dir (e.g. the vocabulary)
+
+    def use_channels_last(self) -> None:
+        """Batches in NHWC memory layout (trainer.channels_last), for image data."""
+        if not isinstance(self.train, DeviceLoader):
+            raise UserError(f"trainer.channels_last is for image models; dataset={self.spec.name} is text")
+        self.train.memory_format = self.test.memory_format = torch.channels_last
 
     def shard(self, rank: int, world: int) -> None:
         """Give this data-parallel rank its part of every batch (see the loaders' `shard`)."""

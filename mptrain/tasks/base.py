@@ -41,10 +41,16 @@ class Task(ABC):
     def eval_step(self, batch, precision: Precision) -> dict[str, torch.Tensor]:
         """Metrics of one held-out batch as device scalars (batch means)."""
 
+    def wrap_training_forward(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Run the training forward through `wrap(network)` (a DDP replica, a compiled module); evaluation and the
+        overflow hunt's replays keep using the plain networks."""
+        raise UserError(f"{type(self).__name__} trains its networks as they are: no trainer.devices>1 or "
+                        "trainer.compile for it yet")
+
     def distribute(self, wrap: Callable[[nn.Module], nn.Module], reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Train through data-parallel replicas: `wrap` gives the DDP module for the training forward,
-        `reduce` sums evaluation meters over ranks. Evaluation and replays use the plain networks."""
-        raise UserError(f"{type(self).__name__} cannot train on several devices yet; use trainer.devices=1")
+        """Train through data-parallel replicas: `wrap` gives the DDP module, `reduce` sums evaluation meters over ranks."""
+        self.wrap_training_forward(wrap)
+        self.reduce_over_ranks = reduce
 
     def start_pass(self, training: bool) -> None:
         """Called before each pass over a split: where a recurrent model resets its carried state."""

@@ -19,12 +19,12 @@ class ClassificationTask(Task):
     def networks(self) -> dict[str, nn.Module]:
         return {"model": self.model}
 
-    def distribute(self, wrap, reduce) -> None:
-        self.trained, self.reduce_over_ranks = wrap(self.model), reduce
+    def wrap_training_forward(self, wrap) -> None:
+        self.trained = wrap(self.trained)
 
     def _loss_and_accuracy(self, x, y, precision, net=None):
         with precision.autocast():
-            logits = (net or self.model)(x)
+            logits = (self.model if net is None else net)(x)
         # softmax is a reduction: the paper computes it in FP32
         loss = F.cross_entropy(logits.float(), y)
         accuracy = (logits.argmax(dim=1) == y).float().mean()

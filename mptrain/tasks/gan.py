@@ -57,11 +57,11 @@ class GanTask(Task):
     def networks(self):
         return {"g": self.g, "d": self.d}
 
-    def distribute(self, wrap, reduce) -> None:
+    def wrap_training_forward(self, wrap) -> None:
         # the discriminator runs three forwards per step and the generator's backward goes through it:
         # DDP's one-forward-one-backward bookkeeping does not fit without restructuring the step
-        raise UserError("the GAN family trains on one device for now (trainer.devices>1 and torchrun take "
-                        "classifiers and language models); use trainer.devices=1")
+        raise UserError("the GAN family trains its networks as they are, on one device, for now (trainer.devices>1, "
+                        "torchrun and trainer.compile take classifiers and language models); use trainer.devices=1")
 
     # -- pixel ranges ---------------------------------------------------------------------
     def to_gan_range(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,8 @@ class LanguageModelTask(Task):
     def networks(self):
         return {"model": self.model}
 
-    def distribute(self, wrap, reduce) -> None:
-        self.trained, self.reduce_over_ranks = wrap(self.model), reduce
+    def wrap_training_forward(self, wrap) -> None:
+        self.trained = wrap(self.trained)
 
     @property
     def state(self):
@@ -58,7 +58,7 @@ class LanguageModelTask(Task):
         if state is None or _batch_of(state) != x.shape[0]:
             state = self.model.initial_state(x.shape[0], x.device)
         with precision.autocast():
-            logits, state = (net or self.model)(x, state)
+            logits, state = (self.model if net is None else net)(x, state)
         self._states[training] = _detach(state)  # truncated BPTT: the next chunk starts from values, not a graph
         # softmax over the vocabulary is a reduction: computed in FP32
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
