@@ -322,7 +322,6 @@ class Trainer:
         return next(iter(values.values())) if len(values) == 1 else values
 
 
-
 def _inject_overflow_fault(trainer: Trainer) -> None:
     """Fault injection for tests: MPTRAIN_FAULT_OVERFLOW=<rank>:<step> makes that rank's gradients inf at that step
     (after backward and DDP's all-reduce, so only that rank sees it before the overflow vote)."""
