@@ -13,7 +13,7 @@ from cli_helpers import TINY
 
 BENCH = [sys.executable, "-m", "mptrain.bench.cli"]
 SMALL = [o for o in TINY if not o.startswith(("dataset.batch_size", "trainer."))]
-QUICK = ["--warmup", "2", "--window", "2", "--windows", "2", "--repeats", "1"]
+QUICK = ["--warmup", "2", "--window", "2", "--windows", "2", "--repeats", "1", "--pairs", "3"]
 
 
 def bench(*args, cwd):
@@ -35,6 +35,9 @@ def test_bench_measures_ours_and_the_bare_loop_and_derives_the_ratios(tmp_path):
         fp32 = rows[("fp32", batch)]["ours"]
         assert r["speedup_vs_fp32"] == pytest.approx(r["ours"]["samples_per_s"] / fp32["samples_per_s"])
         assert r["ours"]["peak_bytes"] > 0 and r["bare_loop"]["peak_bytes"] > 0
+        p = r["paired"]  # one Trainer step, one bare step, alternated
+        assert p["pairs"] == 3 and p["ours_step_ms"] > 0 and p["bare_step_ms"] > 0 and p["log_every"] == 2
+        assert p["overhead"] == pytest.approx((p["ours_step_ms"] + p["log_window_ms"] / 2) / p["bare_step_ms"] - 1)
     for mode, slope in result["activation_memory"].items():
         small, large = rows[(mode, 8)]["ours"]["peak_bytes"], rows[(mode, 16)]["ours"]["peak_bytes"]
         assert slope["bytes_per_sample"] == pytest.approx((large - small) / 8)
@@ -48,6 +51,7 @@ def test_bench_measures_ours_and_the_bare_loop_and_derives_the_ratios(tmp_path):
     (["--batch-sizes", "0"], "--batch-sizes"),
     (["precision=mixed"], "precision is set by --modes"),
     (["--frobnicate"], "unknown option --frobnicate"),
+    (["--pairs", "-1"], "--pairs"),
     (["model=nosuch"], "model"),
 ])  # fmt: skip
 def test_bench_bad_input_gets_one_line(tmp_path, args, says):

@@ -43,6 +43,16 @@ def _csv(kind, choices=None):
     return parse
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (got {text})")
+    return value
+
+
 def parse_args(argv):
     parser = OneLineParser(prog="mptrain-bench", description=__doc__.split("\n\n")[0],
                            epilog="Other arguments: Hydra overrides (model=..., dataset=..., optim=...).")
@@ -52,6 +62,8 @@ def parse_args(argv):
     parser.add_argument("--window", type=positive(int), default=10, help="steps per timed window (default 10)")
     parser.add_argument("--windows", type=positive(int), default=5, help="timed windows per repeat (default 5)")
     parser.add_argument("--repeats", type=positive(int), default=2, help="ours/bare alternations (default 2)")
+    parser.add_argument("--pairs", type=_count, default=20,
+                        help="paired single steps (ours, bare) for the per-step overhead; 0: none (default 20)")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare PyTorch loop")
     parser.add_argument("--out", type=Path, default=Path("results/bench"), help="folder for the JSON and table")
     args, overrides = parser.split_overrides(argv)
@@ -81,6 +93,7 @@ def configs(overrides: list[str], mode: str, batch: int, args):
 def run(args, overrides) -> dict:
     from mptrain.bench.bare import BARE_FOR_MODE, SUPPORTED_TASKS
     from mptrain.bench.measure import Timing, cuda_reset, time_bare, time_trainer
+    from mptrain.bench.paired import paired_overhead
     from mptrain.precision import Precision
     from mptrain.run import resolve_device
     from mptrain.telemetry.env import environment
@@ -95,6 +108,7 @@ def run(args, overrides) -> dict:
             device = resolve_device(cfg.trainer.device)
             bare_kind = BARE_FOR_MODE[mode] if not args.no_bare and cfg.model.task in SUPPORTED_TASKS else None
             ours, bare = Timing(), Timing()
+            kernels = Precision(cfg.precision, device).kernels if bare_kind == "amp" else None  # emulated, if so
             for _ in range(args.repeats):
                 for side in ("ours", "bare"):
                     if side == "bare" and bare_kind is None:
@@ -104,11 +118,13 @@ def run(args, overrides) -> dict:
                     if side == "ours":
                         ours.merge(time_trainer(cfg, device, args.warmup))
                     else:
-                        kernels = Precision(cfg.precision, device).kernels if bare_kind == "amp" else None
                         bare.merge(time_bare(cfg_fp32, device, bare_kind, args.warmup, args.windows, args.window,
                                              kernels))  # fmt: skip
             row = {"mode": mode, "batch": batch, "bare": bare_kind, "ours": ours.summary(),
-                   "bare_loop": bare.summary() if bare.step_ms else None}  # fmt: skip
+                   "bare_loop": bare.summary() if bare.step_ms else None, "paired": None}  # fmt: skip
+            if bare_kind and args.pairs > 0:
+                gc.collect()
+                row["paired"] = paired_overhead(cfg, cfg_fp32, device, bare_kind, args.pairs, kernels)
             rows.append(row)
             print(_progress(row), flush=True)
     return {"model": cfg.model.name, "dataset": cfg.dataset.name, "overrides": overrides, "env": environment(device),
@@ -117,9 +133,10 @@ def run(args, overrides) -> dict:
 
 
 def _progress(row) -> str:
-    o, b = row["ours"], row["bare_loop"]
+    o, b, p = row["ours"], row["bare_loop"], row["paired"]
     text = f"{row['mode']:>11} batch {row['batch']:>4}: ours {o['samples_per_s']:.1f}/s"
-    return text + (f", bare {row['bare']} {b['samples_per_s']:.1f}/s" if b else "")
+    text += f", bare {row['bare']} {b['samples_per_s']:.1f}/s" if b else ""
+    return text + (f", paired overhead {p['overhead']:+.1%}" if p else "")
 
 
 def _with_ratios(rows: list[dict]) -> list[dict]:
@@ -156,15 +173,21 @@ def to_markdown(result: dict) -> str:
              f"{env['device_name']}, torch {env['torch']}; windows of {result['settings']['window']} steps after "
              f"{result['settings']['warmup']} warm-up, {result['settings']['windows']} windows x "
              f"{result['settings']['repeats']} repeats, median", "",
-             "| mode | batch | samples/s | step ms (IQR %) | bare loop | bare samples/s | ours/bare | vs fp32 | "
-             "peak MB | bare peak MB | memory vs fp32 |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| mode | batch | samples/s | step ms (IQR %) | bare loop | bare samples/s | ours/bare | paired overhead | "
+             "vs fp32 | peak MB | bare peak MB | memory vs fp32 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in result["rows"]:
-        o, b = r["ours"], r["bare_loop"] or {}
+        o, b, p = r["ours"], r["bare_loop"] or {}, r.get("paired") or {}
         lines.append(f"| {r['mode']} | {r['batch']} | {o['samples_per_s']:.1f} | {o['step_ms']:.1f} "
                      f"({o['step_ms_iqr_pct']:.1f}) | {r['bare'] or '-'} | {num(b.get('samples_per_s'), '{:.1f}')} | "
-                     f"{num(r['ours_over_bare'], '{:.3f}')} | {num(r['speedup_vs_fp32'], '{:.2f}x')} | "
+                     f"{num(r['ours_over_bare'], '{:.3f}')} | {num(p.get('overhead'), '{:+.1%}')} | "
+                     f"{num(r['speedup_vs_fp32'], '{:.2f}x')} | "
                      f"{o['peak_bytes'] / 2**20:.1f} | {num(b.get('peak_bytes') and b['peak_bytes'] / 2**20, '{:.1f}')} | "
                      f"{num(r['memory_vs_fp32'], '{:.3f}')} |")  # fmt: skip
+    paired = [r["paired"] for r in result["rows"] if r.get("paired")]
+    if paired:
+        lines += ["", f"Paired overhead: {paired[0]['pairs']} alternations of one Trainer step and one bare step on one "
+                  f"batch, medians' ratio, plus the logging window spread over log_every={paired[0]['log_every']} "
+                  "steps."]  # fmt: skip
     if result["activation_memory"]:
         lines += ["", "Activation memory (slope of peak memory vs batch size):", ""]
         lines += [f"- {mode}: {s['bytes_per_sample'] / 2**10:.1f} KiB/sample"

@@ -1,0 +1,64 @@
+"""Trainer overhead per step, paired: one Trainer step, then one bare-loop step, on the same batch.
+
+Whole timed windows, minutes apart on a shared machine, drift by more than the few percent a
+trainer's overhead amounts to. Alternating single steps makes every drift hit both sides
+alike: the medians' ratio is the per-step overhead; the logging window's cost (host sync,
+TensorBoard write), spread over `trainer.log_every` steps, is added to it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from mptrain.bench.bare import BareLoop
+from mptrain.bench.measure import RecordingLogger
+from mptrain.telemetry.throughput import synchronize
+
+WARMUP_PAIRS = 3
+
+
+def paired_overhead(cfg, cfg_fp32, device, kind: str, pairs: int, kernels=None) -> dict:
+    """Median ms of a Trainer step (as `fit` runs it: memory measured every `log_every`-th step, metric meters,
+    the skip decision) and of a bare step, `pairs` alternations after a warm-up; the overhead with logging."""
+    from mptrain.run import build_trainer
+
+    with tempfile.TemporaryDirectory(prefix="mptrain-bench-") as tmp:
+        trainer = build_trainer(cfg, device, Path(tmp), RecordingLogger(), None, [])
+        reference = build_trainer(cfg_fp32, device, Path(tmp), RecordingLogger(), None, [])
+    bare = BareLoop(reference.task.networks()["model"], cfg_fp32.model.task, kind, cfg_fp32.optim, 10**6, device,
+                    kernels)  # fmt: skip
+    batch = next(iter(trainer.data.train))
+    n = trainer.task.batch_size(batch)
+    ours, theirs = [], []
+    for i in range(WARMUP_PAIRS + pairs):
+        synchronize(device)
+        start = time.perf_counter()
+        trainer.train_meter.add(trainer._train_step(batch), n)
+        trainer.step += 1
+        synchronize(device)
+        middle = time.perf_counter()
+        bare.step(batch)
+        synchronize(device)
+        if i >= WARMUP_PAIRS:
+            ours.append(middle - start)
+            theirs.append(time.perf_counter() - middle)
+    trainer.throughput.begin()
+    start = time.perf_counter()
+    trainer._log_window(_NoBar())
+    window = time.perf_counter() - start
+    o, b = statistics.median(ours), statistics.median(theirs)
+    every = cfg.trainer.log_every
+    return {"pairs": pairs, "ours_step_ms": 1e3 * o, "bare_step_ms": 1e3 * b, "log_window_ms": 1e3 * window,
+            "log_every": every, "overhead": (o + window / every) / b - 1}  # fmt: skip
+
+
+class _NoBar:
+    """What `_log_window` expects of a progress bar, showing nothing."""
+
+    disable = True
+
+    def set_postfix(self, **_):
+        pass
