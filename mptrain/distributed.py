@@ -132,7 +132,8 @@ def launch(cfg_yaml: str, run_dir: Path, summary: dict, processes: int, cuda: bo
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
-    if not cuda and "OMP_NUM_THREADS" not in os.environ:
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if not cuda and threads is None:
         # N CPU ranks share the cores: more threads than cores makes every rank many times slower
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
     config = LaunchConfig(
@@ -140,8 +141,12 @@ def launch(cfg_yaml: str, run_dir: Path, summary: dict, processes: int, cuda: bo
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
         signals_to_handle="SIGHUP,SIGQUIT",  # SIGTERM and SIGINT: _forward_stop_signal
     )  # fmt: skip
-    with stop_signals_to(_forward_stop_signal):
-        results = elastic_launch(config, _worker)(cfg_yaml, str(run_dir), summary, _log_file())
+    try:
+        with stop_signals_to(_forward_stop_signal):
+            results = elastic_launch(config, _worker)(cfg_yaml, str(run_dir), summary, _log_file())
+    finally:
+        if threads is None:  # the next job of a sweep may start another number of ranks
+            os.environ.pop("OMP_NUM_THREADS", None)
     return results[0]
 
 
