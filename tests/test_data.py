@@ -246,3 +246,28 @@ def test_dataset_yamls_have_the_common_keys():
         cfg = OmegaConf.load(CONF_DIR / f"{name}.yaml")
         assert cfg.name == name and cfg.batch_size == 128 and cfg.eval_batch_size == 512
         assert cfg.root == "~/.cache/mptrain/data" and "augment" in cfg
+
+
+def test_sharding_splits_held_out_data_and_refuses_more_ranks_than_samples():
+    pictures = torch.arange(5 * 4, dtype=torch.uint8).view(5, 1, 2, 2)
+    parts = []
+    for rank in range(2):
+        loader = DeviceLoader(pictures, torch.arange(5), 4, shuffle=False, drop_last=False)
+        loader.shard(rank, 2)
+        parts.append(torch.cat([y for _, y in loader]))
+    assert sorted(torch.cat(parts).tolist()) == list(range(5))  # every sample once, over the ranks
+    with pytest.raises(UserError, match="fewer than the 8 ranks"):
+        DeviceLoader(pictures, torch.arange(5), 4, shuffle=False, drop_last=False).shard(0, 8)
+
+
+def test_sharded_training_batches_are_slices_of_one_global_batch():
+    pictures = torch.arange(16 * 4, dtype=torch.uint8).view(16, 1, 2, 2)
+    whole = DeviceLoader(pictures, torch.arange(16), 8, shuffle=True, drop_last=True, seed=3)
+    halves = []
+    for rank in range(2):
+        loader = DeviceLoader(pictures, torch.arange(16), 4, shuffle=True, drop_last=True, seed=3)
+        loader.shard(rank, 2)
+        halves.append([y for _, y in loader])
+    assert len(halves[0]) == len(whole) == 2
+    for i, (_, y) in enumerate(whole):
+        assert torch.equal(torch.cat([halves[0][i], halves[1][i]]), y)

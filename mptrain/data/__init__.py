@@ -80,6 +80,9 @@ class DeviceLoader:
         if world == 1:
             return
         if not self.shuffle:
+            if self.num_samples < world:  # a rank without held-out samples would leave the others waiting
+                raise UserError(f"the held-out set has {self.num_samples} samples, fewer than the {world} ranks; "
+                                "use fewer trainer.devices or a larger held-out set")
             self.images, self.labels = self.images[rank::world], self.labels[rank::world]
             return
         if self.batch_size * world > self.num_samples:
