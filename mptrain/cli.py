@@ -11,7 +11,6 @@ errors answer fast.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -55,12 +54,14 @@ def _hydra_main(cfg) -> float | None:
 
 
 def main() -> float | None:
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # started by torchrun: one job, rank 0 owns its folder
+    from mptrain.distributed import launched_rank, launched_world_size
+
+    if launched_world_size() > 1:  # started by torchrun: one job, rank 0 owns its folder
         if {"-m", "--multirun"} & set(sys.argv[1:]):
             print("mptrain: error: torchrun runs one job, not a sweep (-m); sweep with trainer.devices=N instead, "
                   "e.g. mptrain -m trainer.devices=2 precision=fp32,mixed", file=sys.stderr)
             sys.exit(2)
-        if int(os.environ.get("RANK", 0)) > 0:  # other ranks make no folder, no log and no .hydra of their own
+        if launched_rank() > 0:  # other ranks make no folder, no log and no .hydra of their own
             sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
                          "hydra/hydra_logging=disabled"]
     return _hydra_main()

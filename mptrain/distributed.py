@@ -31,6 +31,11 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
+def launched_world_size() -> int:
+    """How many ranks torchrun (or `launch`) started (1 when not launched by either)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 @dataclass
 class Replicas:
     """This process's place among the data-parallel replicas (rank 0 of 1 when training alone)."""
@@ -101,9 +106,8 @@ class Replicas:
 
 def join(device_name: str) -> Replicas:
     """Join the process group torchrun (or our own launcher) described in the environment; alone: rank 0 of 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
-        return Replicas()
+    if launched_world_size() == 1:
+        return Replicas()  # before importing torch: a config error still answers fast
     import torch
     import torch.distributed as dist
 

@@ -8,7 +8,6 @@ inside a sweep it is recorded and the sweep goes on.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import sys
 import time
@@ -31,11 +30,11 @@ EXIT_INTERRUPTED = 130
 
 def run(cfg) -> float | None:
     """The Hydra task function's body; returns the primary metric (for sweepers)."""
-    from mptrain.distributed import Replicas, join
+    from mptrain.distributed import join
 
     hydra_cfg = HydraConfig.get()
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    replicas = join(str(cfg.trainer.device)) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else Replicas()
+    replicas = join(str(cfg.trainer.device))  # under torchrun: this rank's place; else rank 0 of 1
     run_dir = Path(replicas.broadcast(hydra_cfg.runtime.output_dir))  # torchrun: every rank uses rank 0's
     summary = {
         "status": "running",

@@ -64,15 +64,21 @@ def time_trainer(cfg, device, warmup: int) -> Timing:
                   int(trainer.results()["peak_memory_bytes"] or 0))
 
 
-def time_bare(cfg_fp32, device, kind: str, warmup: int, windows: int, window: int, kernels=None) -> Timing:
-    """The bare loop on the model and batches an fp32 Trainer would get (same seed, same data), its steps run
-    inside `kernels()` (the emulated FP16 kernels when the arm it is compared with uses them)."""
+def bare_loop(cfg_fp32, device, kind: str, total_steps: int, kernels=None):
+    """(the bare loop, the fp32 Trainer it was taken from): the model and batches an fp32 Trainer would get (same
+    seed, same data), its steps run inside `kernels()` (the emulated FP16 kernels when its arm uses them)."""
     from mptrain.run import build_trainer
 
     with tempfile.TemporaryDirectory(prefix="mptrain-bench-") as tmp:
         trainer = build_trainer(cfg_fp32, device, Path(tmp), RecordingLogger(), None, [])
-    loop = BareLoop(trainer.task.networks()["model"], cfg_fp32.model.task, kind, cfg_fp32.optim,
-                    warmup + windows * window, device, kernels)  # fmt: skip
+    loop = BareLoop(trainer.task.networks()["model"], cfg_fp32.model.task, kind, cfg_fp32.optim, total_steps, device,
+                    kernels)  # fmt: skip
+    return loop, trainer
+
+
+def time_bare(cfg_fp32, device, kind: str, warmup: int, windows: int, window: int, kernels=None) -> Timing:
+    """The bare loop's timed windows (see `bare_loop`)."""
+    loop, trainer = bare_loop(cfg_fp32, device, kind, warmup + windows * window, kernels)
     batches = _forever(trainer.data.train)
     memory = PeakMemory(device)
     for i in range(warmup):

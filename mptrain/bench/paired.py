@@ -13,8 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mptrain.bench.bare import BareLoop
-from mptrain.bench.measure import RecordingLogger
+from mptrain.bench.measure import RecordingLogger, bare_loop
 from mptrain.telemetry.throughput import synchronize
 
 WARMUP_PAIRS = 3
@@ -27,9 +26,7 @@ def paired_overhead(cfg, cfg_fp32, device, kind: str, pairs: int, kernels=None) 
 
     with tempfile.TemporaryDirectory(prefix="mptrain-bench-") as tmp:
         trainer = build_trainer(cfg, device, Path(tmp), RecordingLogger(), None, [])
-        reference = build_trainer(cfg_fp32, device, Path(tmp), RecordingLogger(), None, [])
-    bare = BareLoop(reference.task.networks()["model"], cfg_fp32.model.task, kind, cfg_fp32.optim, 10**6, device,
-                    kernels)  # fmt: skip
+    bare, _ = bare_loop(cfg_fp32, device, kind, WARMUP_PAIRS + pairs, kernels)
     batch = next(iter(trainer.data.train))
     n = trainer.task.batch_size(batch)
     ours, theirs = [], []
