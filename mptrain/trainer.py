@@ -79,6 +79,7 @@ class Trainer:
         self.checkpoint_path: Path | None = None  # where checkpoints go (run.py sets it)
         self.stop = StopRequest()  # run.py hands in the one its signal handlers fill: checkpoint, then stop
         self.resumed_task_state: dict | None = None
+        self.speed_options_check: dict | None = None  # what the speed options were verified against (build sets it)
 
     # -- public --------------------------------------------------------------------------
     def fit(self, evaluate: bool = True) -> dict:
@@ -137,6 +138,9 @@ class Trainer:
             "skipped_steps_by_network": self._named_only({n: s.skipped_steps for n, s in self.steppers.items()}),
             "final_loss_scale": self._single_or_named({n: float(v) for n, v in scales.items()}),
             "overflow_events": list(self.overflows.events),
+            "fp16_kernels": self.precision.fp16_kernels,
+            "cpu_fp16": self.precision.cpu_fp16,
+            "speed_options_check": self.speed_options_check,
             **self.task.describe(),
         }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cli_helpers import TINY, mptrain, read_summary
+from mptrain.precision import emulation
 from mptrain.precision.emulation import EmulatedFP16Kernels
 
 
@@ -79,18 +81,20 @@ def test_lstm_under_autocast_is_emulated_too():
 
 def test_emulated_run_through_the_cli(tmp_path):
     run = tmp_path / "run"
-    out = mptrain("precision=mixed", "precision.cpu_fp16=emulate", *TINY, "trainer.max_steps=3",
-                  f"hydra.run.dir={run}", cwd=tmp_path)  # fmt: skip
+    out = mptrain("precision=mixed", *TINY, "trainer.max_steps=3", f"hydra.run.dir={run}", cwd=tmp_path)  # default: auto
     assert out.returncode == 0, out.stderr[-3000:]
     summary = read_summary(run)
     assert summary["status"] == "completed" and not any("is slow" in w for w in summary["warnings"])
+    if not emulation.cpu_has_fp16_units():
+        assert summary["fp16_kernels"] == "emulated" and summary["cpu_fp16"] == "emulate"
+        assert "fp16 kernels      emulated" in out.stdout
 
 
 def test_unknown_cpu_fp16_value_gets_one_line(tmp_path):
     out = mptrain("precision=mixed", "precision.cpu_fp16=fast", *TINY, "trainer.max_steps=1",
                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "precision.cpu_fp16='fast'; choose one of native, emulate" in out.stderr
+    assert "precision.cpu_fp16='fast'; choose one of auto, native, emulate" in out.stderr
 
 
 @pytest.mark.parametrize("mode", ["fp16_naive", "amp"])
@@ -103,3 +107,58 @@ def test_every_fp16_mode_takes_the_emulated_path(compose_cfg, mode):
     fp32 = Precision(compose_cfg("precision=fp32", "precision.cpu_fp16=emulate").precision, torch.device("cpu"))
     assert not fp32.emulate
 
+
+
+def test_auto_emulates_on_a_cpu_without_fp16_units_and_says_so(compose_cfg, monkeypatch):
+    from mptrain.precision import Precision, emulation
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(emulation, "cpu_has_fp16_units", lambda: False)
+    for mode in ("fp16_naive", "fp16_master", "mixed", "amp"):
+        p = Precision(compose_cfg(f"precision={mode}").precision, cpu)  # the default: auto
+        assert p.emulate and p.fp16_kernels == "emulated" and p.cpu_fp16 == "emulate" and not p.notes
+    native = Precision(compose_cfg("precision=mixed", "precision.cpu_fp16=native").precision, cpu)
+    assert not native.emulate and native.fp16_kernels == "native" and native.cpu_fp16 == "native"
+    assert len(native.notes) == 1 and "is slow" in native.notes[0]  # the slow-kernel warning: only when chosen
+    for mode in ("fp32", "bf16"):
+        p = Precision(compose_cfg(f"precision={mode}").precision, cpu)
+        assert p.fp16_kernels is None and p.cpu_fp16 == "emulate" and not p.notes  # the setting its sweep shares
+
+
+def test_auto_runs_native_fp16_where_the_cpu_has_fp16_units(compose_cfg, monkeypatch):
+    from mptrain.precision import Precision, emulation
+
+    monkeypatch.setattr(emulation, "cpu_has_fp16_units", lambda: True)
+    p = Precision(compose_cfg("precision=mixed").precision, torch.device("cpu"))
+    assert not p.emulate and p.fp16_kernels == "native" and not p.notes  # fast there: nothing to warn about
+
+
+def test_an_fp16_lstm_is_emulated_whole_fp16_at_its_boundaries_fp32_inside():
+    from mptrain.models.rnn import run_recurrent
+
+    torch.manual_seed(0)
+    rnn = nn.LSTM(8, 16, 2, batch_first=True).half()
+    x = torch.randn(4, 12, 8).half().requires_grad_(True)
+    exact = copy.deepcopy(rnn).double()  # the same FP16 values, computed exactly
+    out64, _ = exact(x.detach().double())
+    out64.sum().backward()
+    exact_grads = [p.grad for p in exact.parameters()]
+
+    results = {}
+    for name, mode in (("native", None), ("emulated", EmulatedFP16Kernels())):
+        rnn.zero_grad()
+        with mode if mode else contextlib.nullcontext():
+            out, (h, c) = run_recurrent(rnn, x, None)
+            out.float().sum().backward()
+        assert out.dtype == h.dtype == c.dtype == torch.float16  # FP16 leaves the layer
+        assert all(p.grad.dtype == torch.float16 for p in rnn.parameters())
+        results[name] = (out.detach().double(), [p.grad.double() for p in rnn.parameters()])
+
+    def err(a, b):
+        return float(((a - b).norm() / b.norm()).detach())
+
+    (out_e, grads_e), (out_n, grads_n) = results["emulated"], results["native"]
+    # FP32 inside, rounded once at the boundary: within one FP16 rounding of exact, and no further than op by op
+    assert err(out_e, out64) < 1e-3 and err(out_e, out64) <= err(out_n, out64) + 1e-4
+    for e, n, r in zip(grads_e, grads_n, exact_grads):
+        assert err(e, r) < 2e-3 and err(e, r) <= 1.5 * err(n, r) + 1e-4

@@ -159,9 +159,14 @@ def test_every_mode_trains_a_tiny_cnn(compose_cfg, mode):
     assert task.model[0].weight.dtype == expected
 
 
-def test_fp16_modes_on_cpu_carry_a_slowness_note(compose_cfg):
-    assert _engine(compose_cfg, "mixed").notes and "slow" in _engine(compose_cfg, "fp16_naive").notes[0]
-    assert not _engine(compose_cfg, "bf16").notes
+def test_native_fp16_on_a_cpu_without_fp16_units_carries_a_slowness_note(compose_cfg, monkeypatch):
+    from mptrain.precision import emulation
+
+    monkeypatch.setattr(emulation, "cpu_has_fp16_units", lambda: False)
+    native = "precision.cpu_fp16=native"
+    assert _engine(compose_cfg, "mixed", native).notes and "slow" in _engine(compose_cfg, "fp16_naive", native).notes[0]
+    assert not _engine(compose_cfg, "mixed").notes  # the default emulates: nothing slow to warn about
+    assert not _engine(compose_cfg, "bf16", native).notes
 
 
 def test_losses_are_computed_in_fp32(compose_cfg):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mptrain.errors import UserError
+from mptrain.precision import emulation
 from mptrain.validate import positive_int
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
@@ -25,19 +26,29 @@ def _cast_state(state, dtype):
 
 
 def run_recurrent(rnn: nn.RNNBase, x: torch.Tensor, state: State | None):
-    """``rnn(x, state)``, with autocast's low-precision recurrence also on the CPU.
+    """``rnn(x, state)``, with autocast's low-precision recurrence also on the CPU, and FP16 emulated whole.
 
     On CUDA autocast runs cuDNN's RNN in FP16/BF16. On the CPU autocast routes it to
     oneDNN, which refuses low-precision RNNs on CPUs without native FP16/BF16 ("could not
     create a primitive descriptor"); there we do what autocast would: run the recurrence
     with low-precision copies of the weights and inputs (gradients reach the FP32 weights).
+    Under emulated FP16 kernels (precision.cpu_fp16) an FP16 recurrence runs as a fused GPU
+    kernel would: FP16 in and out, FP32 inside (`emulation.fp16_recurrence`).
     """
-    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
-        return rnn(x, state)
-    dtype = torch.get_autocast_dtype("cpu")
-    with torch.autocast("cpu", enabled=False):
-        weights = {name: p.to(dtype) for name, p in rnn.named_parameters()}
-        return torch.func.functional_call(rnn, weights, (x.to(dtype), _cast_state(state, dtype)))
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        with torch.autocast("cpu", enabled=False):
+            weights = {name: p.to(dtype) for name, p in rnn.named_parameters()}
+            return _recurrence(rnn, weights, x.to(dtype), _cast_state(state, dtype))
+    if emulation.emulating(x):
+        return emulation.fp16_recurrence(rnn, dict(rnn.named_parameters()), x, state)
+    return rnn(x, state)
+
+
+def _recurrence(rnn: nn.RNNBase, weights: dict, x: torch.Tensor, state: State | None):
+    if emulation.emulating(x):
+        return emulation.fp16_recurrence(rnn, weights, x, state)
+    return torch.func.functional_call(rnn, weights, (x, state))
 
 
 def _recurrent_layer(cfg, input_size: int) -> nn.RNNBase:

@@ -19,7 +19,8 @@ from torch import nn
 
 from mptrain.errors import UserError
 from mptrain.precision.casting import cast_model
-from mptrain.precision.emulation import CPU_FP16, EmulatedFP16Kernels
+from mptrain.precision import emulation
+from mptrain.precision.emulation import CPU_FP16, EmulatedFP16Kernels, emulates
 from mptrain.precision.modes import MODES, ModeSpec
 from mptrain.precision.scaler import LossScaleCollapsed, LossScaler
 from mptrain.precision.stepper import PrecisionStepper
@@ -39,15 +40,20 @@ class Precision:
             torch.backends.cuda.matmul.allow_tf32 = bool(cfg.allow_tf32)
             torch.backends.cudnn.allow_tf32 = bool(cfg.allow_tf32)
         self.notes: list[str] = []  # warnings the run prints once and records in summary.json
-        cpu_fp16 = cfg.get("cpu_fp16", "native")
+        cpu_fp16 = cfg.cpu_fp16
         if cpu_fp16 not in CPU_FP16:
             raise UserError(f"unknown precision.cpu_fp16={cpu_fp16!r}; choose one of {', '.join(CPU_FP16)}")
-        self.emulate = device.type == "cpu" and self.spec.uses_fp16 and cpu_fp16 == "emulate"
-        if device.type == "cpu" and self.spec.uses_fp16 and not self.emulate:
+        self.emulate = emulates(cpu_fp16, device, self.spec.uses_fp16)
+        #: which kernels the FP16 arithmetic runs on (summary.json `fp16_kernels`); None: the mode has none
+        self.fp16_kernels = ("emulated" if self.emulate else "native") if self.spec.uses_fp16 else None
+        #: the CPU's FP16 policy as resolved, for every mode alike: the report's setting, shared by a sweep's fp32 control
+        self.cpu_fp16 = None if device.type != "cpu" else (
+            "emulate" if emulates(cpu_fp16, device, uses_fp16=True) else "native")
+        if device.type == "cpu" and self.spec.uses_fp16 and cpu_fp16 == "native" and not emulation.cpu_has_fp16_units():
             self.notes.append(
-                f"precision={self.spec.name} on the CPU is slow: this CPU has no native fp16 "
-                "arithmetic, so fp16 kernels run 10-40x slower than fp32 (the numerics are exact; "
-                "precision.cpu_fp16=emulate computes them from the same FP16 values at FP32 speed)"
+                f"precision={self.spec.name} with precision.cpu_fp16=native is slow: this CPU has no FP16 "
+                "arithmetic, so torch's fp16 kernels run 10-40x slower than fp32 (the numerics are exact; "
+                "precision.cpu_fp16=auto, the default, computes them from the same FP16 values at FP32 speed)"
             )
 
     @property

@@ -1,7 +1,7 @@
 """FP16 numerics at FP32 speed on a CPU: the arithmetic of FP16 tensor cores, emulated.
 
 A CPU without FP16 units runs torch's FP16 convolutions and matrix products 10-40x
-slower than FP32. Under `precision.cpu_fp16=emulate` every tensor stays exactly as the
+slower than FP32. Under `precision.cpu_fp16=emulate` (and `auto`, the default, on such a CPU) every tensor stays exactly as the
 native FP16 path holds it (weights, activations, gradients, tensors saved for backward:
 autograd is untouched), but each convolution and matrix product whose inputs are FP16 is
 computed from those FP16 values in FP32 and its result rounded to FP16 once: FP16 inputs,
@@ -10,6 +10,9 @@ do (they accumulate in float too). Only the order of the FP32 sums can differ.
 
 It works below autograd (a TorchDispatchMode), so forward and backward kernels
 (`convolution_backward`, the `mm`s of a Linear's backward) are both covered.
+
+Recurrent layers are emulated whole (`fp16_recurrence`): FP16 at the layer's boundaries, FP32 inside, as a
+fused GPU RNN kernel computes; op by op, the per-time-step products and their conversions cost 4x FP32.
 
 Element-wise ops stay native on purpose: emulating add/mul/sigmoid/tanh the same way is
 bit-identical (their CPU FP16 kernels compute in float and round once), but the two extra
@@ -23,10 +26,27 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-CPU_FP16 = ("native", "emulate")  # precision.cpu_fp16
+CPU_FP16 = ("auto", "native", "emulate")  # precision.cpu_fp16
 aten = torch.ops.aten
 HEAVY = {aten.convolution.default, aten.convolution_backward.default, aten.mm.default, aten.addmm.default,
          aten.bmm.default, aten.baddbmm.default, aten.mv.default, aten.addmv.default}  # fmt: skip
+
+
+def cpu_has_fp16_units() -> bool:
+    """Whether this CPU computes FP16 natively (AVX512-FP16 or AMX-FP16), so torch's FP16 kernels are fast."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: assume no FP16 units, the common case
+        return False
+    return "avx512_fp16" in flags or "amx_fp16" in flags
+
+
+def emulates(cpu_fp16: str, device: torch.device, uses_fp16: bool) -> bool:
+    """`precision.cpu_fp16` resolved: auto emulates on a CPU without FP16 units; never on CUDA."""
+    if device.type != "cpu" or not uses_fp16:
+        return False
+    return cpu_fp16 == "emulate" or (cpu_fp16 == "auto" and not cpu_has_fp16_units())
 
 
 def _is_cpu_half(t) -> bool:
@@ -44,9 +64,19 @@ def _down(t):
 class EmulatedFP16Kernels(TorchDispatchMode):
     """Inside it, CPU FP16 convolutions and matrix products compute in FP32 and round their results to FP16."""
 
+    active = 0  # how many are entered: recurrent layers ask (`emulating`) to run at a fused kernel's granularity
+
     def __init__(self):
         super().__init__()
         self.calls = 0  # kernels emulated: tests check the path is really taken
+
+    def __enter__(self):
+        EmulatedFP16Kernels.active += 1
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        EmulatedFP16Kernels.active -= 1
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -54,3 +84,18 @@ class EmulatedFP16Kernels(TorchDispatchMode):
             self.calls += 1
             return tree_map(_down, func(*tree_map(_up, args), **tree_map(_up, kwargs)))
         return func(*args, **kwargs)
+
+
+def emulating(x: torch.Tensor) -> bool:
+    """Whether `x` is a CPU FP16 tensor met inside EmulatedFP16Kernels."""
+    return EmulatedFP16Kernels.active > 0 and _is_cpu_half(x)
+
+
+def fp16_recurrence(rnn: torch.nn.RNNBase, weights: dict, x: torch.Tensor, state):
+    """An FP16 LSTM/GRU layer stack at the granularity of a fused GPU RNN kernel (cuDNN's FP16 RNN): FP16
+    weights, input, initial state, output sequence and final state; FP32 inside (gate products accumulated in
+    FP32, gates, cell and hidden state between time steps in FP32, weight gradients summed over time in FP32 and
+    rounded to FP16 once). The native CPU path rounds every per-step op to FP16 instead, at 4x the time."""
+    up = {name: w.float() for name, w in weights.items()}
+    out, new_state = torch.func.functional_call(rnn, up, (x.float(), tree_map(_up, state)))
+    return out.half(), tree_map(_down, new_state)

@@ -50,6 +50,13 @@ def _mib(n) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MiB"
 
 
+def _kernels(s: dict) -> str:
+    kernels = s.get("fp16_kernels")
+    if kernels == "emulated":
+        return "emulated (FP16 values, FP32 arithmetic inside each product: precision.cpu_fp16)"
+    return kernels or "none (no FP16 arithmetic in this mode)"
+
+
 def format_summary(s: dict) -> str:
     primary = s.get("primary_metric")
     final, best = s.get("final") or {}, s.get("best") or {}
@@ -63,6 +70,7 @@ def format_summary(s: dict) -> str:
     if "loss" in final:
         rows.append(("eval loss", _fmt(final.get("loss"))))
     rows += [
+        ("fp16 kernels", _kernels(s)),
         ("samples/s", _fmt(s.get("samples_per_s"))),
         ("peak memory", f"{_mib(s.get('peak_memory_bytes'))} ({s.get('peak_memory_method')})"),
         ("skipped steps", _fmt(s.get("skipped_steps"))),
