@@ -214,6 +214,7 @@ def build_trainer(cfg, device, run_dir: Path, tb, numerics, warnings: list[str],
     from mptrain.distributed import Replicas
     from mptrain.precision import Precision
     from mptrain.precision.pitfalls import find_pitfalls
+    from mptrain.speed_check import speed_options, verify_speed_options
     from mptrain.tasks import build_task
     from mptrain.telemetry.summary import write_json_atomic
     from mptrain.trainer import Trainer
@@ -237,10 +238,14 @@ def build_trainer(cfg, device, run_dir: Path, tb, numerics, warnings: list[str],
         task.distribute(lambda net: replicas.wrap(net, device), replicas.sum)
     if cfg.trainer.get("compile"):
         if precision.emulate:
-            raise UserError("trainer.compile with precision.cpu_fp16=emulate: the emulated kernels run in Python, "
-                            "outside what torch.compile can trace; use one or the other")
+            raise UserError(f"trainer.compile with emulated FP16 kernels (precision.cpu_fp16={cfg.precision.cpu_fp16} "
+                            "on this CPU): they run in Python, outside what torch.compile can trace; drop "
+                            "trainer.compile, or set precision.cpu_fp16=native to compile torch's own FP16 kernels")
         task.wrap_training_forward(torch.compile)
+    options = speed_options(cfg.trainer)
+    checked = verify_speed_options(task, next(iter(data.train)), precision, options, replicas) if options else None
     trainer = Trainer(cfg, task, data, precision, device, tb, numerics, replicas)
+    trainer.speed_options_check = checked
     for warning in precision.notes + find_pitfalls(precision, task.networks(), trainer.steppers):
         log.warning(warning)
         warnings.append(warning)

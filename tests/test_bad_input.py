@@ -79,7 +79,7 @@ CASES = [
                  "trainer.device=cpu", "trainer.devices=2", "trainer.max_steps=1"], "the GAN family trains its networks as they are"),
     ("wrong-data-kind", ["model=resnet", "dataset=text"], "reads image data but dataset=text is text"),
     ("compile-emulate", [*TINY, "precision=mixed", "precision.cpu_fp16=emulate", "trainer.compile=true"],
-     "trainer.compile with precision.cpu_fp16=emulate"),
+     "trainer.compile with emulated FP16 kernels (precision.cpu_fp16=emulate"),
     ("compile-numerics", ["trainer.compile=true", "telemetry.numerics.every=10"], "trainer.compile with telemetry"),
     ("channels-last-text", [*TEXT, "dataset=synthetic_text", "trainer.channels_last=true"],
      "trainer.channels_last is for image models"),

@@ -10,6 +10,8 @@ saved activations stay FP16, so keeping BatchNorm in FP32 costs no memory.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -23,6 +25,16 @@ def _cast_floating(value, dtype):
     return value
 
 
+class CastInputs:
+    """Forward pre-hook: floating inputs arrive in the storage dtype."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __call__(self, _module, args):
+        return _cast_floating(args, self.dtype)
+
+
 def cast_model(model: nn.Module, dtype: torch.dtype, keep_batchnorm_fp32: bool) -> nn.Module:
     """Cast parameters and buffers to `dtype`, and cast floating inputs on the way in."""
     if dtype == torch.float32:
@@ -32,5 +44,15 @@ def cast_model(model: nn.Module, dtype: torch.dtype, keep_batchnorm_fp32: bool) 
         for module in model.modules():
             if isinstance(module, _BatchNorm):
                 module.float()
-    model.register_forward_pre_hook(lambda _m, args: _cast_floating(args, dtype))
+    model.register_forward_pre_hook(CastInputs(dtype))
     return model
+
+
+def fp64_copy(model: nn.Module) -> nn.Module:
+    """A contiguous FP64 copy of a prepared model, inputs cast to FP64 too: the exact reference of a check."""
+    reference = copy.deepcopy(model).to(torch.float64, memory_format=torch.contiguous_format)
+    for module in reference.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, CastInputs):
+                hook.dtype = torch.float64
+    return reference

@@ -47,6 +47,11 @@ class Task(ABC):
         raise UserError(f"{type(self).__name__} trains its networks as they are: no trainer.devices>1 or "
                         "trainer.compile for it yet")
 
+    def check_loss(self, batch, precision: Precision, nets: dict[str, nn.Module] | None = None) -> torch.Tensor:
+        """One training step's loss, whose backward gives every network its gradient (the speed options' check):
+        through the training forward, or through `nets` (copies of the networks, by name) when given."""
+        raise UserError(f"{type(self).__name__} cannot verify trainer speed options; train without them")
+
     def distribute(self, wrap: Callable[[nn.Module], nn.Module], reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Train through data-parallel replicas: `wrap` gives the DDP module, `reduce` sums evaluation meters over ranks."""
         self.wrap_training_forward(wrap)

@@ -39,6 +39,10 @@ class ClassificationTask(Task):
         stepper.step()
         return {"loss": loss.detach(), "accuracy": accuracy}
 
+    def check_loss(self, batch, precision, nets=None):
+        x, y = batch
+        return self._loss_and_accuracy(x, y, precision, nets["model"] if nets else self.trained)[0]
+
     @torch.no_grad()
     def eval_step(self, batch, precision):
         x, y = batch

@@ -107,6 +107,16 @@ class GanTask(Task):
             "gan/d_fake": torch.sigmoid(logits_fake.detach()).mean(),
         }
 
+    def check_loss(self, batch, precision, nets=None):
+        g, d = (nets["g"], nets["d"]) if nets else (self.g, self.d)
+        real = self.to_gan_range(batch[0])
+        noise = torch.randn(real.shape[0], self.latent, 1, 1, device=real.device).to(real.dtype)
+        with precision.autocast():
+            logits_real, logits_fake = d(real).float(), d(g(noise)).float()  # the fake not detached: G gets its grads
+        ones = torch.ones_like(logits_real)
+        return F.binary_cross_entropy_with_logits(logits_real, ones) + F.binary_cross_entropy_with_logits(
+            logits_fake, 1 - ones)
+
     # -- evaluation ---------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, noise: torch.Tensor, precision) -> torch.Tensor:

@@ -71,6 +71,14 @@ class LanguageModelTask(Task):
         stepper.step()
         return {"loss": loss.detach()}
 
+    def check_loss(self, batch, precision, nets=None):
+        x, y = batch
+        net = nets["model"] if nets else self.trained
+        model = nets["model"] if nets else self.model
+        with precision.autocast():
+            logits, _ = net(x, model.initial_state(x.shape[0], x.device))  # from a fresh state: no carried history
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
     @torch.no_grad()
     def eval_step(self, batch, precision):
         return {"loss": self._loss(batch, precision, training=False)}
