@@ -171,3 +171,75 @@ def test_cpu_fp16_emulation_is_part_of_the_setting_not_the_arm():
     assert setting_label(summary) == "optim.lr=0.01 precision.cpu_fp16=emulate"
     mixed = {"precision": "mixed", "loss_scale": 1, "overrides": ["precision=mixed", "precision.loss_scale=1"]}
     assert arm_label(mixed) == "mixed loss_scale=1" and setting_label(mixed) == ""
+    # summaries that record the resolved choice: auto and an explicit emulate are one setting, native another
+    auto = {"precision": "mixed", "cpu_fp16": "emulate", "overrides": ["precision=mixed"]}
+    explicit = {"precision": "fp32", "cpu_fp16": "emulate", "overrides": ["precision.cpu_fp16=emulate"]}
+    native = {"precision": "mixed", "cpu_fp16": "native", "overrides": ["precision.cpu_fp16=native"]}
+    assert setting_label(auto) == setting_label(explicit) == "precision.cpu_fp16=emulate"
+    assert setting_label(native) == "precision.cpu_fp16=native"
+
+
+T_975 = {1: 12.706204736, 2: 4.302652730, 4: 2.776445105}  # Student t quantiles, from a printed table
+
+
+def test_verdicts_recomputed_by_hand_from_the_summaries(sweep, tmp_path):
+    out = report(str(sweep / "ok"), "--format", "json", "--out", str(tmp_path / "r"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = {r["arm"]: r for r in json.loads((tmp_path / "r" / "report.json").read_text())["comparison"]}
+    by = {(s["precision"], s["seed"]): s for s in summaries(sweep / "ok")}
+    deltas = [by["bf16", seed]["final"]["accuracy"] - by["fp32", seed]["final"]["accuracy"] for seed in (0, 1)]
+    mean, half = statistics.mean(deltas), T_975[1] * statistics.stdev(deltas) / 2**0.5
+    bf16 = rows["bf16"]
+    assert bf16["pairs"] == 2 and bf16["paired_delta"] == pytest.approx(mean)
+    if half:  # two seeds may land on identical accuracies: a zero-width interval
+        assert (bf16["ci_low"], bf16["ci_high"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    expected = ("equivalent" if -0.005 < mean - half and mean + half < 0.005 else
+                "inconclusive" if mean - half <= 0 <= mean + half else "better" if mean > 0 else "worse")
+    assert bf16["verdict"] == expected and bf16["margin"] == pytest.approx(0.005)
+    assert rows["fp16_naive"]["verdict"] == "worse" and "diverged in 2 seed(s)" in rows["fp16_naive"]["verdict_note"]
+    assert rows["fp32"]["verdict"] == "control"
+
+
+def _runs(arm: str, metrics: list[float], status: str = "completed"):
+    import pandas as pd
+
+    return pd.DataFrame({"seed": range(len(metrics)), "status": status, "metric": metrics, "arm": arm})
+
+
+@pytest.mark.parametrize("arm, higher, margin, verdict", [
+    ([0.900, 0.902, 0.899, 0.901, 0.900], True, 0.005, "equivalent"),  # inside ±0.5 points
+    ([0.880, 0.882, 0.879, 0.881, 0.880], True, 0.005, "worse"),  # 2 points below, tight
+    ([0.920, 0.922, 0.919, 0.921, 0.920], True, 0.005, "better"),
+    ([0.880, 0.930, 0.870, 0.925, 0.895], True, 0.005, "inconclusive"),  # spread wider than the margin, around 0
+    ([0.900], True, 0.005, "inconclusive"),  # one pair: no interval
+    ([30.5, 30.7, 30.4, 30.5, 30.6], False, 0.3, "worse"),  # perplexity up by 0.5 > 1 % of 30: lower is better
+])
+def test_each_verdict_from_constructed_runs(arm, higher, margin, verdict):
+    from mptrain.report.verdict import paired_verdict
+
+    control = _runs("fp32", [0.900, 0.901, 0.900, 0.900, 0.901] if higher else [30.0, 30.1, 29.9, 30.0, 30.1])
+    result = paired_verdict(_runs("x", arm), control, higher, margin)  # pairs: the seeds both arms have
+    assert result["verdict"] == verdict
+    if len(arm) >= 2:
+        deltas = [a - c for a, c in zip(arm, control["metric"])]
+        half = T_975[len(arm) - 1] * statistics.stdev(deltas) / len(arm) ** 0.5
+        assert result["ci_low"] == pytest.approx(statistics.mean(deltas) - half)
+
+
+def test_report_opens_with_the_answer_and_short_run_ids(sweep, tmp_path):
+    out = report(str(sweep / "ok"), "--out", str(tmp_path / "r"), "--margin", "2", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    md = (tmp_path / "r" / "report.md").read_text()
+    first_section = md.index("\n## ")
+    assert md[first_section:].startswith("\n## The answer")
+    assert "| experiment | metric | arm | paired Δ vs fp32 (95 % CI) | verdict (±δ) |" in md
+    assert "(±0.02)" in md  # --margin 2: two accuracy points
+    assert "`bf16-s0`" in md and "`fp16-naive-s1`" in md  # run ids, not 120-character folders
+    bad = report(str(sweep / "ok"), "--margin", "-1", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--margin '-1'" in bad.stderr
+
+
+def test_a_gans_per_network_loss_scales_read_as_g_and_d():
+    from mptrain.report.runs import per_network
+
+    assert per_network({"g": 4096.0, "d": 2048.0}) == "g 4096 / d 2048"

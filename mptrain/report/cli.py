@@ -3,6 +3,7 @@
     mptrain-report multirun/2026-11-24_10-00-00
     mptrain-report runs/a runs/b --out my-report
     mptrain-report multirun/... --format csv        # or json, for machines
+    mptrain-report multirun/... --margin 0.3        # verdicts against ±0.3 accuracy points (default 0.5)
 
 Reads every run folder (one holding summary.json) under the given folders, with its
 TensorBoard scalars (every point) and numerics.jsonl, and writes into `<first dir>/report/`
@@ -34,22 +35,27 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, help="where the report goes (default: <first dir>/report)")
     parser.add_argument("--format", choices=("md", "csv", "json"), default="md",
                         help="md: report.md + report.html + PNG (default); csv or json: tables for machines")
+    parser.add_argument("--margin", action="append", metavar="[METRIC=]X",
+                        help="equivalence margin of the verdicts: accuracy in points (default 0.5), other metrics in "
+                             "%% of the control (default 1); repeat for several metrics, e.g. --margin perplexity=2")
     return parser.parse_args(argv)
 
 
-def build(dirs: list[Path], out: Path, fmt: str) -> list[Path]:
+def build(dirs: list[Path], out: Path, fmt: str, margin_specs: list[str] | None = None) -> list[Path]:
     from mptrain.report.render import write_html, write_machine, write_markdown
     from mptrain.report.runs import load_runs
+    from mptrain.report.verdict import parse_margins
 
+    margins = parse_margins(margin_specs)
     runs = load_runs(dirs)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         if fmt == "md":
-            markdown = write_markdown(runs, dirs, staging)
+            markdown = write_markdown(runs, dirs, staging, margins)
             written = [markdown, write_html(markdown)]
         else:
-            written = write_machine(runs, staging, fmt)
+            written = write_machine(runs, staging, fmt, margins)
         if out.exists():
             old = out.with_name(f".{out.name}-old")
             shutil.rmtree(old, ignore_errors=True)
@@ -67,7 +73,7 @@ def main(argv=None) -> None:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         out = args.out or args.dirs[0] / "report"
-        for path in build(args.dirs, out, args.format):
+        for path in build(args.dirs, out, args.format, args.margin):
             print(path)
     except UserError as e:
         print(f"mptrain-report: error: {e}", file=sys.stderr)

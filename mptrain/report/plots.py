@@ -27,6 +27,12 @@ def train_loss_curves(group: pd.DataFrame, path: Path) -> Path | None:
     return _curves(group, "train/loss", "train loss", path, log=False)
 
 
+def lost_update_curves(group: pd.DataFrame, path: Path) -> Path | None:
+    """The case for master weights over training: the share of weight elements whose update FP16 weights lose
+    (lost, in fp16_naive; would lose, elsewhere), from runs with telemetry.numerics.every."""
+    return _curves(group, "numerics/lost_update_frac/all", "share of weight updates lost in FP16", path, log=False)
+
+
 def loss_scale_curves(group: pd.DataFrame, path: Path) -> Path | None:
     return _curves(group, "amp/loss_scale", "loss scale", path, log=True)
 

@@ -12,29 +12,50 @@ from pathlib import Path
 import pandas as pd
 
 from mptrain.report import plots
-from mptrain.report.tables import comparison, to_markdown
+from mptrain.report.tables import comparison, delta_with_ci, to_markdown, verdict_cell
+from mptrain.report.verdict import CONFIDENCE
 
 
-def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path) -> Path:
-    tables = comparison(runs)
+def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: dict | None = None) -> Path:
+    tables = comparison(runs, margins)
     lines = [
         "# mptrain report",
         "",
         f"{len(runs)} runs from {', '.join(f'`{s}`' for s in sources)}; written by `mptrain-report` on "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Each row pools the seeds of one precision mode (plus its "
-        "`precision.*` overrides); metric, speed and memory average the completed runs; fp32 is the control "
-        "every Δ and ratio is taken against.",
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        "",
+        "## The answer",
+        "",
+        f"Each arm against the fp32 control of its experiment, paired by seed (same initialisation and data order): "
+        f"the mean paired Δ of the primary metric with its {CONFIDENCE:.0%} confidence interval (Student t over "
+        "seeds), and the verdict against the equivalence margin ±δ (`mptrain-report --margin`).",
+        "",
+        "| experiment | metric | arm | paired Δ vs fp32 (95 % CI) | verdict (±δ) |",
+        "|---|---|---|---|---|",
     ]
+    for (model, dataset, setting), table in tables.items():
+        for _, r in table[~table["control"]].iterrows():
+            better = "↑" if table.attrs["higher_is_better"] else "↓"
+            lines.append(f"| [{experiment_title(model, dataset, setting)}](#{_anchor(model, dataset, setting)}) | "
+                         f"{table.attrs['metric']} {better} | {r['arm']} | {delta_with_ci(r)} | {verdict_cell(r)} |")
+    lines += ["", "Below, per experiment: each row pools the seeds of one precision mode (plus its `precision.*` "
+              "overrides); metric, speed and memory average the completed runs; fp32 is the control every Δ and "
+              "ratio is taken against."]
     for (model, dataset, setting), table in tables.items():
         group = runs[(runs["model"] == model) & (runs["dataset"] == dataset) & (runs["setting"] == setting)]
         stem = _slug(f"{model}-{dataset}") + (f"-{hashlib.sha1(setting.encode()).hexdigest()[:8]}" if setting else "")
         metric = table.attrs["metric"]
-        title = f"{model} on {dataset}" + (f" ({setting})" if setting else "")
-        lines += ["", f"## {title}", "", _environment(group), "", to_markdown(table), ""]
+        lines += ["", f'<a id="{_anchor(model, dataset, setting)}"></a>', "",
+                  f"## {experiment_title(model, dataset, setting)}", ""]
+        if setting:
+            lines += [f"Setting: `{setting}`.", ""]
+        lines += [_environment(group), "", to_markdown(table), ""]
         figures = [
             (plots.metric_curves(group, metric, out / f"{stem}-{metric}.png"), f"eval {metric} vs step"),
             (plots.train_loss_curves(group, out / f"{stem}-train-loss.png"), "train loss vs step"),
             (plots.loss_scale_curves(group, out / f"{stem}-loss-scale.png"), "loss scale vs step"),
+            (plots.lost_update_curves(group, out / f"{stem}-lost-updates.png"),
+             "share of weight updates FP16 weights lose, vs step (the case for FP32 master weights)"),
             (plots.speed_memory_bars(table, out / f"{stem}-speed-memory.png"), "throughput and peak memory"),
             (plots.exponent_histogram(group, out / f"{stem}-grad-exponents.png"),
              "gradient exponents with FP16's limits (the paper's Fig. 3)"),
@@ -44,7 +65,11 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path) -> Path:
         for _, r in group.iterrows():
             note = "" if pd.isna(r["error"]) else str(r["error"]).replace("|", "\\|")[:160]
             value = "-" if pd.isna(r["metric"]) else f"{r['metric']:.4f}"
-            lines.append(f"| `{_relative(r['run_dir'], sources)}` | {r['arm']} | {r['seed']} | {r['status']} | {value} | {note} |")
+            folder = _relative(r["run_dir"], sources)
+            lines.append(f'| <span title="{folder}">`{run_id(r)}`</span> | {r["arm"]} | {r["seed"]} | {r["status"]} | '
+                         f"{value} | {note} |")
+        lines += ["", "Run folders: `runs.csv` of `mptrain-report --format csv` (column `run_dir`); hover a run id "
+                  "in the HTML report."]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -71,9 +96,9 @@ def write_html(markdown_path: Path) -> Path:
     return path
 
 
-def write_machine(runs: pd.DataFrame, out: Path, fmt: str) -> list[Path]:
+def write_machine(runs: pd.DataFrame, out: Path, fmt: str, margins: dict | None = None) -> list[Path]:
     frames = []
-    for (model, dataset, setting), table in comparison(runs).items():
+    for (model, dataset, setting), table in comparison(runs, margins).items():
         frames.append(table.assign(model=model, dataset=dataset, setting=setting, metric=table.attrs["metric"]))
     table = pd.concat(frames, ignore_index=True)
     first = ["model", "dataset", "setting", "metric"]
@@ -102,6 +127,21 @@ def _environment(group: pd.DataFrame) -> str:
         envs[(env.get("device_name"), env.get("torch"))] = True
     shown = "; ".join(f"{d or '?'}, torch {t or '?'}" for d, t in envs)
     return f"Device: {shown or 'unknown'}."
+
+
+def experiment_title(model: str, dataset: str, setting: str) -> str:
+    """`resnet on fashion_mnist · repro_cnn_parity`: the experiment preset names it; other overrides stay below."""
+    presets = [o.split("=", 1)[1] for o in setting.split() if o.startswith("experiment=")]
+    return f"{model} on {dataset}" + (f" · {', '.join(presets)}" if presets else "")
+
+
+def run_id(r) -> str:
+    """A short id of a run in its section: `mixed-s0` (the folder names run to 120 characters)."""
+    return f"{_slug(r['arm']).replace('_', '-')}-s{r['seed']}"
+
+
+def _anchor(model: str, dataset: str, setting: str) -> str:
+    return "x-" + hashlib.sha1(f"{model}|{dataset}|{setting}".encode()).hexdigest()[:10]
 
 
 def _slug(text: str) -> str:

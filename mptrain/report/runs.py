@@ -45,16 +45,19 @@ def arm_label(summary: dict) -> str:
 
 
 def setting_label(summary: dict) -> str:
-    """The overrides that make runs different experiments (besides model, dataset, mode and seed): `model.depth=14`."""
+    """The overrides that make runs different experiments (besides model, dataset, mode and seed): `model.depth=14`,
+    and on a CPU how FP16 ran (`precision.cpu_fp16=emulate`), which a sweep's fp32 control shares with its FP16 arms."""
     keep = []
     for override in summary.get("overrides", []):
         override = override.lstrip("+~")
         key = override.split("=", 1)[0]
         if key in ("model", "dataset", "seed", "trainer.progress") or key.startswith("hydra."):
             continue
-        if key.startswith("precision") and not key.startswith("precision." + EXECUTION):
-            continue
+        if key.startswith("precision") and not (key == "precision." + EXECUTION and "cpu_fp16" not in summary):
+            continue  # summaries written before `cpu_fp16` was recorded: the override says it
         keep.append(override)
+    if summary.get("cpu_fp16"):
+        keep.append(f"precision.{EXECUTION}={summary['cpu_fp16']}")  # as resolved: auto becomes what it chose
     return " ".join(sorted(keep))
 
 
@@ -85,7 +88,7 @@ def load_runs(dirs: list[Path]) -> pd.DataFrame:
             "samples_per_s": _finite(summary.get("samples_per_s")),
             "peak_memory_mb": _finite((summary.get("peak_memory_bytes") or math.nan) / 2**20),
             "skipped_steps": summary.get("skipped_steps"),
-            "final_loss_scale": json.dumps(scale) if isinstance(scale, dict) else scale,
+            "final_loss_scale": per_network(scale) if isinstance(scale, dict) else scale,
             "lost_update_frac": lost_update_frac(load_numerics(run_dir)),
             "wall_time_s": summary.get("wall_time_s"),
             "error": summary.get("error"),
@@ -93,6 +96,12 @@ def load_runs(dirs: list[Path]) -> pd.DataFrame:
     runs = pd.DataFrame(rows)
     runs["mode_rank"] = runs["precision"].map(lambda m: MODE_ORDER.index(m) if m in MODE_ORDER else len(MODE_ORDER))
     return runs.sort_values(["model", "dataset", "setting", "mode_rank", "arm", "seed"], ignore_index=True)
+
+
+def per_network(values: dict) -> str:
+    """A GAN's per-network loss scales as `g 4096 / d 2048`."""
+    return " / ".join(f"{name} {value:g}" if isinstance(value, (int, float)) else f"{name} {value}"
+                      for name, value in values.items())
 
 
 def _finite(value):

@@ -13,28 +13,40 @@ import math
 import pandas as pd
 
 from mptrain.report.runs import CONTROL
+from mptrain.report.verdict import VERDICT_COLUMNS, margin_for, paired_verdict
 
-COLUMNS = ["arm", "control", "runs", "status", "metric_mean", "metric_std", "delta_vs_fp32", "samples_per_s",
-           "speedup_vs_fp32", "peak_memory_mb", "memory_ratio_vs_fp32", "skipped_steps", "final_loss_scale",
-           "lost_update_frac"]  # fmt: skip
+COLUMNS = ["arm", "control", "runs", "status", "metric_mean", "metric_std", "delta_vs_fp32", *VERDICT_COLUMNS,
+           "verdict_note", "samples_per_s", "speedup_vs_fp32", "peak_memory_mb", "memory_ratio_vs_fp32",
+           "skipped_steps", "final_loss_scale", "lost_update_frac"]  # fmt: skip
 
 
 SECTION = ["model", "dataset", "setting"]
 
 
-def comparison(runs: pd.DataFrame) -> dict[tuple[str, str, str], pd.DataFrame]:
+def comparison(runs: pd.DataFrame, margins: dict[str, float] | None = None) -> dict[tuple[str, str, str], pd.DataFrame]:
+    """Per section, one row per arm; `margins` as `verdict.parse_margins` gives them (None: the defaults)."""
     tables = {}
     for key, group in runs.groupby(SECTION, sort=True):
-        rows = [_arm_row(arm, g) for arm, g in group.groupby("arm", sort=False)]
-        table = pd.DataFrame(rows, columns=COLUMNS)
+        metric = group["metric_name"].dropna().iloc[0] if group["metric_name"].notna().any() else "?"
+        higher = bool(group["higher_is_better"].iloc[0])
+        arms = dict(list(group.groupby("arm", sort=False)))
+        table = pd.DataFrame([_arm_row(arm, g) for arm, g in arms.items()], columns=COLUMNS)
         control = table[table["control"]]
         if len(control):
             ref = control.iloc[0]
             table["delta_vs_fp32"] = table["metric_mean"] - ref["metric_mean"]
             table["speedup_vs_fp32"] = table["samples_per_s"] / ref["samples_per_s"]
             table["memory_ratio_vs_fp32"] = table["peak_memory_mb"] / ref["peak_memory_mb"]
-        table.attrs["metric"] = group["metric_name"].dropna().iloc[0] if group["metric_name"].notna().any() else "?"
-        table.attrs["higher_is_better"] = bool(group["higher_is_better"].iloc[0])
+            margin = margin_for(metric, ref["metric_mean"], margins or {})
+            for i, row in table.iterrows():
+                if row["control"]:
+                    table.loc[i, "verdict"] = "control"
+                    continue
+                verdict = paired_verdict(arms[row["arm"]], arms[CONTROL], higher, margin)
+                table.loc[i, "verdict_note"] = verdict.pop("note", "")
+                for column, value in verdict.items():
+                    table.loc[i, column] = value
+        table.attrs["metric"], table.attrs["higher_is_better"] = metric, higher
         tables[key] = table
     return tables
 
@@ -51,6 +63,9 @@ def _arm_row(arm: str, runs: pd.DataFrame) -> dict:
         "metric_mean": done["metric"].mean(),
         "metric_std": done["metric"].std(ddof=1) if len(done) > 1 else math.nan,
         "delta_vs_fp32": math.nan,
+        **dict.fromkeys(VERDICT_COLUMNS, math.nan),
+        "verdict": "no control" if arm != CONTROL else "control",
+        "verdict_note": "",
         "samples_per_s": done["samples_per_s"].mean(),
         "speedup_vs_fp32": math.nan,
         "peak_memory_mb": done["peak_memory_mb"].mean(),
@@ -69,9 +84,9 @@ def to_markdown(table: pd.DataFrame) -> str:
     """A GitHub table; the control row is marked, missing values are '-'."""
     metric = table.attrs.get("metric", "metric")
     better = "higher" if table.attrs.get("higher_is_better", True) else "lower"
-    head = ["mode", "runs", "status", f"{metric} (mean ± std, {better} is better)", "Δ vs fp32", "samples/s",
-            "speed-up", "peak memory (MB)", "memory ratio", "skipped steps", "final loss scale",
-            "lost updates"]  # fmt: skip
+    head = ["mode", "runs", "status", f"{metric} (mean ± std, {better} is better)", "paired Δ vs fp32 (95 % CI)",
+            "verdict (±δ)", "samples/s", "speed-up", "peak memory (MB)", "memory ratio", "skipped steps",
+            "final loss scale", "lost updates"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         cells = [
@@ -79,7 +94,8 @@ def to_markdown(table: pd.DataFrame) -> str:
             str(r["runs"]),
             r["status"],
             _pm(r["metric_mean"], r["metric_std"]),
-            _num(r["delta_vs_fp32"], "{:+.4f}"),
+            delta_with_ci(r),
+            verdict_cell(r),
             _num(r["samples_per_s"], "{:.1f}"),
             _num(r["speedup_vs_fp32"], "{:.2f}×"),
             _num(r["peak_memory_mb"], "{:.1f}"),
@@ -90,6 +106,26 @@ def to_markdown(table: pd.DataFrame) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def delta_with_ci(r) -> str:
+    """`+0.0012 [-0.0010, +0.0034] (n=5)`: the paired mean Δ and its interval over n seeds."""
+    if r["control"] or _missing(r["paired_delta"]):
+        return "-"
+    ci = "" if _missing(r["ci_low"]) else f" [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+    return f"{r['paired_delta']:+.4f}{ci} (n={int(r['pairs'])})"
+
+
+def verdict_cell(r) -> str:
+    if r["control"]:
+        return "control"
+    margin = "" if _missing(r["margin"]) else f" (±{r['margin']:.4g})"
+    verdict = f"**{r['verdict']}**{margin}" if r["verdict"] in ("worse", "better", "equivalent") else r["verdict"] + margin
+    return verdict + (f": {r['verdict_note']}" if r.get("verdict_note") else "")
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _num(value, fmt: str) -> str:
