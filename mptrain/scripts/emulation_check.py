@@ -1,8 +1,8 @@
 """Is precision.cpu_fp16=emulate faithful to the native CPU FP16 path, and how much faster is it?
 
-    python results/emulation_check.py speed [model=resnet] [steps=6] [batch=64]
-    python results/emulation_check.py numerics <native sweep dir> <emulated sweep dir>
-    python results/emulation_check.py same-state [model=resnet] [warm=20] [batch=64] [dataset=...]
+    python -m mptrain.scripts.emulation_check speed [model=resnet] [steps=6] [batch=64]
+    python -m mptrain.scripts.emulation_check numerics <native sweep dir> <emulated sweep dir>
+    python -m mptrain.scripts.emulation_check same-state [model=resnet] [warm=20] [batch=64] [dataset=...]
 
 speed: one process, the same seeded model and batch, native and emulated `mixed` steps
 alternated (`steps` each after one warm-up each); median step times and their ratio.

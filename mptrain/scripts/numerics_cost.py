@@ -1,6 +1,6 @@
 """What the numerics instruments cost: training step time with them off and with every=N, in one process.
 
-    python results/numerics_cost.py [every=100] [steps=300] [rounds=2] [batch=64] [pairs=10]
+    python -m mptrain.scripts.numerics_cost [every=100] [steps=300] [rounds=2] [batch=64] [pairs=10]
 
 ResNet-20 (fp32) on synthetic 32x32x3 data through the real Trainer, two ways:
 1. whole runs: the arms alternate (off, on, off, on, ...) so drift on a noisy machine hits

@@ -1,7 +1,7 @@
 """The paper's loss-scaling claim, checked with `mptrain-numerics` on a model whose gradients underflow.
 
-    python results/numerics_paper_check.py [depth=14] [steps=468] [seeds=3] [out=DIR]
-    python results/numerics_paper_check.py table=DIR/check.json      # the table again, from a finished check
+    python -m mptrain.scripts.numerics_paper_check [depth=14] [steps=468] [seeds=3] [out=DIR]
+    python -m mptrain.scripts.numerics_paper_check table=DIR/check.json      # the table again, from a finished check
 
 1. `mptrain-numerics model=mlp model.depth=D` (50 FP32 steps) measures what FP16 flushes
    and recommends a static loss scale.
