@@ -40,15 +40,14 @@ def run_recurrent(rnn: nn.RNNBase, x: torch.Tensor, state: State | None):
         with torch.autocast("cpu", enabled=False):
             weights = {name: p.to(dtype) for name, p in rnn.named_parameters()}
             return _recurrence(rnn, weights, x.to(dtype), _cast_state(state, dtype))
-    if emulation.emulating(x):
-        return emulation.fp16_recurrence(rnn, dict(rnn.named_parameters()), x, state)
-    return rnn(x, state)
+    return _recurrence(rnn, None, x, state)
 
 
-def _recurrence(rnn: nn.RNNBase, weights: dict, x: torch.Tensor, state: State | None):
+def _recurrence(rnn: nn.RNNBase, weights: dict | None, x: torch.Tensor, state: State | None):
+    """The layer with `weights` in place of its own (None: its own), emulated whole under emulated FP16 kernels."""
     if emulation.emulating(x):
-        return emulation.fp16_recurrence(rnn, weights, x, state)
-    return torch.func.functional_call(rnn, weights, (x, state))
+        return emulation.fp16_recurrence(rnn, weights or dict(rnn.named_parameters()), x, state)
+    return rnn(x, state) if weights is None else torch.func.functional_call(rnn, weights, (x, state))
 
 
 def _recurrent_layer(cfg, input_size: int) -> nn.RNNBase:

@@ -43,12 +43,12 @@ class Precision:
         cpu_fp16 = cfg.cpu_fp16
         if cpu_fp16 not in CPU_FP16:
             raise UserError(f"unknown precision.cpu_fp16={cpu_fp16!r}; choose one of {', '.join(CPU_FP16)}")
-        self.emulate = emulates(cpu_fp16, device, self.spec.uses_fp16)
+        policy_emulates = emulates(cpu_fp16, device)
+        self.emulate = self.spec.uses_fp16 and policy_emulates
         #: which kernels the FP16 arithmetic runs on (summary.json `fp16_kernels`); None: the mode has none
         self.fp16_kernels = ("emulated" if self.emulate else "native") if self.spec.uses_fp16 else None
         #: the CPU's FP16 policy as resolved, for every mode alike: the report's setting, shared by a sweep's fp32 control
-        self.cpu_fp16 = None if device.type != "cpu" else (
-            "emulate" if emulates(cpu_fp16, device, uses_fp16=True) else "native")
+        self.cpu_fp16 = None if device.type != "cpu" else ("emulate" if policy_emulates else "native")
         if device.type == "cpu" and self.spec.uses_fp16 and cpu_fp16 == "native" and not emulation.cpu_has_fp16_units():
             self.notes.append(
                 f"precision={self.spec.name} with precision.cpu_fp16=native is slow: this CPU has no FP16 "

@@ -22,6 +22,8 @@ conversions per op cost more than torch's FP16 element-wise loops: an LSTM LM st
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
@@ -32,6 +34,7 @@ HEAVY = {aten.convolution.default, aten.convolution_backward.default, aten.mm.de
          aten.bmm.default, aten.baddbmm.default, aten.mv.default, aten.addmv.default}  # fmt: skip
 
 
+@functools.cache  # /proc/cpuinfo does not change while we run
 def cpu_has_fp16_units() -> bool:
     """Whether this CPU computes FP16 natively (AVX512-FP16 or AMX-FP16), so torch's FP16 kernels are fast."""
     try:
@@ -42,9 +45,10 @@ def cpu_has_fp16_units() -> bool:
     return "avx512_fp16" in flags or "amx_fp16" in flags
 
 
-def emulates(cpu_fp16: str, device: torch.device, uses_fp16: bool) -> bool:
-    """`precision.cpu_fp16` resolved: auto emulates on a CPU without FP16 units; never on CUDA."""
-    if device.type != "cpu" or not uses_fp16:
+def emulates(cpu_fp16: str, device: torch.device) -> bool:
+    """`precision.cpu_fp16` resolved: whether FP16 arithmetic on `device` is emulated (auto: on a CPU without FP16
+    units; never on CUDA)."""
+    if device.type != "cpu":
         return False
     return cpu_fp16 == "emulate" or (cpu_fp16 == "auto" and not cpu_has_fp16_units())
 
