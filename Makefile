@@ -7,16 +7,23 @@ PYTEST_ARGS ?=
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 JARGON := /usr/share/doc/jargon-text/jargon.txt.gz
 
-.PHONY: run test test-fast setup data test-tools clean
+.PHONY: run test test-fast test-unit lint setup data test-tools clean
 
 run: setup data
 	$(VENV)/bin/mptrain model=resnet precision=mixed $(ARGS)
 
-test: setup data test-tools
+test: setup data test-tools lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-test-fast: setup data
+test-fast: setup data lint
 	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# in-process tests only (no console-script subprocesses): the quick loop while editing
+test-unit: setup
+	$(VENV)/bin/python -m pytest -m "not slow and not e2e" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 setup: $(VENV)/.installed
 

@@ -97,26 +97,12 @@ def load(path: Path, cfg, device: torch.device, world_size: int = 1) -> dict:
 
 
 def capture(trainer) -> dict:
-    return {
-        "identity": identity(trainer.cfg), "world_size": trainer.replicas.world_size,
-        "step": trainer.step, "epoch": trainer.epoch, "batch_in_epoch": trainer.batch_in_epoch,
-        "networks": {name: net.state_dict() for name, net in trainer.task.networks().items()},
-        "steppers": {name: stepper.state_dict() for name, stepper in trainer.steppers.items()},
-        "task": trainer.task.state_dict(),
-        "rng": rng_state(),
-        "history": trainer.history, "best": trainer.best, "last_media_step": trainer.last_media_step,
-        "overflow_events": list(trainer.overflows.events),
-    }  # fmt: skip
+    """The trainer's state with what checks a resume (identity, world size) and the RNG streams."""
+    return {"identity": identity(trainer.cfg), "world_size": trainer.replicas.world_size, **trainer.state_dict(),
+            "rng": rng_state()}
 
 
 def restore(trainer, state: dict) -> None:
-    """Put a freshly built Trainer where the checkpoint left off (weights first, then masters over them)."""
-    for name, net in trainer.task.networks().items():
-        net.load_state_dict(state["networks"][name])
-    for name, stepper in trainer.steppers.items():
-        stepper.load_state_dict(state["steppers"][name])
-    trainer.step, trainer.epoch, trainer.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-    trainer.history, trainer.best, trainer.last_media_step = state["history"], state["best"], state["last_media_step"]
-    trainer.overflows.events.extend(state["overflow_events"])
-    trainer.resumed_task_state = state["task"]
+    """Put a freshly built Trainer where the checkpoint left off."""
+    trainer.load_state_dict(state)
     set_rng_state(state["rng"])

@@ -11,11 +11,15 @@ errors answer fast.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
 import hydra
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import OmegaConf
+
+from mptrain.schema import describe_composition_error
 
 MAX_DIRNAME = 120  # file systems stop at 255 bytes a name; keep sweep folders readable well below
 EXCLUDED_FROM_DIRNAME = {"seed"}  # seeds of one setting sit side by side under it
@@ -54,7 +58,7 @@ def _hydra_main(cfg) -> float | None:
 
 
 def main() -> float | None:
-    from mptrain.distributed import launched_rank, launched_world_size
+    from mptrain.replicas import launched_rank, launched_world_size
 
     if launched_world_size() > 1:  # started by torchrun: one job, rank 0 owns its folder
         if {"-m", "--multirun"} & set(sys.argv[1:]):
@@ -64,7 +68,22 @@ def main() -> float | None:
         if launched_rank() > 0:  # other ranks make no folder, no log and no .hydra of their own
             sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
                          "hydra/hydra_logging=disabled"]
-    return _hydra_main()
+    return _composed_or_one_line(_hydra_main)
+
+
+def _composed_or_one_line(hydra_main):
+    """Hydra prints a refused override over several lines and exits 1; mptrain says it in one and exits 2
+    (HYDRA_FULL_ERROR makes Hydra hand the exception over instead of printing it)."""
+    own = "HYDRA_FULL_ERROR" not in os.environ
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        return hydra_main()
+    except (ConfigCompositionException, OverrideParseException) as e:  # before the job they concern ran
+        print(f"mptrain: error: {describe_composition_error(e)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if own:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 if __name__ == "__main__":

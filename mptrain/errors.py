@@ -1,4 +1,4 @@
-"""Errors a user can fix: reported as one line, never as a traceback."""
+"""How a run can end other than by completing: a user's mistake, or training that cannot (or may not) go on."""
 
 
 class UserError(Exception):
@@ -9,9 +9,23 @@ class UserError(Exception):
     """
 
 
-class Diverged(Exception):
+class RunEnded(Exception):
+    """Training stopped before its last step; `results` holds what the trainer had measured by then."""
+
+    status = "ended"
+
+    def __init__(self, message: str, results: dict | None = None):
+        super().__init__(message)
+        self.results = results or {}
+
+
+class Diverged(RunEnded):
     """Training cannot go on (NaN loss, collapsed loss scale): status ``diverged``."""
 
+    status = "diverged"
 
-class Interrupted(Exception):
+
+class Interrupted(RunEnded):
     """SIGTERM or SIGINT: the run saved a checkpoint and stops with status ``interrupted``."""
+
+    status = "interrupted"

@@ -59,10 +59,10 @@ def compose_scan(overrides: list[str], steps: int):
 
 def scan(cfg, steps: int):
     """Train `steps` FP32 steps with every step measured; return {(kind, layer): summed stats}."""
-    from mptrain.run import build_trainer, resolve_device
+    from mptrain.build import build_trainer, resolve_device
+    from mptrain.schema import validate
     from mptrain.telemetry.numerics import NumericsProbe
     from mptrain.telemetry.tensorboard import TensorBoardLogger
-    from mptrain.validate import validate_config
 
     class Accumulate(NumericsProbe):
         def __init__(self, run_dir):
@@ -74,7 +74,7 @@ def scan(cfg, steps: int):
                 old = self.sums.get(key)
                 self.sums[key] = v if old is None else [a + b for a, b in zip(old, v)]
 
-    validate_config(cfg)
+    validate(cfg)
     with tempfile.TemporaryDirectory(prefix="mptrain-numerics-") as tmp:
         probe = Accumulate(Path(tmp))
         tb = TensorBoardLogger(Path(tmp) / "tb")

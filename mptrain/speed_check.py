@@ -11,9 +11,10 @@ path's in the run's own precision. Where they differ by more than `AGREE` (relat
 networks gives the exact answer, and a gradient is wrong when its error against FP64 is more than `FACTOR` times
 the plain path's own error and above `AGREE`: in FP16 the plain path carries rounding of its own, in FP32 almost
 none. A wrong gradient refuses the run with one line naming the layer (refusing, not falling back: the user
-asked for the option, and a sweep should not silently mix layouts). The check runs twice through the optimised path (the faulty kernel above is right on its first call in a
-process and wrong after), on one batch of at most `CHECK_SAMPLES` samples (the whole first batch under compile, which must compile its shape anyway), on copies
-of the state: the run starts from exactly where it would have.
+asked for the option, and a sweep should not silently mix layouts). The check runs twice through the optimised
+path (the faulty kernel above is right on its first call in a process and wrong after), on one batch of at most
+`CHECK_SAMPLES` samples (the whole first batch under compile, which must compile its shape anyway), on copies of
+the state: the run starts from exactly where it would have.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class _Exact:
 
 
 def speed_options(trainer_cfg) -> list[str]:
-    return [f"trainer.{flag}=true" for flag in ("channels_last", "compile") if trainer_cfg.get(flag)]
+    return [f"trainer.{flag}=true" for flag in ("channels_last", "compile") if trainer_cfg[flag]]
 
 
 def verify_speed_options(task, batch, precision, options: list[str], replicas=None) -> dict:

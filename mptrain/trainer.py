@@ -11,18 +11,16 @@ import contextlib
 import itertools
 import logging
 import math
-import os
-import signal
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from mptrain.distributed import Replicas
 from mptrain.errors import Diverged, Interrupted
 from mptrain.optim import build_optimizer, build_scheduler
 from mptrain.precision import LossScaleCollapsed, Precision
+from mptrain.replicas import Replicas
 from mptrain.signals import StopRequest
 from mptrain.tasks import Task
 from mptrain.telemetry.memory import PeakMemory
@@ -31,6 +29,7 @@ from mptrain.telemetry.numerics import NumericsProbe
 from mptrain.telemetry.overflow import OverflowLog, first_nonfinite_module, nonfinite_grads
 from mptrain.telemetry.tensorboard import TensorBoardLogger
 from mptrain.telemetry.throughput import Throughput
+from mptrain.testing import install_faults
 
 log = logging.getLogger(__name__)
 MEMORY_STEPS = 3  # the first steps (and every logging step) are measured for peak memory
@@ -43,11 +42,15 @@ def tag(split: str, key: str) -> str:
 
 class Trainer:
     def __init__(self, cfg, task: Task, data, precision: Precision, device: torch.device, tb: TensorBoardLogger,
-                 numerics: NumericsProbe | None = None, replicas: Replicas | None = None):
+                 numerics: NumericsProbe | None = None, replicas: Replicas | None = None, *,
+                 checkpoint_path: Path | None = None, stop: StopRequest | None = None,
+                 speed_options_check: dict | None = None):
+        """`checkpoint_path`: where checkpoints go (None: none); `stop`: the request the run's signal handlers
+        fill (checkpoint, then stop); `speed_options_check`: what the speed options were verified against."""
         self.cfg = cfg
         self.replicas = replicas or Replicas()  # data-parallel ranks: rank 0 writes, metrics are reduced
         self.numerics = numerics  # None: no numerics hooks exist, the step costs nothing extra
-        self.overflows = OverflowLog(cfg.telemetry.get("overflow_events", 20))
+        self.overflows = OverflowLog(cfg.telemetry.overflow_events)
         self.last_batch = None
         self.task = task
         self.data = data
@@ -67,7 +70,8 @@ class Trainer:
             )
             for name, net in task.networks().items()
         }
-        _inject_overflow_fault(self)
+        self.after_checkpoint: list = []  # called with the step once a checkpoint is on disk
+        install_faults(self)  # test-only fault injection (mptrain/testing.py); nothing unless asked
         self.throughput = Throughput(device, t.perf_warmup_steps)
         self.memory = PeakMemory(device)
         self.train_meter = MeanMeter()
@@ -76,10 +80,10 @@ class Trainer:
         self.history: list[dict] = []  # eval results, one per evaluation
         self.best: dict | None = None
         self.epoch = self.batch_in_epoch = 0  # the data position a checkpoint records
-        self.checkpoint_path: Path | None = None  # where checkpoints go (run.py sets it)
-        self.stop = StopRequest()  # run.py hands in the one its signal handlers fill: checkpoint, then stop
+        self.checkpoint_path = checkpoint_path
+        self.stop = stop or StopRequest()
         self.resumed_task_state: dict | None = None
-        self.speed_options_check: dict | None = None  # what the speed options were verified against (build sets it)
+        self.speed_options_check = speed_options_check
 
     # -- public --------------------------------------------------------------------------
     def fit(self, evaluate: bool = True) -> dict:
@@ -98,7 +102,7 @@ class Trainer:
                     self.evaluate(epoch + 1)
                 if last:
                     break
-            if self.checkpoint_path and t.get("checkpoint_every") and self.replicas.is_main:
+            if self.checkpoint_path and t.checkpoint_every and self.replicas.is_main:
                 self.save_checkpoint()  # the final state
         finally:
             bar.close()
@@ -107,7 +111,7 @@ class Trainer:
     def evaluate(self, epoch: int) -> dict:
         for net in self.task.networks().values():
             net.eval()
-        limit = self.cfg.trainer.get("eval_max_batches")
+        limit = self.cfg.trainer.eval_max_batches
         batches = itertools.islice(self.data.test, limit) if limit else self.data.test
         with self.precision.kernels():
             metrics = self.task.evaluate(batches, self.precision)
@@ -173,7 +177,7 @@ class Trainer:
                 self.throughput.begin()
             if done:
                 break
-            eval_every = self.cfg.trainer.get("eval_every")
+            eval_every = self.cfg.trainer.eval_every
             if evaluate and eval_every and self.step % eval_every == 0:
                 if not logged:
                     self._log_window(bar)
@@ -182,7 +186,7 @@ class Trainer:
                     net.train()
                 self.throughput.begin()
                 logged = True
-            checkpoint_every = self.cfg.trainer.get("checkpoint_every")
+            checkpoint_every = self.cfg.trainer.checkpoint_every
             stop = self._stop_requested(logged)
             if stop or (self.checkpoint_path and checkpoint_every and self.step % checkpoint_every == 0):
                 if not logged:  # a checkpoint holds no half-filled logging window
@@ -211,8 +215,31 @@ class Trainer:
 
         checkpoint.save(self.checkpoint_path, checkpoint.capture(self))
         log.info("step %d: checkpoint %s", self.step, self.checkpoint_path)
-        if os.environ.get("MPTRAIN_FAULT_KILL_AFTER_CHECKPOINT") == str(self.step):  # fault injection for tests
-            os.kill(os.getpid(), signal.SIGKILL)
+        for hook in self.after_checkpoint:
+            hook(self.step)
+
+    def state_dict(self) -> dict:
+        """Everything but the RNG streams that continuing bit-identically needs: weights, steppers (optimizer,
+        masters, loss scaler, schedule), the task's carried state, the data position, history."""
+        return {
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "networks": {name: net.state_dict() for name, net in self.task.networks().items()},
+            "steppers": {name: stepper.state_dict() for name, stepper in self.steppers.items()},
+            "task": self.task.state_dict(),
+            "history": self.history, "best": self.best, "last_media_step": self.last_media_step,
+            "overflow_events": list(self.overflows.events),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where `state_dict` left off (weights first, then the steppers' masters over them)."""
+        for name, net in self.task.networks().items():
+            net.load_state_dict(state["networks"][name])
+        for name, stepper in self.steppers.items():
+            stepper.load_state_dict(state["steppers"][name])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.history, self.best, self.last_media_step = state["history"], state["best"], state["last_media_step"]
+        self.overflows.events.extend(state["overflow_events"])
+        self.resumed_task_state = state["task"]  # loaded when its pass starts (an LM's hidden state)
 
     def _train_step(self, batch) -> dict:
         measure = self.step < MEMORY_STEPS or (self.step + 1) % self.cfg.trainer.log_every == 0
@@ -291,7 +318,7 @@ class Trainer:
                      ", ".join(f"{k.split('/')[1]} {values[k]:.4g}" for k in shown if k in values))
         elif "train/loss" in values:
             bar.set_postfix(loss=f"{values['train/loss']:.4g}", refresh=False)
-        if self.step - self.last_media_step >= self.cfg.trainer.get("media_every", 100):
+        if self.step - self.last_media_step >= self.cfg.trainer.media_every:
             self._log_media()
         self.throughput.begin()
 
@@ -325,20 +352,3 @@ class Trainer:
             return None
         return next(iter(values.values())) if len(values) == 1 else values
 
-
-def _inject_overflow_fault(trainer: Trainer) -> None:
-    """Fault injection for tests: MPTRAIN_FAULT_OVERFLOW=<rank>:<step> makes that rank's gradients inf at that step
-    (after backward and DDP's all-reduce, so only that rank sees it before the overflow vote)."""
-    fault = os.environ.get("MPTRAIN_FAULT_OVERFLOW")
-    if not fault:
-        return
-    rank, step = (int(v) for v in fault.split(":"))
-    if rank != trainer.replicas.rank:
-        return
-
-    def poison(grads):
-        if trainer.step + 1 == step and grads:
-            grads[0].fill_(float("inf"))
-
-    for stepper in trainer.steppers.values():
-        stepper.grad_hooks.append(poison)

@@ -241,9 +241,9 @@ def test_unknown_dataset_is_a_user_error():
         build_data(OmegaConf.create({"name": "imagenet22k"}), CPU, seed=0)
 
 
-def test_dataset_yamls_have_the_common_keys():
+def test_dataset_yamls_have_the_common_keys(compose_cfg):
     for name in ("fashion_mnist", "mnist", "cifar10", "synthetic"):
-        cfg = OmegaConf.load(CONF_DIR / f"{name}.yaml")
+        cfg = compose_cfg(f"dataset={name}").dataset
         assert cfg.name == name and cfg.batch_size == 128 and cfg.eval_batch_size == 512
         assert cfg.root == "~/.cache/mptrain/data" and "augment" in cfg
 

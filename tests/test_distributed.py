@@ -32,8 +32,8 @@ def _rank(rank: int, world: int, port: int, cfg_yaml: str, out: str, env: dict) 
                       MASTER_PORT=str(port), **env)  # fmt: skip
     torch.set_num_threads(1)
     from mptrain.bench.measure import RecordingLogger
-    from mptrain.distributed import join
-    from mptrain.run import build_trainer
+    from mptrain.build import build_trainer
+    from mptrain.replicas import join
 
     replicas = join("cpu")
     tb = RecordingLogger()

@@ -94,7 +94,7 @@ def test_unknown_cpu_fp16_value_gets_one_line(tmp_path):
     out = mptrain("precision=mixed", "precision.cpu_fp16=fast", *TINY, "trainer.max_steps=1",
                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "precision.cpu_fp16='fast'; choose one of auto, native, emulate" in out.stderr
+    assert "precision.cpu_fp16 must be auto, emulate or native (got 'fast')" in out.stderr
 
 
 @pytest.mark.parametrize("mode", ["fp16_naive", "amp"])

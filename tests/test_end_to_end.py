@@ -8,9 +8,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from test_cli import SUMMARY_FIELDS, TAGS
 
 from cli_helpers import TINY, mptrain, read_summary, scalar_tags
-from test_cli import SUMMARY_FIELDS, TAGS
 
 MODES = ["fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16"]
 REPO = Path(__file__).resolve().parents[1]

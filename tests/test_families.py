@@ -133,7 +133,7 @@ def test_dcgan_shapes(size):
     images = nets["g"](torch.randn(2, 8, 1, 1))
     assert images.shape == (2, 3, size, size) and nets["d"](images).shape == (2,)
     with pytest.raises(UserError, match="28, 32, 64"):
-        build_dcgan(OmegaConf.create({"width": 4}), OmegaConf.create({"in_channels": 1, "image_size": 30}))
+        build_dcgan(OmegaConf.create({"width": 4, "latent": 8}), OmegaConf.create({"in_channels": 1, "image_size": 30}))
 
 
 def _gan(compose_cfg, tmp_path, mode="mixed"):

@@ -62,7 +62,7 @@ def test_resnet20_has_the_published_parameter_count():
     assert sum(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in model.modules()) == 19
 
 
-@pytest.mark.parametrize("depth", [21, 2, "20"])
+@pytest.mark.parametrize("depth", [21, 2, "twenty"])
 def test_resnet_depth_must_be_6n_plus_2(depth):
     spec = DataSpec(name="t", in_channels=3, image_size=32, num_classes=10)
     with pytest.raises(UserError, match=r"6n\+2.*model\.depth=20"):
@@ -90,13 +90,13 @@ def test_bad_model_config_is_a_user_error():
         build_model(OmegaConf.create({"name": "resnet50", "small_input": "sometimes"}), spec)
 
 
-def test_model_yamls_name_registered_models_and_tasks():
+def test_model_yamls_name_registered_models_and_tasks(compose_cfg):
     from mptrain.tasks import TASKS
 
     files = sorted(CONF_DIR.glob("*.yaml"))
     assert {f.stem for f in files} >= set(MODELS)
     for path in files:
-        cfg = OmegaConf.load(path)
+        cfg = compose_cfg(f"model={path.stem}").model
         assert cfg.name == path.stem and cfg.name in MODELS
         assert cfg.family in ("cnn", "rnn", "gan", "mlp") and cfg.task in TASKS
 

@@ -13,9 +13,9 @@ from torch import nn
 
 from cli_helpers import TINY, mptrain, read_summary
 from mptrain.bench.measure import RecordingLogger
+from mptrain.build import build_trainer
 from mptrain.errors import UserError
 from mptrain.optim import kernel_choice
-from mptrain.run import build_trainer
 
 TINY_RESNET = ["model=resnet", "model.depth=8", "model.width=4", "dataset=synthetic", "dataset.image_size=8",
                "dataset.train_size=128", "dataset.batch_size=32", "trainer.device=cpu", "trainer.max_steps=4",

@@ -23,8 +23,7 @@ from pathlib import Path
 
 from mptrain.console import OneLineParser, compose, positive
 from mptrain.errors import UserError
-
-MODES = ("fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16")
+from mptrain.schema.precision import MODES
 
 
 def _csv(kind, choices=None):
@@ -94,17 +93,17 @@ def run(args, overrides) -> dict:
     from mptrain.bench.bare import BARE_FOR_MODE, SUPPORTED_TASKS
     from mptrain.bench.measure import Timing, cuda_reset, time_bare, time_trainer
     from mptrain.bench.paired import paired_overhead
+    from mptrain.build import resolve_device
     from mptrain.precision import Precision
-    from mptrain.run import resolve_device
+    from mptrain.schema import validate
     from mptrain.telemetry.env import environment
-    from mptrain.validate import validate_config
 
     rows = []
     with_data = [*overrides, *default_data(overrides)]  # composed once, not per arm
     for batch in args.batch_sizes:
         for mode in args.modes:
             cfg, cfg_fp32 = configs(with_data, mode, batch, args)
-            validate_config(cfg)
+            validate(cfg)
             device = resolve_device(cfg.trainer.device)
             bare_kind = BARE_FOR_MODE[mode] if not args.no_bare and cfg.model.task in SUPPORTED_TASKS else None
             ours, bare = Timing(), Timing()

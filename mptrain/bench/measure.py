@@ -53,7 +53,7 @@ class RecordingLogger(NullLogger):
 
 def time_trainer(cfg, device, warmup: int) -> Timing:
     """One Trainer run as `mptrain` builds it (no evaluation, no numerics); its logged windows after warm-up."""
-    from mptrain.run import build_trainer
+    from mptrain.build import build_trainer
 
     tb = RecordingLogger()
     with tempfile.TemporaryDirectory(prefix="mptrain-bench-") as tmp:
@@ -67,7 +67,7 @@ def time_trainer(cfg, device, warmup: int) -> Timing:
 def bare_loop(cfg_fp32, device, kind: str, total_steps: int, kernels=None):
     """(the bare loop, the fp32 Trainer it was taken from): the model and batches an fp32 Trainer would get (same
     seed, same data), its steps run inside `kernels()` (the emulated FP16 kernels when its arm uses them)."""
-    from mptrain.run import build_trainer
+    from mptrain.build import build_trainer
 
     with tempfile.TemporaryDirectory(prefix="mptrain-bench-") as tmp:
         trainer = build_trainer(cfg_fp32, device, Path(tmp), RecordingLogger(), None, [])

@@ -22,7 +22,7 @@ WARMUP_PAIRS = 3
 def paired_overhead(cfg, cfg_fp32, device, kind: str, pairs: int, kernels=None) -> dict:
     """Median ms of a Trainer step (as `fit` runs it: memory measured every `log_every`-th step, metric meters,
     the skip decision) and of a bare step, `pairs` alternations after a warm-up; the overhead with logging."""
-    from mptrain.run import build_trainer
+    from mptrain.build import build_trainer
 
     with tempfile.TemporaryDirectory(prefix="mptrain-bench-") as tmp:
         trainer = build_trainer(cfg, device, Path(tmp), RecordingLogger(), None, [])

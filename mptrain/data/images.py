@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 import shutil
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -21,7 +21,6 @@ import torchvision
 
 from mptrain.data.idx import find_idx_file, read_idx
 from mptrain.errors import UserError
-from mptrain.validate import positive_int
 
 FASHION_MNIST_SYSTEM_DIRS = [Path("/usr/share/datasets/fashion-mnist")]  # Debian: dataset-fashion-mnist
 IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -108,9 +107,9 @@ def _load_idx_dataset(cfg, root: Path, title: str, torchvision_name: str, system
             break
     else:
         files = None
-        if cfg.get("download", True):
+        if cfg.download:
             dataset_class = getattr(torchvision.datasets, torchvision_name)
-            reason = download_cleanly(lambda: dataset_class(str(root), train=True, download=True), raw_dir)
+            reason = download_cleanly(lambda: dataset_class(str(root), train=True, download=True), raw_dir)  # noqa: B023
             files = _idx_files(raw_dir)
             problem = f"the download failed ({reason or 'no files arrived'})"
         else:
@@ -153,7 +152,7 @@ def _cifar10_splits(cfg, root: Path):
         return load(download=False)
     except RuntimeError:  # torchvision: "Dataset not found or corrupted"
         pass
-    if cfg.get("download", True):
+    if cfg.download:
         failure = download_cleanly(lambda: load(download=True), root)
         if failure is None:
             return load(download=False)
@@ -193,15 +192,8 @@ def load_cifar10(cfg, root: Path, device: torch.device) -> ImageSet:
 
 def load_synthetic(cfg, root: Path, device: torch.device) -> ImageSet:
     """Class templates (smooth random images) plus gaussian noise; a CNN beats chance within a few steps."""
-    num_classes, channels, size, train_size, test_size = (
-        positive_int(cfg, key, default, "dataset")
-        for key, default in (("num_classes", 10), ("channels", 3), ("image_size", 32), ("train_size", 2048), ("test_size", 512))
-    )
-    noise, seed = cfg.get("noise", 1.0), cfg.get("seed", 0)
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or noise < 0:
-        raise UserError(f"dataset.noise must be a number >= 0 (got {noise!r}); e.g. dataset.noise=1.0")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise UserError(f"dataset.seed must be an integer (got {seed!r}); e.g. dataset.seed=0")
+    num_classes, channels, size = cfg.num_classes, cfg.channels, cfg.image_size
+    train_size, test_size, noise, seed = cfg.train_size, cfg.test_size, cfg.noise, cfg.seed
 
     # Own generator: the data stays the same whichever run seed trains on it.
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -14,17 +14,17 @@ import gzip
 import hashlib
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
+from mptrain.data.loaders import DataModule
 from mptrain.data.seeds import stream_seed
 from mptrain.errors import UserError
-from mptrain.validate import positive_int
+from mptrain.schema.dataset import JARGON  # Debian: jargon-text
 
-JARGON = "/usr/share/doc/jargon-text/jargon.txt.gz"  # Debian: jargon-text
 UNK, EOS = "<unk>", "<eos>"
 WORD_PATTERN = re.compile(r"\w+|[^\w\s]|\n")  # words, punctuation marks, line ends
 
@@ -144,15 +144,8 @@ def split_at_lines(text: str, fractions: list[float]) -> list[str]:
 
 def synthetic_text(cfg) -> str:
     """A first-order Markov source over ``vocab_size`` letters, each followed by one of a few successors."""
-    vocab, size, branching = (
-        positive_int(cfg, key, default, "dataset")
-        for key, default in (("vocab_size", 16), ("size", 20_000), ("branching", 3))
-    )
-    if vocab > 26:
-        raise UserError(
-            f"dataset.vocab_size must be at most 26 for synthetic_text (got {vocab}); e.g. dataset.vocab_size=16"
-        )
-    generator = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
+    vocab, size, branching = cfg.vocab_size, cfg.size, cfg.branching
+    generator = torch.Generator().manual_seed(cfg.seed)
     successors = torch.stack([torch.randperm(vocab, generator=generator)[:branching] for _ in range(vocab)])
     picks = torch.randint(branching, (size,), generator=generator)
     letters, state = [], 0
@@ -162,43 +155,20 @@ def synthetic_text(cfg) -> str:
     return "".join("".join(letters[i : i + 64]) + "\n" for i in range(0, size, 64))
 
 
-def _fractions(cfg) -> list[float]:
-    split = list(cfg.get("split", [0.9, 0.05, 0.05]))
-    if len(split) != 3 or not all(isinstance(f, (int, float)) and f > 0 for f in split) or abs(sum(split) - 1) > 1e-6:
-        raise UserError(
-            f"dataset.split must be three positive fractions summing to 1 (got {split}); "
-            "e.g. dataset.split=[0.9,0.05,0.05]"
-        )
-    return split
-
-
 def build_text_data(cfg, device: torch.device, seed: int):
     """The text DataModule: train and held-out stream loaders on ``device`` plus the vocab artifact."""
-    from mptrain.data import DataModule
-
     name = cfg.name
-    level = cfg.get("level", "char")
-    if level not in ("char", "word"):
-        raise UserError(f"dataset.level must be char or word (got {level!r}); e.g. dataset.level=char")
-    eval_split = cfg.get("eval_split", "test")
-    if eval_split not in ("valid", "test"):
-        raise UserError(f"dataset.eval_split must be valid or test (got {eval_split!r}); e.g. dataset.eval_split=test")
-    batch_size = positive_int(cfg, "batch_size", 32, "dataset")
-    eval_batch_size = positive_int(cfg, "eval_batch_size", 32, "dataset")
-    bptt = positive_int(cfg, "bptt", 64, "dataset")
-    min_freq = positive_int(cfg, "min_freq", 1, "dataset")
-    max_vocab = cfg.get("max_vocab")
-    if max_vocab is not None:
-        max_vocab = positive_int(cfg, "max_vocab", 10_000, "dataset")
+    level, eval_split, bptt = cfg.level, cfg.eval_split, cfg.bptt
+    batch_size, eval_batch_size = cfg.batch_size, cfg.eval_batch_size
 
     if name == "synthetic_text":
         text, source = synthetic_text(cfg), "synthetic"
     else:
-        source = str(cfg.get("path") or JARGON)
+        source = cfg.path
         text = read_text(source)
-    parts = split_at_lines(text, _fractions(cfg))
-    tokens = [tokenize(part, level, bool(cfg.get("lowercase", False))) for part in parts]
-    vocab = Vocabulary.from_train(tokens[0], min_freq, max_vocab)
+    parts = split_at_lines(text, list(cfg.split))
+    tokens = [tokenize(part, level, cfg.lowercase) for part in parts]
+    vocab = Vocabulary.from_train(tokens[0], cfg.min_freq, cfg.max_vocab)
     ids = [vocab.encode(t).to(device) for t in tokens]
     held_out = ids[1] if eval_split == "valid" else ids[2]
     for split_name, part, size in (("train", ids[0], batch_size), (eval_split, held_out, eval_batch_size)):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -11,6 +11,7 @@ from mptrain.models.cnn import build_alexnet, build_resnet, build_resnet50, buil
 from mptrain.models.gan import build_dcgan
 from mptrain.models.mlp import build_mlp
 from mptrain.models.rnn import build_lstm_classifier, build_lstm_lm
+from mptrain.schema import typed
 
 # A builder takes (model config, data spec) and returns the module(s) its task trains:
 # classifiers give (B, num_classes) logits, the LM (B, T, vocab) logits and a state,
@@ -28,11 +29,12 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_model(model_cfg, spec) -> nn.Module:
-    """Build the model named by ``model_cfg.name`` for data described by ``spec``."""
-    name = model_cfg.get("name")
-    if name not in MODELS:
-        raise UserError(f"unknown model.name={name!r}; choose one of: {', '.join(sorted(MODELS))}")
-    return MODELS[name](model_cfg, spec)
+    """Build the model named by ``model_cfg.name`` for data described by ``spec``; keys the config leaves out
+    take their schema's defaults (mptrain/schema/model.py), and each value is checked against its rule."""
+    model_cfg = typed("model", model_cfg)
+    if model_cfg.name not in MODELS:
+        raise UserError(f"unknown model.name={model_cfg.name!r}; choose one of: {', '.join(sorted(MODELS))}")
+    return MODELS[model_cfg.name](model_cfg, spec)
 
 
 __all__ = ["MODELS", "build_model"]

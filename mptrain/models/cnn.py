@@ -12,23 +12,6 @@ import torch
 import torchvision
 from torch import nn
 
-from mptrain.errors import UserError
-from mptrain.validate import positive_int
-
-
-def _width_mult(cfg) -> float:
-    value = cfg.get("width_mult", 1.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise UserError(f"model.width_mult must be a positive number (got {value!r}); e.g. model.width_mult=1.0")
-    return float(value)
-
-
-def _dropout(cfg) -> float:
-    value = cfg.get("dropout", 0.5)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise UserError(f"model.dropout must be a number in [0, 1) (got {value!r}); e.g. model.dropout=0.5")
-    return float(value)
-
 
 def _scaled(channels: int, mult: float) -> int:
     return max(1, int(round(channels * mult)))
@@ -96,29 +79,15 @@ class CifarResNet(nn.Module):
 
 
 def build_resnet(cfg, spec) -> nn.Module:
-    depth = cfg.get("depth", 20)
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
-        raise UserError(
-            f"model.depth must be 6n+2 with n >= 1 (got {depth!r}); e.g. model.depth=20 (also 32, 44, 56, 110)"
-        )
-    return CifarResNet(depth, positive_int(cfg, "width", 16, "model"), spec.in_channels, spec.num_classes)
+    return CifarResNet(cfg.depth, cfg.width, spec.in_channels, spec.num_classes)
 
 
 # --- ResNet-50 (torchvision) -----------------------------------------------------------
 
 
-def _small_input(cfg, image_size: int) -> bool:
-    value = cfg.get("small_input", "auto")
-    if value == "auto":
-        return image_size < 64
-    if isinstance(value, bool):
-        return value
-    raise UserError(f"model.small_input must be auto, true or false (got {value!r}); e.g. model.small_input=auto")
-
-
 def build_resnet50(cfg, spec) -> nn.Module:
     model = torchvision.models.resnet50(weights=None, num_classes=spec.num_classes)
-    small = _small_input(cfg, spec.image_size)
+    small = spec.image_size < 64 if cfg.small_input == "auto" else cfg.small_input
     if small:
         # The usual CIFAR adaptation: a 7x7/2 stem plus max-pool would shrink 32x32 to 8x8 at once.
         model.conv1 = nn.Conv2d(spec.in_channels, 64, 3, 1, 1, bias=False)
@@ -160,7 +129,7 @@ class SmallVGG(nn.Module):
 
 
 def build_vgg(cfg, spec) -> nn.Module:
-    return SmallVGG(spec.in_channels, spec.num_classes, _width_mult(cfg), _dropout(cfg))
+    return SmallVGG(spec.in_channels, spec.num_classes, cfg.width_mult, cfg.dropout)
 
 
 # --- AlexNet, small-image variant (no BatchNorm, as in the original) -------------------
@@ -203,4 +172,4 @@ class SmallAlexNet(nn.Module):
 
 
 def build_alexnet(cfg, spec) -> nn.Module:
-    return SmallAlexNet(spec.in_channels, spec.num_classes, _width_mult(cfg), _dropout(cfg))
+    return SmallAlexNet(spec.in_channels, spec.num_classes, cfg.width_mult, cfg.dropout)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from torch import nn
 
 from mptrain.errors import UserError
-from mptrain.validate import positive_int
 
 BASES = (4, 7)
 MAX_WIDTH_FACTOR = 8  # feature maps grow ×2 per layer away from the image, capped at 8 × width
@@ -75,8 +74,7 @@ class Discriminator(nn.Sequential):
 
 
 def build_dcgan(cfg, spec) -> nn.ModuleDict:
-    width = positive_int(cfg, "width", 64, "model")
-    latent = positive_int(cfg, "latent", 100, "model")
+    width, latent = cfg.width, cfg.latent
     return nn.ModuleDict(
         {
             "g": Generator(latent, width, spec.in_channels, spec.image_size),

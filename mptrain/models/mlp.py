@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from mptrain.validate import positive_int
-
 
 def build_mlp(cfg, spec) -> nn.Module:
-    depth = positive_int(cfg, "depth", 14, "model")
-    width = positive_int(cfg, "width", 256, "model")
+    depth, width = cfg.depth, cfg.width
     layers: list[nn.Module] = [nn.Flatten()]
     features = spec.in_channels * spec.image_size * spec.image_size
     for _ in range(depth - 1):

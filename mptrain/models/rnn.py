@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mptrain.errors import UserError
 from mptrain.precision import emulation
-from mptrain.validate import positive_int
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -51,15 +49,8 @@ def _recurrence(rnn: nn.RNNBase, weights: dict | None, x: torch.Tensor, state: S
 
 
 def _recurrent_layer(cfg, input_size: int) -> nn.RNNBase:
-    cell = cfg.get("cell", "lstm")
-    if cell not in CELLS:
-        raise UserError(f"model.cell must be lstm or gru (got {cell!r}); e.g. model.cell=lstm")
-    layers = positive_int(cfg, "layers", 2, "model")
-    dropout = float(cfg.get("dropout", 0.0))
-    if not 0 <= dropout < 1:
-        raise UserError(f"model.dropout must be in [0, 1) (got {dropout}); e.g. model.dropout=0.1")
-    hidden = positive_int(cfg, "width", 256, "model")
-    return CELLS[cell](input_size, hidden, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+    layers, dropout = cfg.layers, cfg.dropout
+    return CELLS[cfg.cell](input_size, cfg.width, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
 
 
 class LanguageModel(nn.Module):
@@ -107,12 +98,8 @@ class RowSequenceClassifier(nn.Module):
 
 
 def build_lstm_lm(cfg, spec) -> LanguageModel:
-    rnn_width = positive_int(cfg, "width", 256, "model")
-    embed = cfg.get("embed") or rnn_width
-    if not isinstance(embed, int) or embed <= 0:
-        raise UserError(f"model.embed must be null or a positive integer (got {embed!r}); e.g. model.embed=256")
-    rnn = _recurrent_layer(cfg, embed)
-    return LanguageModel(spec.vocab_size, embed, rnn, float(cfg.get("dropout", 0.0)), bool(cfg.get("tie_weights", True)))
+    embed = cfg.embed or cfg.width
+    return LanguageModel(spec.vocab_size, embed, _recurrent_layer(cfg, embed), cfg.dropout, cfg.tie_weights)
 
 
 def build_lstm_classifier(cfg, spec) -> RowSequenceClassifier:

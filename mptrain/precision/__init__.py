@@ -17,21 +17,20 @@ import contextlib
 import torch
 from torch import nn
 
-from mptrain.errors import UserError
-from mptrain.precision.casting import cast_model
 from mptrain.precision import emulation
-from mptrain.precision.emulation import CPU_FP16, EmulatedFP16Kernels, emulates
+from mptrain.precision.casting import cast_model
+from mptrain.precision.emulation import EmulatedFP16Kernels, emulates
 from mptrain.precision.modes import MODES, ModeSpec
 from mptrain.precision.scaler import LossScaleCollapsed, LossScaler
 from mptrain.precision.stepper import PrecisionStepper
+from mptrain.schema import typed
 
 __all__ = ["MODES", "ModeSpec", "LossScaler", "LossScaleCollapsed", "Precision", "PrecisionStepper"]
 
 
 class Precision:
     def __init__(self, cfg, device: torch.device):
-        if cfg.mode not in MODES:
-            raise UserError(f"unknown precision.mode={cfg.mode!r}; choose one of {', '.join(MODES)}")
+        cfg = typed("precision", cfg)  # a partial config takes the schema's defaults; bad values: one line
         self.cfg = cfg
         self.spec: ModeSpec = MODES[cfg.mode]
         self.device = device
@@ -41,8 +40,6 @@ class Precision:
             torch.backends.cudnn.allow_tf32 = bool(cfg.allow_tf32)
         self.notes: list[str] = []  # warnings the run prints once and records in summary.json
         cpu_fp16 = cfg.cpu_fp16
-        if cpu_fp16 not in CPU_FP16:
-            raise UserError(f"unknown precision.cpu_fp16={cpu_fp16!r}; choose one of {', '.join(CPU_FP16)}")
         policy_emulates = emulates(cpu_fp16, device)
         self.emulate = self.spec.uses_fp16 and policy_emulates
         #: which kernels the FP16 arithmetic runs on (summary.json `fp16_kernels`); None: the mode has none

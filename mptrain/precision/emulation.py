@@ -28,7 +28,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-CPU_FP16 = ("auto", "native", "emulate")  # precision.cpu_fp16
 aten = torch.ops.aten
 HEAVY = {aten.convolution.default, aten.convolution_backward.default, aten.mm.default, aten.addmm.default,
          aten.bmm.default, aten.baddbmm.default, aten.mv.default, aten.addmv.default}  # fmt: skip

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mptrain.schema.precision import MODES as MODE_NAMES
+
 
 @dataclass(frozen=True)
 class ModeSpec:
@@ -40,3 +42,4 @@ MODES: dict[str, ModeSpec] = {
     "amp": ModeSpec("amp", torch.float32, torch.float16, False),
     "bf16": ModeSpec("bf16", torch.float32, torch.bfloat16, False),
 }
+assert tuple(MODES) == MODE_NAMES, "precision/modes.py and schema/precision.py list the same modes"

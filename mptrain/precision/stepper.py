@@ -8,7 +8,7 @@ model. A skipped step leaves weights, optimizer state and LR schedule untouched.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn

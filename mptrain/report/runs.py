@@ -13,11 +13,12 @@ from pathlib import Path
 import pandas as pd
 
 from mptrain.errors import UserError
+from mptrain.schema.precision import MODES
 
 CONTROL = "fp32"
 EXECUTION = "cpu_fp16"  # how the CPU runs FP16, the same for every arm of an experiment: part of the setting
 LOWER_IS_BETTER = {"perplexity", "bpc", "fid", "loss"}  # for summaries written before `higher_is_better`
-MODE_ORDER = ["fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16"]
+MODE_ORDER = list(MODES)
 
 
 def find_runs(dirs: list[Path]) -> list[Path]:

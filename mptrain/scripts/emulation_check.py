@@ -32,9 +32,9 @@ from pathlib import Path
 def speed(model: str = "resnet", steps: int = 6, batch: int = 64) -> None:
     import torch
 
-    from mptrain.console import compose
-    from mptrain.run import build_trainer
     from mptrain.bench.measure import RecordingLogger
+    from mptrain.build import build_trainer
+    from mptrain.console import compose
 
     trainers = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,8 +61,8 @@ def same_state(model: str = "resnet", warm: int = 20, batch: int = 64, dataset: 
 
     from mptrain import checkpoint
     from mptrain.bench.measure import RecordingLogger
+    from mptrain.build import build_trainer
     from mptrain.console import compose
-    from mptrain.run import build_trainer
     from mptrain.telemetry.numerics import NumericsProbe
 
     def config(way: str, steps: int):
@@ -84,7 +84,7 @@ def same_state(model: str = "resnet", warm: int = 20, batch: int = 64, dataset: 
             checkpoint.restore(trainer, state)
             net = trainer.task.networks()["model"]
             logits = []
-            hook = net.register_forward_hook(lambda _m, _i, out: logits.append((out[0] if isinstance(out, tuple)
+            hook = net.register_forward_hook(lambda _m, _i, out: logits.append((out[0] if isinstance(out, tuple)  # noqa: B023
                                                                                   else out).detach().float()))
             start = time.perf_counter()
             trainer.fit(evaluate=False)

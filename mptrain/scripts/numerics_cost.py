@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from mptrain.build import build_trainer
 from mptrain.cli import config_dir
-from mptrain.run import build_trainer
 from mptrain.telemetry.numerics import NumericsProbe
 from mptrain.telemetry.tensorboard import TensorBoardLogger
 from mptrain.trainer import Trainer

@@ -41,8 +41,10 @@ DATASETS_FOR = {
 def build_task(model_cfg, data, precision) -> Task:
     """Build the model of `model_cfg` for `data`, put it in the mode's precision, wrap it in its Task."""
     from mptrain.data import TextSpec
+    from mptrain.schema import typed
 
-    name = model_cfg.get("task", "classification")
+    model_cfg = typed("model", model_cfg)
+    name = model_cfg.task
     if name not in TASKS:
         raise UserError(f"unknown model.task={name!r} for model={model_cfg.name}; known: {', '.join(TASKS)}")
     builder, kind = TASKS[name]

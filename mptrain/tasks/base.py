@@ -12,7 +12,7 @@ already holds a ``/`` (``gan/loss_d``) is its own tag.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 import torchvision
 
 from mptrain.errors import UserError
+from mptrain.schema import typed
 from mptrain.tasks.base import Task
 from mptrain.telemetry.frechet import frechet_distance, load_or_train_extractor
-from mptrain.validate import positive_int
 
 GRID_SAMPLES = 64
 
@@ -44,15 +44,12 @@ class GanTask(Task):
         from mptrain.models import build_model
 
         nets = build_model(model_cfg, data.spec)
-        fid = model_cfg.get("fid") or {}
-        samples = positive_int(fid, "samples", 2048, "model.fid")
-        steps = positive_int(fid, "extractor_steps", 2000, "model.fid")
+        fid = typed("model", model_cfg).fid
         extractor, info = None, None
-        if fid.get("enabled", True):
-            cache_dir = fid.get("cache_dir", "~/.cache/mptrain/fid")
-            extractor, info = load_or_train_extractor(data, cache_dir, steps, precision.device)
+        if fid.enabled:
+            extractor, info = load_or_train_extractor(data, fid.cache_dir, fid.extractor_steps, precision.device)
         g, d = (precision.prepare(nets[name]) for name in ("g", "d"))
-        return cls(g, d, data.spec, precision, extractor, info, samples, seed=int(model_cfg.get("noise_seed", 0)))
+        return cls(g, d, data.spec, precision, extractor, info, fid.samples, seed=model_cfg.noise_seed)
 
     def networks(self):
         return {"g": self.g, "d": self.d}

@@ -1,0 +1,166 @@
+"""One typed schema per config group (Hydra structured configs), registered in Hydra's ConfigStore.
+
+Each YAML option extends its group's schema (`defaults: [precision_schema, _self_]`) and keeps only what the
+choice changes. OmegaConf checks types while Hydra composes; `validate` checks ranges and cross-field rules,
+one module per group, each failure one UserError line. `describe_composition_error` words a value OmegaConf
+refused the same way, so `trainer.epochs=abc` and `trainer.epochs=0` read alike. Torch-free: a bad config
+answers before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException, ValidationError
+
+from mptrain.errors import UserError
+from mptrain.schema import dataset, model, optim, precision, telemetry, trainer
+from mptrain.schema.rules import check_fields, fail, help_lines, is_int  # noqa: F401 (re-exported)
+
+GROUPS = {"dataset": dataset, "model": model, "optim": optim, "precision": precision, "trainer": trainer,
+          "telemetry": telemetry}
+MODES = precision.MODES
+
+
+def register() -> None:
+    """Store every schema as an option of its group (idempotent), for the YAML files' defaults lists."""
+    store = ConfigStore.instance()
+    for group, module in GROUPS.items():
+        for name, schema in module.SCHEMAS.items():
+            store.store(group=group, name=name, node=schema)
+
+
+def is_schema_option(name: str) -> bool:
+    return name.endswith("_schema")
+
+
+def schema_of(group: str, node) -> type:
+    """The schema a composed group node follows: its structured type, or (a plain node) the one its name picks."""
+    typed = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(typed):
+        return typed
+    module = GROUPS[group]
+    by_name = getattr(module, "BY_NAME", None)
+    if by_name is None:
+        return next(iter(module.SCHEMAS.values()))
+    key = node.get("name")
+    if key not in by_name:
+        raise UserError(f"unknown {group}.name={key!r}; choose one of {', '.join(by_name)}")
+    return by_name[key]
+
+
+def typed(group: str, node):
+    """`node` (perhaps partial: a library caller's dict) over its schema's defaults, every key present and typed,
+    each value checked against its rule; a bad one raises the one-line UserError."""
+    node = node if isinstance(node, DictConfig) else OmegaConf.create(node)
+    schema = schema_of(group, node)
+    base = OmegaConf.structured(schema)
+    try:
+        with open_dict(base):  # keys beyond the schema (++key=...) stay
+            merged = OmegaConf.merge(base, node)
+    except ValidationError as e:  # a value of the wrong type
+        path = re.sub(r"\[\d+\]$", "", str(e.full_key))
+        owner = e.object_type if dataclasses.is_dataclass(e.object_type) else schema
+        fail(f"{group}.{path}", owner, path.rsplit(".", 1)[-1], OmegaConf.select(node, path))
+    check_fields(merged, schema, group)
+    return merged
+
+
+def validate(cfg) -> None:
+    """Ranges and cross-field rules of every group; the first failure raises the one-line UserError."""
+    if not is_int(cfg.get("seed")):
+        raise UserError(f"seed must be an integer (got {cfg.get('seed')!r}); e.g. seed=0")
+    for module in GROUPS.values():
+        module.check(cfg)
+
+
+def describe_composition_error(error: Exception) -> str:
+    """One line for what Hydra or OmegaConf refused while composing: a wrong type, an unknown key or option."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file:
+        group, _, choice = error.missing_cfg_file.rpartition("/")
+        options = [o for o in (error.options or []) if not is_schema_option(o)]
+        if group and options:
+            return f"{group}={choice} is not an option of {group}; choose one of {', '.join(options)}"
+    if isinstance(error, OverrideParseException):
+        return (f"cannot read that override ({_first_line(error)}); the grammar: "
+                "https://hydra.cc/docs/advanced/override_grammar/basic/")
+    key = re.sub(r"\[\d+\]$", "", getattr(cause, "full_key", None) or "")  # a list's item: the list's key
+    name = key.rsplit(".", 1)[-1]
+    schema = getattr(cause, "object_type", None)
+    if not dataclasses.is_dataclass(schema):
+        schema = _declaring_schema(key)
+    if key and dataclasses.is_dataclass(schema):
+        fields = [f.name for f in dataclasses.fields(schema)]
+        if name in fields and isinstance(cause, ValidationError):
+            given = _given(error, key)
+            try:
+                fail(key, schema, name, given)
+            except UserError as e:
+                return str(e)
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f"did you mean {key.rsplit('.', 1)[0]}.{close[0]}? " if close else ""
+            return (f"{key} is not a key of {key.rsplit('.', 1)[0]}; {hint}its keys: {', '.join(fields)} "
+                    f"(+{key}=... adds one anyway)")
+    text = str(error)
+    where, key = re.search(r"^In '([^']+)'", text), re.search(r"full_key: (\S+)", text)
+    if where and key and " not in " in text:  # a config file sets a key its group's schema lacks
+        return (f"{where.group(1)} sets {key.group(1)}, which is not a key of {key.group(1).rsplit('.', 1)[0]} "
+                f"here; drop it from that file or pick an option that has it")
+    return _first_line(cause)
+
+
+def _declaring_schema(key: str) -> type | None:
+    """The first schema of `key`'s group that declares its field (when OmegaConf names no schema: a list item)."""
+    group, _, name = key.partition(".")
+    for schema in getattr(GROUPS.get(group), "SCHEMAS", {}).values():
+        if name in {f.name for f in dataclasses.fields(schema)}:
+            return schema
+    return None
+
+
+def _given(error: Exception, key: str):
+    """The value the user gave `key`, as text, from Hydra's `Error merging override key=value`."""
+    match = re.search(rf"override {re.escape(key)}=(.*)$", str(error).splitlines()[0])
+    return match.group(1) if match else "?"
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def markdown_table() -> str:
+    """README's configuration table: each key of each schema where it is declared, its default, the options it
+    applies to and its meaning."""
+    rows = ["| key | default | options | meaning |", "|---|---|---|---|"]
+    for group, module in GROUPS.items():
+        by_name = getattr(module, "BY_NAME", {})
+        for schema in _declaring_order(module):
+            own = schema.__dict__.get("__annotations__", {})
+            users = [n for n, s in by_name.items() if issubclass(s, schema)]
+            options = "all" if not by_name or len(users) == len(by_name) else ", ".join(users)
+            for key, default, meaning in help_lines(schema, group):
+                if key.split(".")[1] in own:
+                    rows.append(f"| `{key}` | `{default}` | {options} | {meaning.replace('|', '&#124;')} |")
+    return "\n".join(rows)
+
+
+def _declaring_order(module) -> list[type]:
+    """A group's schema classes, each base before the classes that extend it."""
+    classes: list[type] = []
+    for schema in module.SCHEMAS.values():
+        for cls in reversed(schema.__mro__):
+            if dataclasses.is_dataclass(cls) and cls not in classes:
+                classes.append(cls)
+    return classes
+
+
+register()

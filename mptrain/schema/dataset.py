@@ -1,0 +1,98 @@
+"""The `dataset` group's schemas: image sets (real and synthetic) and text streams (real and synthetic)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+from omegaconf import MISSING
+
+from mptrain.schema.rules import (
+    NON_NEGATIVE,
+    POSITIVE_INT,
+    Rule,
+    check_fields,
+    is_int,
+    is_number,
+    knob,
+    list_of,
+    one_of,
+)
+
+DEFAULT_ROOT = "~/.cache/mptrain/data"
+JARGON = "/usr/share/doc/jargon-text/jargon.txt.gz"
+IMAGE_SETS = ("fashion_mnist", "mnist", "cifar10", "synthetic")
+TEXT_SETS = ("text", "synthetic_text")
+SPLIT = list_of(Rule(lambda v: is_number(v) and v > 0, "> 0"), length=3, extra=lambda v: math.isclose(sum(v), 1.0),
+                text="three positive fractions summing to 1")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = knob(MISSING, "images: fashion_mnist | mnist | cifar10 | synthetic; text: text | synthetic_text",
+                     one_of(*IMAGE_SETS, *TEXT_SETS), example="fashion_mnist")
+    batch_size: int = knob(128, "samples (images, or text streams) per optimizer step and rank", POSITIVE_INT)
+    eval_batch_size: int = knob(512, "samples per evaluation batch", POSITIVE_INT)
+
+
+@dataclass
+class ImageDataConfig(DatasetConfig):
+    root: str = knob(DEFAULT_ROOT, "where the dataset's files are looked for (and downloaded to)")
+    download: bool = knob(True, "let torchvision download what is missing")
+    augment: bool = knob(True, "random crop (and horizontal flip where it suits the images)")
+
+
+@dataclass
+class SyntheticImageConfig(ImageDataConfig):
+    augment: bool = knob(False, "ignored: synthetic images are not augmented")
+    num_classes: int = knob(10, "classes (one smooth random template each)", POSITIVE_INT)
+    channels: int = knob(3, "image channels", POSITIVE_INT)
+    image_size: int = knob(32, "height = width in pixels", POSITIVE_INT)
+    train_size: int = knob(2048, "training images", POSITIVE_INT)
+    test_size: int = knob(512, "held-out images", POSITIVE_INT)
+    noise: float = knob(1.0, "gaussian noise over the templates (larger: harder)", NON_NEGATIVE)
+    seed: int = knob(0, "the data's own seed (the same images whichever run seed trains)")
+
+
+@dataclass
+class TextStreamConfig(DatasetConfig):  # what every text source shares: tokens, splits, streams
+    level: str = knob("char", "char (reports bits per character) | word", one_of("char", "word"))
+    lowercase: bool = knob(False, "lower-case the text before tokenizing")
+    split: List[float] = knob([0.9, 0.05, 0.05], "train, valid, test fractions (cut at line ends)", SPLIT)
+    eval_split: str = knob("test", "the held-out split the trainer evaluates", one_of("valid", "test"))
+    min_freq: int = knob(1, "tokens seen fewer times in train become <unk>", POSITIVE_INT)
+    max_vocab: Optional[int] = knob(None, "keep at most this many tokens (the most frequent)", POSITIVE_INT,
+                                    example=10000)
+    batch_size: int = knob(32, "parallel streams", POSITIVE_INT)
+    eval_batch_size: int = knob(32, "parallel streams when evaluating", POSITIVE_INT)
+    bptt: int = knob(64, "tokens per truncated-BPTT chunk", POSITIVE_INT)
+
+
+@dataclass
+class TextDataConfig(TextStreamConfig):
+    path: str = knob(JARGON, "a UTF-8 text file, plain or .gz (the Jargon File by default)")
+
+
+@dataclass
+class SyntheticTextConfig(TextStreamConfig):
+    split: List[float] = knob([0.8, 0.1, 0.1], "train, valid, test fractions (cut at line ends)", SPLIT)
+    batch_size: int = knob(16, "parallel streams", POSITIVE_INT)
+    eval_batch_size: int = knob(16, "parallel streams when evaluating", POSITIVE_INT)
+    bptt: int = knob(32, "tokens per truncated-BPTT chunk", POSITIVE_INT)
+    vocab_size: int = knob(16, "letters of the Markov source (at most 26)",
+                           Rule(lambda v: is_int(v) and 1 <= v <= 26, "an integer in [1, 26]"))
+    branching: int = knob(3, "successors each letter may have", POSITIVE_INT)
+    size: int = knob(20000, "characters generated", POSITIVE_INT)
+    seed: int = knob(0, "the source's own seed")
+
+
+SCHEMAS = {"image_schema": ImageDataConfig, "synthetic_image_schema": SyntheticImageConfig,
+           "text_schema": TextDataConfig, "synthetic_text_schema": SyntheticTextConfig}
+BY_NAME = {"fashion_mnist": ImageDataConfig, "mnist": ImageDataConfig, "cifar10": ImageDataConfig,
+           "synthetic": SyntheticImageConfig, "text": TextDataConfig, "synthetic_text": SyntheticTextConfig}
+
+
+def check(cfg) -> None:
+    check_fields(cfg.dataset, DatasetConfig, "dataset")  # the name first: it picks the schema
+    check_fields(cfg.dataset, BY_NAME[cfg.dataset.name], "dataset")

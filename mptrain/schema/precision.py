@@ -1,0 +1,57 @@
+"""The `precision` group's schema: which of the paper's techniques run, and the loss scaler's policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import MISSING
+
+from mptrain.errors import UserError
+from mptrain.schema.rules import (
+    ABOVE_ONE,
+    OPEN_UNIT,
+    POSITIVE,
+    POSITIVE_INT,
+    Rule,
+    check_fields,
+    is_number,
+    knob,
+    one_of,
+)
+
+# the one list of mode names (torch-free: the CLI, bench and report read it without importing torch)
+MODES = ("fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16")
+CPU_FP16 = ("auto", "emulate", "native")
+LOSS_SCALE = Rule(lambda v: v == "dynamic" or (is_number(v) and v > 0), "dynamic, null or a number > 0")
+
+
+@dataclass
+class PrecisionConfig:
+    mode: str = knob(MISSING, "fp32 | fp16_naive | fp16_master | mixed | amp | bf16 (README: Precision modes)",
+                     one_of(*MODES), example="mixed")
+    loss_scale: Any = knob(None, "null: no scaling; dynamic: NVIDIA's recipe; a number: a static scale (skip on "
+                                 "overflow)", LOSS_SCALE, example="dynamic")
+    init_scale: float = knob(65536.0, "dynamic scaling's first scale (2^16, as torch's GradScaler and apex)", POSITIVE)
+    growth_factor: float = knob(2.0, "dynamic: the scale grows by this after growth_interval clean steps", ABOVE_ONE)
+    backoff_factor: float = knob(0.5, "dynamic: the scale shrinks by this (and the update is skipped) on inf/NaN",
+                                 OPEN_UNIT)
+    growth_interval: int = knob(2000, "dynamic: overflow-free steps before the scale grows", POSITIVE_INT)
+    hysteresis: int = knob(1, "overflows tolerated before backing off (1: back off at once)", POSITIVE_INT)
+    min_scale: float = knob(1.0e-4, "a dynamic scale below this stops the run (status diverged)", POSITIVE)
+    keep_batchnorm_fp32: bool = knob(True, "fp16 modes: BatchNorm weights, statistics and math stay FP32")
+    allow_tf32: bool = knob(False, "CUDA only: TF32 changes FP32 arithmetic, so the control keeps it off")
+    cpu_fp16: str = knob("auto", "CPU fp16 modes: auto (emulate unless the CPU has FP16 units) | emulate (the same "
+                                 "FP16 values at FP32 speed) | native (torch's FP16 kernels: 10-40x slower)",
+                         one_of(*CPU_FP16))
+
+
+SCHEMAS = {"precision_schema": PrecisionConfig}
+
+
+def check(cfg) -> None:
+    p = cfg.precision
+    check_fields(p, PrecisionConfig, "precision")
+    if p.mode == "amp" and p.loss_scale == "dynamic" and p.hysteresis != 1:
+        raise UserError("precision=amp uses torch.amp.GradScaler, which has no hysteresis; "
+                        "use precision=mixed for precision.hysteresis>1, or set precision.hysteresis=1")
