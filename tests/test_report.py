@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import TINY, mptrain, read_summary
+from cli_helpers import TINY, mptrain, read_summary, scalar_tags
 
 REPORT = str(Path(sys.executable).with_name("mptrain-report"))
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -198,6 +198,24 @@ def test_verdicts_recomputed_by_hand_from_the_summaries(sweep, tmp_path):
     assert bf16["verdict"] == expected and bf16["margin"] == pytest.approx(0.005)
     assert rows["fp16_naive"]["verdict"] == "worse" and "diverged in 2 seed(s)" in rows["fp16_naive"]["verdict_note"]
     assert rows["fp32"]["verdict"] == "control"
+
+
+def test_train_loss_verdicts_read_the_last_tenth_of_the_logged_losses(sweep, tmp_path):
+    out = report(str(sweep / "ok"), "--metric", "train_loss", "--format", "json", "--out", str(tmp_path / "r"),
+                 cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = {r["arm"]: r for r in json.loads((tmp_path / "r" / "report.json").read_text())["comparison"]}
+
+    def tail(run_dir):  # the last 10 % of the steps: with 4 steps logged every 2, step 4 alone
+        events = scalar_tags(run_dir / "tb")["train/loss"]
+        last = max(e.step for e in events)
+        return statistics.mean(e.value for e in events if e.step >= 0.9 * last)
+
+    by = {(read_summary(d)["precision"], read_summary(d)["seed"]): d for d in run_dirs(sweep / "ok")}
+    deltas = [tail(by["bf16", seed]) - tail(by["fp32", seed]) for seed in (0, 1)]
+    assert rows["bf16"]["pairs"] == 2 and rows["bf16"]["paired_delta"] == pytest.approx(statistics.mean(deltas))
+    fp32_mean = statistics.mean(tail(by["fp32", seed]) for seed in (0, 1))
+    assert rows["bf16"]["margin"] == pytest.approx(0.01 * fp32_mean)  # 1 % of the control's loss; lower is better
 
 
 def _runs(arm: str, metrics: list[float], status: str = "completed"):

@@ -38,16 +38,21 @@ def parse_args(argv):
     parser.add_argument("--margin", action="append", metavar="[METRIC=]X",
                         help="equivalence margin of the verdicts: accuracy in points (default 0.5), other metrics in "
                              "%% of the control (default 1); repeat for several metrics, e.g. --margin perplexity=2")
+    parser.add_argument("--metric", choices=("primary", "train_loss"), default="primary",
+                        help="what the verdicts compare: each run's primary metric on held-out data (default), or "
+                             "train_loss: its training loss over the last 10 %% of its steps (how well each arm "
+                             "optimises, apart from how it generalises; the paper's loss-scaling figures)")
     return parser.parse_args(argv)
 
 
-def build(dirs: list[Path], out: Path, fmt: str, margin_specs: list[str] | None = None) -> list[Path]:
+def build(dirs: list[Path], out: Path, fmt: str, margin_specs: list[str] | None = None,
+          metric: str = "primary") -> list[Path]:
     from mptrain.report.render import write_html, write_machine, write_markdown
     from mptrain.report.runs import load_runs
     from mptrain.report.verdict import parse_margins
 
     margins = parse_margins(margin_specs)
-    runs = load_runs(dirs)
+    runs = load_runs(dirs, metric)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -73,7 +78,7 @@ def main(argv=None) -> None:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         out = args.out or args.dirs[0] / "report"
-        for path in build(args.dirs, out, args.format, args.margin):
+        for path in build(args.dirs, out, args.format, args.margin, args.metric):
             print(path)
     except UserError as e:
         print(f"mptrain-report: error: {e}", file=sys.stderr)

@@ -62,7 +62,13 @@ def setting_label(summary: dict) -> str:
     return " ".join(sorted(keep))
 
 
-def load_runs(dirs: list[Path]) -> pd.DataFrame:
+TRAIN_LOSS = "train_loss"  # `--metric train_loss`: the mean training loss over the last 10 % of a run's steps
+TRAIN_TAIL = 0.1
+
+
+def load_runs(dirs: list[Path], metric_choice: str = "primary") -> pd.DataFrame:
+    """One row per run; `metric` is the run's primary metric (final, held-out), or with `metric_choice="train_loss"`
+    its training loss over the last 10 % of its steps (read from TensorBoard)."""
     rows = []
     for run_dir in find_runs(dirs):
         try:
@@ -71,6 +77,8 @@ def load_runs(dirs: list[Path]) -> pd.DataFrame:
             raise UserError(f"{run_dir / 'summary.json'} cannot be read ({e}); delete the run or rerun it") from None
         metric = summary.get("primary_metric")
         final = summary.get("final") or {}
+        if metric_choice == TRAIN_LOSS:
+            metric, final = TRAIN_LOSS, {TRAIN_LOSS: train_loss_tail(run_dir)}
         scale = summary.get("final_loss_scale")
         rows.append({
             "run_dir": str(run_dir),
@@ -83,7 +91,7 @@ def load_runs(dirs: list[Path]) -> pd.DataFrame:
             "seed": summary.get("seed"),
             "status": summary.get("status"),
             "metric_name": metric,
-            "higher_is_better": summary.get("higher_is_better", metric not in LOWER_IS_BETTER),
+            "higher_is_better": metric != TRAIN_LOSS and summary.get("higher_is_better", metric not in LOWER_IS_BETTER),
             "metric": _finite(final.get(metric)),
             "steps": summary.get("steps"),
             "samples_per_s": _finite(summary.get("samples_per_s")),
@@ -124,6 +132,15 @@ def load_scalars(run_dir: str | Path, prefixes: tuple[str, ...]) -> dict[str, pd
             events = acc.Scalars(tag)
             series[tag] = pd.Series([e.value for e in events], index=[e.step for e in events], name=tag)
     return series
+
+
+def train_loss_tail(run_dir: str | Path) -> float:
+    """Mean `train/loss` over the last 10 % of the logged steps (NaN where the task logs none, e.g. a GAN)."""
+    series = load_scalars(run_dir, ("train/loss",)).get("train/loss")
+    if series is None or series.empty:
+        return math.nan
+    series = series[~series.index.duplicated(keep="last")].sort_index()  # a resumed run may log a step twice
+    return _finite(float(series[series.index >= (1 - TRAIN_TAIL) * series.index.max()].mean()))
 
 
 def lost_update_frac(records: list[dict]) -> float:
