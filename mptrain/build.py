@@ -71,10 +71,10 @@ def build_trainer(cfg, device, run_dir: Path, tb, numerics=None, warnings: list[
         task.wrap_training_forward(torch.compile)
     options = speed_options(cfg.trainer)
     checked = verify_speed_options(task, next(iter(data.train)), precision, options, replicas) if options else None
+    warnings = warnings if warnings is not None else []
     trainer = Trainer(cfg, task, data, precision, device, tb, numerics, replicas, checkpoint_path=checkpoint_path,
-                      stop=stop, speed_options_check=checked)
+                      stop=stop, speed_options_check=checked, warnings=warnings)
     for warning in precision.notes + find_pitfalls(precision, task.networks(), trainer.steppers):
         log.warning(warning)
-        if warnings is not None:
-            warnings.append(warning)
+        warnings.append(warning)
     return trainer

@@ -44,9 +44,10 @@ class Trainer:
     def __init__(self, cfg, task: Task, data, precision: Precision, device: torch.device, tb: TensorBoardLogger,
                  numerics: NumericsProbe | None = None, replicas: Replicas | None = None, *,
                  checkpoint_path: Path | None = None, stop: StopRequest | None = None,
-                 speed_options_check: dict | None = None):
+                 speed_options_check: dict | None = None, warnings: list[str] | None = None):
         """`checkpoint_path`: where checkpoints go (None: none); `stop`: the request the run's signal handlers
-        fill (checkpoint, then stop); `speed_options_check`: what the speed options were verified against."""
+        fill (checkpoint, then stop); `speed_options_check`: what the speed options were verified against;
+        `warnings`: the run's list (summary.json), to which training adds what it finds."""
         self.cfg = cfg
         self.replicas = replicas or Replicas()  # data-parallel ranks: rank 0 writes, metrics are reduced
         self.numerics = numerics  # None: no numerics hooks exist, the step costs nothing extra
@@ -84,6 +85,8 @@ class Trainer:
         self.stop = stop or StopRequest()
         self.resumed_task_state: dict | None = None
         self.speed_options_check = speed_options_check
+        self.warnings = warnings if warnings is not None else []
+        self._buffers_checked_finite = True  # until a logging step finds a non-finite BatchNorm statistic
 
     # -- public --------------------------------------------------------------------------
     def fit(self, evaluate: bool = True) -> dict:
@@ -304,6 +307,7 @@ class Trainer:
         if timing is not None:
             values["perf/samples_per_s"], values["perf/step_time_ms"] = timing
         values["memory/peak_bytes"] = self.memory.read()
+        self._check_buffers()
         for name, stepper in self.steppers.items():
             suffix = "" if len(self.steppers) == 1 else f"_{name}"
             if stepper.loss_scale is not None:
@@ -323,6 +327,24 @@ class Trainer:
         self.throughput.begin()
 
     # -- helpers -------------------------------------------------------------------------
+    def _check_buffers(self) -> None:
+        """Warn once when a running statistic (BatchNorm's mean or variance) stops being finite: every later
+        evaluation would be broken, whatever the updates do. At logging steps only: one host sync."""
+        if not self._buffers_checked_finite:
+            return
+        named = [(f"{net_name}.{name}" if len(self.task.networks()) > 1 else name, b)
+                 for net_name, net in self.task.networks().items()
+                 for name, b in net.named_buffers() if b.dtype.is_floating_point]  # fmt: skip
+        if not named or bool(torch.stack([torch.isfinite(b).all() for _, b in named]).all()):
+            return
+        self._buffers_checked_finite = False
+        bad = [name for name, b in named if not bool(torch.isfinite(b).all())]
+        warning = (f"step {self.step}: {len(bad)} running statistic(s) are no longer finite ({', '.join(bad[:3])}"
+                   f"{', ...' if len(bad) > 3 else ''}): evaluations from here on are broken; the forward overflowed "
+                   "in a step that was not skipped (no loss scaler?) or the data holds inf/NaN")
+        log.warning(warning)
+        self.warnings.append(warning)
+
     def _log_media(self) -> None:
         self.task.log_media(self.tb, self.step)
         self.last_media_step = self.step

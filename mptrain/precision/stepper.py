@@ -3,7 +3,8 @@
 backward (scaled) → grads into FP32 masters → unscale + inf check (fused) →
 skip decision (the step's one host sync, only when a scaler is used) → clip on
 unscaled grads → optimizer step → LR schedule step → round masters into the
-model. A skipped step leaves weights, optimizer state and LR schedule untouched.
+model. A skipped step leaves weights, optimizer state and LR schedule untouched, and puts back the buffers its
+forward changed (BatchNorm's running statistics and batch count).
 """
 
 from __future__ import annotations
@@ -45,11 +46,26 @@ class PrecisionStepper:
         self.max_grad_norm = max_grad_norm
         self.steps_applied = 0
         self._torch_amp_skipped = 0
+        # what a forward updates besides weights (BatchNorm's running statistics and batch count): kept from
+        # before each scaled step's forward, restored when the step is skipped, so a skip leaves no trace
+        self._buffers = list(model.buffers())
+        self._buffers_before: list[torch.Tensor] | None = None
 
     # -- the step -------------------------------------------------------------------
     def zero_grad(self) -> None:
+        """Clear the gradients before a step's forward (and, where the step may be skipped, keep the buffers)."""
         # FP32 master grads stay allocated: the next copy overwrites them
         self.model.zero_grad(set_to_none=True)
+        if (self.scaler is not None or self.grad_scaler is not None) and self._buffers:
+            if self._buffers_before is None:
+                self._buffers_before = [b.detach().clone() for b in self._buffers]
+            else:
+                torch._foreach_copy_(self._buffers_before, self._buffers)
+
+    def _undo_forward(self) -> None:
+        """A skipped step: put back every buffer the forward changed (BatchNorm statistics may now be NaN)."""
+        if self._buffers_before is not None:
+            torch._foreach_copy_(self._buffers, self._buffers_before)
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.grad_scaler is not None:
@@ -70,6 +86,7 @@ class PrecisionStepper:
             overflow = bool(found_inf.item())  # the one host sync: skip or not
             self.scaler.update(overflow)
             if overflow:
+                self._undo_forward()
                 return False
         self._clip(grads)
         self.optimizer.step()
@@ -92,6 +109,7 @@ class PrecisionStepper:
         gs.update()
         if overflow:
             self._torch_amp_skipped += 1
+            self._undo_forward()
             return False
         return self._advance()
 
