@@ -118,3 +118,26 @@ def test_every_family_in_every_mode_on_real_data(tmp_path):
     fixed = _sweep(tmp_path, "naive_eps", "precision=fp16_naive", "++optim.eps=1e-4")
     assert sorted(s["model"] for s in fixed) == sorted(PRIMARY)
     assert all(s["status"] == "completed" and s["steps"] == 10 for s in fixed), [s.get("error") for s in fixed]
+
+
+@pytest.mark.slow
+def test_transformer_trains_in_every_mode_and_reports(tmp_path):
+    """The transformer through the CLI in all six modes at tiny size (fp16_naive with an eps FP16 can hold),
+    then mptrain-report on the sweep."""
+    import subprocess
+    import sys
+
+    sweep = tmp_path / "sweep"
+    tiny = ["model=transformer", *TINY_TEXT, "model.heads=2", "model.context=8", "trainer.max_steps=4",
+            "optim.eps=1e-4", "optim.warmup_steps=0"]
+    out = mptrain("-m", f"precision={','.join(MODES)}", *tiny, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summaries = [read_summary(p.parent) for p in sweep.rglob("summary.json")]
+    assert sorted(s["precision"] for s in summaries) == sorted(MODES)
+    for s in summaries:
+        assert s["status"] == "completed" and s["family"] == "transformer", (s["precision"], s.get("error"))
+        assert 1 < s["final"]["perplexity"] < 40
+    report = subprocess.run([str(Path(sys.executable).with_name("mptrain-report")), str(sweep)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0, report.stderr
+    assert "transformer" in (sweep / "report" / "report.md").read_text()

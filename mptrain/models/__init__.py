@@ -11,6 +11,7 @@ from mptrain.models.cnn import build_alexnet, build_resnet, build_resnet50, buil
 from mptrain.models.gan import build_dcgan
 from mptrain.models.mlp import build_mlp
 from mptrain.models.rnn import build_lstm_classifier, build_lstm_lm
+from mptrain.models.transformer import build_transformer
 from mptrain.schema import typed
 
 # A builder takes (model config, data spec) and returns the module(s) its task trains:
@@ -25,6 +26,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "lstm_classifier": build_lstm_classifier,
     "lstm_lm": build_lstm_lm,
     "dcgan": build_dcgan,
+    "transformer": build_transformer,
 }
 
 

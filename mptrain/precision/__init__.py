@@ -59,7 +59,7 @@ class Precision:
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
-        return cast_model(model, self.spec.param_dtype, bool(self.cfg.keep_batchnorm_fp32))
+        return cast_model(model, self.spec.param_dtype, self.cfg.keep_norm_fp32 and self.cfg.keep_batchnorm_fp32)
 
     def autocast(self):
         if self.spec.autocast_dtype is None:

@@ -4,7 +4,7 @@ A CPU without FP16 units runs torch's FP16 convolutions and matrix products 10-4
 slower than FP32. Under `precision.cpu_fp16=emulate` (and `auto`, the default, on such a CPU) every tensor stays exactly as the
 native FP16 path holds it (weights, activations, gradients, tensors saved for backward:
 autograd is untouched), but each convolution and matrix product whose inputs are FP16 is
-computed from those FP16 values in FP32 and its result rounded to FP16 once: FP16 inputs,
+(and fused attention) is computed from those FP16 values in FP32 and its result rounded to FP16 once: FP16 inputs,
 FP32 accumulation, FP16 output, as a tensor core does and as torch's own CPU FP16 kernels
 do (they accumulate in float too). Only the order of the FP32 sums can differ.
 
@@ -31,6 +31,12 @@ from torch.utils._pytree import tree_map
 aten = torch.ops.aten
 HEAVY = {aten.convolution.default, aten.convolution_backward.default, aten.mm.default, aten.addmm.default,
          aten.bmm.default, aten.baddbmm.default, aten.mv.default, aten.addmv.default}  # fmt: skip
+# fused attention (the transformer's scaled_dot_product_attention without dropout): which outputs are FP16 natively
+# (the forward's log-sum-exp stays FP32, as FlashAttention keeps it)
+ATTENTION = {getattr(aten, name).default: fp16_outputs for name, fp16_outputs in (
+    ("_scaled_dot_product_flash_attention_for_cpu", (0,)),
+    ("_scaled_dot_product_flash_attention_for_cpu_backward", (0, 1, 2)),
+) if hasattr(aten, name)}  # fmt: skip
 
 
 @functools.cache  # /proc/cpuinfo does not change while we run
@@ -86,6 +92,10 @@ class EmulatedFP16Kernels(TorchDispatchMode):
         if func in HEAVY and any(_is_cpu_half(a) for a in args):
             self.calls += 1
             return tree_map(_down, func(*tree_map(_up, args), **tree_map(_up, kwargs)))
+        if func in ATTENTION and any(_is_cpu_half(a) for a in args):
+            self.calls += 1
+            out = func(*tree_map(_up, args), **tree_map(_up, kwargs))
+            return tuple(_down(o) if i in ATTENTION[func] else o for i, o in enumerate(out))
         return func(*args, **kwargs)
 
 

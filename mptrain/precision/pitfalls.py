@@ -52,7 +52,7 @@ def _batchnorm_in_fp16(networks) -> list[str]:
         return []
     return [
         f"BatchNorm runs in float16 without fp32 statistics ({_listed(layers)}): its running variance and "
-        "batch statistics lose precision and can overflow. Fix: precision.keep_batchnorm_fp32=true"
+        "batch statistics lose precision and can overflow. Fix: precision.keep_norm_fp32=true (and keep_batchnorm_fp32)"
     ]
 
 

@@ -17,7 +17,7 @@ CELLS = ("lstm", "gru")
 @dataclass
 class ModelConfig:
     name: str = knob(MISSING, "the architecture (README: Model families)", example="resnet")
-    family: str = knob("cnn", "cnn | rnn | gan | mlp: how reports group it")
+    family: str = knob("cnn", "cnn | rnn | gan | mlp | transformer: how reports group it")
     task: str = knob("classification", "classification | language_model | gan: the Task that trains it",
                      one_of("classification", "language_model", "gan"))
     augment: bool = knob(True, "let the dataset augment (false: the images as they are)")
@@ -68,6 +68,19 @@ class LanguageModelConfig(RecurrentConfig):
 
 
 @dataclass
+class TransformerConfig(ModelConfig):
+    family: str = knob("transformer", "how reports group it")
+    task: str = knob("language_model", "the Task that trains it", one_of("language_model"))
+    layers: int = knob(2, "decoder blocks", POSITIVE_INT)
+    heads: int = knob(4, "attention heads (model.width must be a multiple)", POSITIVE_INT)
+    width: int = knob(128, "the residual stream's width (the MLP is 4x)", POSITIVE_INT)
+    context: int = knob(64, "positions the model has embeddings for: at least dataset.bptt", POSITIVE_INT)
+    dropout: float = knob(0.0, "dropout on embeddings, attention and residual branches (0: attention runs fused)",
+                          HALF_OPEN_UNIT)
+    tie_weights: bool = knob(True, "share the token embedding with the output head")
+
+
+@dataclass
 class FidConfig:
     enabled: bool = knob(True, "Frechet distance in the features of a small FP32 classifier (not Inception)")
     samples: int = knob(2048, "held-out images (and as many generated ones)", POSITIVE_INT)
@@ -90,10 +103,10 @@ class DCGANConfig(ModelConfig):
 
 SCHEMAS = {"resnet_schema": ResNetConfig, "resnet50_schema": ResNet50Config, "classic_cnn_schema": ClassicCnnConfig,
            "mlp_schema": MLPConfig, "lstm_classifier_schema": RecurrentConfig, "lstm_lm_schema": LanguageModelConfig,
-           "dcgan_schema": DCGANConfig}
+           "dcgan_schema": DCGANConfig, "transformer_schema": TransformerConfig}
 BY_NAME = {"resnet": ResNetConfig, "resnet50": ResNet50Config, "vgg": ClassicCnnConfig, "alexnet": ClassicCnnConfig,
            "mlp": MLPConfig, "lstm_classifier": RecurrentConfig, "lstm_lm": LanguageModelConfig,
-           "dcgan": DCGANConfig}
+           "dcgan": DCGANConfig, "transformer": TransformerConfig}
 
 
 def check(cfg) -> None:

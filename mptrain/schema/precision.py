@@ -39,7 +39,9 @@ class PrecisionConfig:
     growth_interval: int = knob(2000, "dynamic: overflow-free steps before the scale grows", POSITIVE_INT)
     hysteresis: int = knob(1, "overflows tolerated before backing off (1: back off at once)", POSITIVE_INT)
     min_scale: float = knob(1.0e-4, "a dynamic scale below this stops the run (status diverged)", POSITIVE)
-    keep_batchnorm_fp32: bool = knob(True, "fp16 modes: BatchNorm weights, statistics and math stay FP32")
+    keep_norm_fp32: bool = knob(True, "fp16-weight modes: BatchNorm, LayerNorm and GroupNorm weights, statistics and "
+                                      "math stay FP32")
+    keep_batchnorm_fp32: bool = knob(True, "the older name of keep_norm_fp32 (false in either turns it off)")
     allow_tf32: bool = knob(False, "CUDA only: TF32 changes FP32 arithmetic, so the control keeps it off")
     cpu_fp16: str = knob("auto", "CPU fp16 modes: auto (emulate unless the CPU has FP16 units) | emulate (the same "
                                  "FP16 values at FP32 speed) | native (torch's FP16 kernels: 10-40x slower)",

@@ -17,7 +17,12 @@ def _language_model(model_cfg, data, precision) -> Task:
     from mptrain.models import build_model
     from mptrain.tasks.language_model import LanguageModelTask
 
-    return LanguageModelTask(precision.prepare(build_model(model_cfg, data.spec)), data.spec.level)
+    model = build_model(model_cfg, data.spec)
+    context = getattr(model, "context", None)  # a transformer attends within a chunk of at most context tokens
+    if context is not None and data.train.bptt > context:
+        raise UserError(f"dataset.bptt={data.train.bptt} is longer than model.context={context}; use "
+                        f"dataset.bptt={context} or less, or model.context={data.train.bptt}")
+    return LanguageModelTask(precision.prepare(model), data.spec.level)
 
 
 def _gan(model_cfg, data, precision) -> Task:

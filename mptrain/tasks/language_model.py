@@ -13,11 +13,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mptrain.models.rnn import LanguageModel
 from mptrain.tasks.base import Task
 
 
 def _detach(state):
+    if state is None:  # a transformer carries nothing between chunks
+        return None
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
 
@@ -25,7 +26,9 @@ class LanguageModelTask(Task):
     primary_metric = "perplexity"
     higher_is_better = False
 
-    def __init__(self, model: LanguageModel, level: str):
+    def __init__(self, model, level: str):
+        """`model`: (tokens, state) → (logits, state), with `initial_state(batch, device)` (an LSTM LM or a
+        transformer, whose state is None)."""
         self.model = model
         self.trained = model  # what the training forward runs: the model, or its DDP replica
         self.level = level
@@ -55,7 +58,7 @@ class LanguageModelTask(Task):
     def _loss(self, batch, precision, training: bool, net=None):
         x, y = batch
         state = self._states[training]
-        if state is None or _batch_of(state) != x.shape[0]:
+        if state is None or _batch_of(state) != x.shape[0]:  # (a transformer's state is always None)
             state = self.model.initial_state(x.shape[0], x.device)
         with precision.autocast():
             logits, state = (self.model if net is None else net)(x, state)
