@@ -61,6 +61,7 @@ def scan(cfg, steps: int):
     """Train `steps` FP32 steps with every step measured; return {(kind, layer): summed stats}."""
     from mptrain.build import build_trainer, resolve_device
     from mptrain.schema import validate
+    from mptrain.telemetry import headroom
     from mptrain.telemetry.numerics import NumericsProbe
     from mptrain.telemetry.tensorboard import TensorBoardLogger
 
@@ -72,7 +73,12 @@ def scan(cfg, steps: int):
         def flush(self, tb, step):
             for key, v in self.take().items():
                 old = self.sums.get(key)
-                self.sums[key] = v if old is None else [a + b for a, b in zip(old, v)]
+                if old is None:
+                    self.sums[key] = v
+                elif key[0] == "forward":  # amax is a maximum, not a sum
+                    self.sums[key] = headroom.merge_lists(old, v)
+                else:
+                    self.sums[key] = [a + b for a, b in zip(old, v)]
 
     validate(cfg)
     with tempfile.TemporaryDirectory(prefix="mptrain-numerics-") as tmp:
@@ -88,13 +94,15 @@ def scan(cfg, steps: int):
 
 def analyse(sums, steps: int, coverage: float, headroom: float) -> dict:
     from mptrain.precision.scale_advice import advise, recommend
+    from mptrain.telemetry import headroom as forward_headroom
     from mptrain.telemetry.numerics import EXPONENTS, NumericsProbe
 
     exponents = EXPONENTS.tolist()
     lost = {layer: v[1] / v[0] for (kind, layer), v in sums.items() if kind == "lost_update" and v[0]}
     rows, by_network, totals = [], {}, {}
+    forward = [forward_headroom.to_record(layer, None, v) for (kind, layer), v in sums.items() if kind == "forward"]
     for (kind, layer), v in sums.items():
-        if kind == "lost_update":
+        if kind in ("lost_update", "forward"):
             continue
         record = NumericsProbe.to_record(kind, layer, None, v)
         advice = advise(exponents, record["log2_hist"], coverage)
@@ -114,7 +122,8 @@ def analyse(sums, steps: int, coverage: float, headroom: float) -> dict:
                          "subnormal_frac": record["subnormal_frac"] * v[0] / nonzero}  # fmt: skip
     rows.sort(key=lambda r: (r["kind"] != "weight", _natural(r["layer"])))  # model order, not backward's
     recommended = {net: recommend(advice, headroom).__dict__ for net, advice in by_network.items()}
-    return {"exponents": exponents, "layers": rows, "overall": overall, "recommended": recommended}
+    return {"exponents": exponents, "layers": rows, "overall": overall, "recommended": recommended,
+            "forward": forward, "first_fp16_overflow": forward_headroom.first_overflow(forward) if forward else None}
 
 
 def _natural(name: str) -> list:
@@ -138,10 +147,29 @@ def print_report(result: dict, kind: str, out=sys.stdout) -> None:
     for k, o in result["overall"].items():
         print(f"all {k} gradients: {pct(o['zero_frac'])} zero; of the non-zero, {pct(o['flushed_frac'])} flush to "
               f"zero in FP16 and {pct(o['subnormal_frac'])} are subnormal (unscaled)", file=out)
+    print_headroom(result["forward"], result["first_fp16_overflow"], out)
     for net, rec in result["recommended"].items():
         scale = "none: use precision.loss_scale=dynamic" if rec["scale"] is None else \
             f"precision.loss_scale={rec['scale']:g} (2^{int(math.log2(rec['scale']))})"  # fmt: skip
         print(f"recommended static scale for {net}: {scale}: {rec['reason']}", file=out)
+
+
+def print_headroom(forward: list[dict], first: str | None, out=sys.stdout, rows: int = 10) -> None:
+    """The module outputs closest to FP16's 65504 (amax, headroom in bits, shares over and within 2x)."""
+    if not forward:
+        return
+    closest = sorted(forward, key=lambda r: -r["amax"])[:rows]
+    print(f"\n{'forward output (closest to 65504)':<48} {'amax':>10} {'headroom':>9} {'> max':>8} {'> max/2':>8}",
+          file=out)
+    for r in closest:
+        bits = r["headroom_bits_fp16"]
+        shown = f"{bits:.1f} bit" if math.isfinite(bits) else ("none" if bits < 0 else "-")
+        print(f"{r['layer'][:48]:<48} {r['amax']:>10.4g} {shown:>9} {100 * r['over_fp16_frac']:>7.3f}% "
+              f"{100 * r['within2x_fp16_frac']:>7.3f}%", file=out)
+    least = min(r["headroom_bits_fp16"] for r in forward)
+    verdict = f"first FP16 overflow in the forward: {first}" if first else \
+        f"no forward output exceeds FP16's 65504 (least headroom {least:.1f} bits)"  # fmt: skip
+    print(verdict, file=out)
 
 
 def main(argv=None) -> None:

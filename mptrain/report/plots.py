@@ -110,6 +110,36 @@ def exponent_histogram(group: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def forward_headroom(group: pd.DataFrame, path: Path) -> Path | None:
+    """Per-layer forward amax (the largest over the run's numerics steps), one line per arm (first seed with
+    numerics), in forward order, against FP16's 65504."""
+    fig, ax, drawn = None, None, 0
+    for arm, runs in group.sort_values(["mode_rank", "seed"]).groupby("arm", sort=False):
+        records = next((r for r in (load_numerics(d) for d in runs["run_dir"]) if r), [])
+        amax: dict[str, float] = {}
+        for r in records:
+            if r["kind"] == "forward":
+                amax[r["layer"]] = max(amax.get(r["layer"], 0.0), r["amax"])
+        if not amax:
+            continue
+        if fig is None:
+            fig, ax = plt.subplots(figsize=(7.5, 3.8))
+            layers = list(amax)
+        ax.semilogy(range(len(layers)), [max(amax.get(layer, np.nan), 1e-8) for layer in layers], marker=".",
+                    linewidth=0.8, label=arm)
+        drawn += 1
+    if not drawn:
+        return None
+    ax.axhline(65504, color="k", linestyle="--", linewidth=0.8)
+    ax.text(0, 65504, " 65504: FP16 overflows above", fontsize=7, va="bottom")
+    step = max(1, len(layers) // 24)
+    ax.set_xticks(range(0, len(layers), step), [layers[i].split(".", 1)[-1][-22:] for i in range(0, len(layers), step)],
+                  rotation=90, fontsize=6)
+    ax.set(ylabel="max |output|", xlabel="module, in forward order")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def _scale_to_show(group: pd.DataFrame) -> tuple[str, float] | None:
     for _, run in group.sort_values("mode_rank").iterrows():
         scale = run["final_loss_scale"]

@@ -59,6 +59,8 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
             (plots.speed_memory_bars(table, out / f"{stem}-speed-memory.png"), "throughput and peak memory"),
             (plots.exponent_histogram(group, out / f"{stem}-grad-exponents.png"),
              "gradient exponents with FP16's limits (the paper's Fig. 3)"),
+            (plots.forward_headroom(group, out / f"{stem}-forward-headroom.png"),
+             "per-layer forward amax against FP16's 65504 (forward overflow headroom)"),
         ]  # fmt: skip
         lines += [f"![{caption}]({path.name})" for path, caption in figures if path is not None]
         lines += ["", "| run | mode | seed | status | " + metric + " | note |", "|---|---|---|---|---|---|"]

@@ -9,6 +9,9 @@ Every `telemetry.numerics.every` steps (off by default: no hook exists otherwise
   (subnormal) and above 65504 (overflow) — unscaled and as scaled by the loss scale
   in effect. Hooks see the gradients as backward produces them (scaled); dividing
   by the scale in FP32 recovers the values the model's math means.
+* Forward headroom (`telemetry/headroom.py`): per leaf module's output, the amax and the shares of values
+  above, and within 2x, 4x, 16x of, the FP16 / bf16 / FP8 E4M3 maxima; the first module whose output would
+  overflow FP16 (`kind: forward_first_overflow` in numerics.jsonl).
 * Lost updates (the paper's case for master weights): the fraction of weight
   elements whose update this step is smaller than half an FP16 ulp of the weight,
   i.e. would vanish if added in FP16. In fp16_naive, where updates are added in
@@ -29,6 +32,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from mptrain.telemetry import headroom
 
 FP16_TINY = 2.0**-24  # smallest FP16 subnormal: anything smaller flushes to zero
 FP16_MIN_NORMAL = 2.0**-14
@@ -99,6 +104,7 @@ class NumericsProbe:
         self.activations = activations
         self.path = Path(run_dir) / "numerics.jsonl"
         self._stats: dict[tuple[str, str], torch.Tensor] = {}
+        self._forward: dict[str, torch.Tensor] = {}  # headroom per module, in the order the forward ran them
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -143,10 +149,17 @@ class NumericsProbe:
         def hook(_module, _inputs, output):
             if isinstance(output, (tuple, list)) and output:
                 output = output[0]  # recurrent layers return (sequence, state): the sequence is the activation
-            if torch.is_tensor(output) and output.requires_grad:
+            if not (torch.is_tensor(output) and output.is_floating_point()):
+                return
+            self.record_forward(name, output)
+            if output.requires_grad:
                 output.register_hook(self._recorder("activation", name, scale))
 
         return hook
+
+    def record_forward(self, name: str, output: torch.Tensor) -> None:
+        stats = headroom.headroom_stats(output)
+        self._forward[name] = headroom.merge(self._forward[name], stats) if name in self._forward else stats
 
     @staticmethod
     def _lost(old: torch.Tensor, new: torch.Tensor, naive: bool) -> torch.Tensor:
@@ -162,6 +175,8 @@ class NumericsProbe:
     def take(self) -> dict[tuple[str, str], list[float]]:
         """The sums the last capture measured, by (kind, layer), read in one host sync; then forget them."""
         stats, self._stats = self._stats, {}
+        stats.update({("forward", name): v for name, v in self._forward.items()})
+        self._forward = {}
         if not stats:
             return {}
         values = torch.stack([torch.nn.functional.pad(v, (0, len(SUMS) + len(EXPONENTS) - len(v))) for v in stats.values()])
@@ -174,24 +189,35 @@ class NumericsProbe:
             return
         keys, values = list(taken), list(taken.values())
         totals: dict[str, list[float]] = {}
-        scalars, histograms = {}, {}
+        scalars, histograms, forward = {}, {}, []
         with open(self.path, "a") as out:
             for (kind, layer), v in zip(keys, values):
                 record = self.to_record(kind, layer, step, v)
                 out.write(json.dumps(record) + "\n")
                 scalars.update(_fraction_tags(record))
-                if kind != "lost_update":
+                if kind == "forward":
+                    forward.append(record)
+                    scalars[f"numerics/forward_amax/{layer}"] = record["amax"]
+                elif kind != "lost_update":
                     histograms[f"numerics/grad_log2/{kind}/{layer}"] = record["log2_hist"]
-                total = totals.setdefault(kind, [0.0] * len(v))
-                totals[kind] = [a + b for a, b in zip(total, v)]
+                merge = headroom.merge_lists if kind == "forward" else lambda a, b: [x + y for x, y in zip(a, b)]
+                totals[kind] = merge(totals[kind], v) if kind in totals else v
+            if forward:
+                first = {"step": step, "kind": "forward_first_overflow", "layer": headroom.first_overflow(forward)}
+                out.write(json.dumps(first) + "\n")
         for kind, v in totals.items():
-            scalars.update(_fraction_tags(self.to_record(kind, "all", step, v)))
+            record = self.to_record(kind, "all", step, v)
+            scalars.update(_fraction_tags(record))
+            if kind == "forward":
+                scalars["numerics/forward_amax/all"] = record["amax"]
         tb.scalars(scalars, step)
         tb.histograms_raw(histograms, EXPONENTS.tolist(), step)
 
     @staticmethod
     def to_record(kind: str, layer: str, step: int | None, v: list[float]) -> dict:
         n = v[0] or 1.0
+        if kind == "forward":
+            return headroom.to_record(layer, step, v)
         if kind == "lost_update":
             return {"step": step, "kind": kind, "layer": layer, "count": v[0], "lost_update_frac": v[1] / n}
         sums = dict(zip(SUMS, v[: len(SUMS)]))
@@ -212,4 +238,8 @@ def _scale_in_effect(stepper):
 def _fraction_tags(record: dict) -> dict[str, float]:
     """`numerics/underflow_frac/weight/<layer>`, ..., `numerics/lost_update_frac/<layer>`."""
     where = record["layer"] if record["kind"] == "lost_update" else f"{record['kind']}/{record['layer']}"
-    return {f"numerics/{k}/{where}": v for k, v in record.items() if k.endswith("_frac")}
+    shown = (lambda k: "_fp16_" in k) if record["kind"] == "forward" else (lambda k: True)  # bf16/E4M3: jsonl only
+    tags = {f"numerics/{k}/{where}": v for k, v in record.items() if k.endswith("_frac") and shown(k)}
+    if record["kind"] == "forward" and math.isfinite(record["headroom_bits_fp16"]):
+        tags[f"numerics/headroom_bits_fp16/{record['layer']}"] = record["headroom_bits_fp16"]
+    return tags

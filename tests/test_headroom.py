@@ -1,0 +1,75 @@
+"""Forward activation headroom: exact shares on constructed outputs, the first overflowing module named."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mptrain.telemetry import headroom
+from mptrain.telemetry.numerics import NumericsProbe
+
+
+def test_shares_above_and_within_each_limit_are_exact():
+    # 10 values: 2 above 65504, 1 in (32752, 65504], 1 in (16376, 32752], 1 in (4094, 16376], 5 small
+    x = torch.tensor([1e5, -7e4, 4e4, -2e4, 5e3, 1.0, -2.0, 3.0, 500.0, 0.0])
+    r = headroom.to_record("m", 0, headroom.headroom_stats(x).tolist())
+    assert r["count"] == 10 and r["amax"] == 1e5
+    assert r["over_fp16_frac"] == pytest.approx(0.2) and r["within2x_fp16_frac"] == pytest.approx(0.3)
+    assert r["within4x_fp16_frac"] == pytest.approx(0.4) and r["within16x_fp16_frac"] == pytest.approx(0.5)
+    assert r["headroom_bits_fp16"] == pytest.approx(math.log2(65504 / 1e5))  # negative: it overflows
+    assert r["over_e4m3_frac"] == pytest.approx(0.6)  # 448: 500 and everything larger
+    assert r["over_bf16_frac"] == 0 and r["headroom_bits_bf16"] > 100
+
+
+def test_nan_counts_as_beyond_every_limit_and_merging_keeps_the_max():
+    a = headroom.headroom_stats(torch.tensor([float("nan"), 1.0]))
+    b = headroom.headroom_stats(torch.tensor([3.0, 2.0, 1.0]))
+    r = headroom.to_record("m", 0, headroom.merge(a, b).tolist())
+    assert r["count"] == 5 and r["amax"] == math.inf and r["over_bf16_frac"] == pytest.approx(0.2)
+    assert headroom.merge_lists(a.tolist(), b.tolist()) == headroom.merge(a, b).tolist()
+
+
+class _Planted(nn.Module):
+    """Linear → ×1e5 (a planted overflow) → Linear: the scaling module's output is the first beyond 65504."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.boost = nn.Identity()
+        self.last = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.last(self.boost(self.first(x)) * 1.0)
+
+
+class _Boost(nn.Module):
+    def forward(self, x):
+        return x * 1e5
+
+
+def test_the_probe_names_the_first_module_that_overflows_fp16(tmp_path):
+    torch.manual_seed(0)
+    model = _Planted()
+    model.boost = _Boost()
+
+    class Stepper:  # what capture() reads of a stepper
+        params, masters, loss_scale, grad_scaler = list(model.parameters()), None, None, None
+
+    probe = NumericsProbe(1, tmp_path)
+    with probe.capture({"model": model}, {"model": Stepper()}):
+        model(torch.ones(3, 4)).sum().backward()
+
+    class TB:
+        scalars = histograms_raw = staticmethod(lambda *a, **k: None)
+
+    probe.flush(TB(), 1)
+    records = [json.loads(line) for line in (tmp_path / "numerics.jsonl").read_text().splitlines()]
+    forward = {r["layer"]: r for r in records if r["kind"] == "forward"}
+    assert list(forward) == ["model.first", "model.boost", "model.last"]  # in the order the forward ran
+    assert forward["model.first"]["over_fp16_frac"] == 0 and forward["model.boost"]["amax"] > 65504
+    (first,) = [r for r in records if r["kind"] == "forward_first_overflow"]
+    assert first["layer"] == "model.boost"
