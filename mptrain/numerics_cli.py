@@ -45,6 +45,10 @@ def parse_args(argv):
                         help="recommend this factor below the overflow ceiling (default 8)")
     parser.add_argument("--kind", choices=("all", "weight", "activation"), default="all", help="rows to print")
     parser.add_argument("--json", type=Path, help="also write the full scan (histograms included) here")
+    parser.add_argument("--checkpoint", type=Path, metavar="RUN_DIR",
+                        help="instead of a scan: is this trained run (any mode) safe in FP16? Its held-out batches "
+                             "forward in FP16, per-layer headroom, and the modules to keep in FP32")
+    parser.add_argument("--batches", type=positive(int), default=8, help="held-out batches of --checkpoint (8)")
     args, overrides = parser.split_overrides(argv)
     if overridden(overrides, "precision"):
         parser.error("the scan runs in fp32 by definition; drop the precision override")
@@ -154,6 +158,25 @@ def print_report(result: dict, kind: str, out=sys.stdout) -> None:
         print(f"recommended static scale for {net}: {scale}: {rec['reason']}", file=out)
 
 
+def _check_checkpoint(args, overrides: list[str]) -> None:
+    from mptrain.build import resolve_device
+    from mptrain.fp16_check import check, compose_from_run, load_fp16_model, print_check
+
+    cfg = compose_from_run(args.checkpoint, overrides)
+    task, precision, loader, state = load_fp16_model(cfg, args.checkpoint, resolve_device(cfg.trainer.device))
+    result = check(task, precision, loader, args.batches, state)
+    result.update(run_dir=str(args.checkpoint), model=cfg.model.name, dataset=cfg.dataset.name,
+                  fp16_kernels=precision.fp16_kernels)
+    print(f"{cfg.model.name} from {args.checkpoint}: {args.batches} held-out batches forward with FP16 weights "
+          f"({precision.fp16_kernels} FP16 kernels)")
+    print_check(result, sys.stdout)
+    if args.json:
+        from mptrain.telemetry.summary import write_json_atomic
+
+        write_json_atomic(args.json, result)
+        print(f"full check: {args.json}")
+
+
 def print_headroom(forward: list[dict], first: str | None, out=sys.stdout, rows: int = 10) -> None:
     """The module outputs closest to FP16's 65504 (amax, headroom in bits, shares over and within 2x)."""
     if not forward:
@@ -176,6 +199,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        if args.checkpoint is not None:
+            return _check_checkpoint(args, overrides)
         cfg = compose_scan(overrides, args.steps)
         sums = scan(cfg, args.steps)
         result = analyse(sums, args.steps, args.coverage, args.headroom)

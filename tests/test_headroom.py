@@ -73,3 +73,8 @@ def test_the_probe_names_the_first_module_that_overflows_fp16(tmp_path):
     assert forward["model.first"]["over_fp16_frac"] == 0 and forward["model.boost"]["amax"] > 65504
     (first,) = [r for r in records if r["kind"] == "forward_first_overflow"]
     assert first["layer"] == "model.boost"
+
+
+def test_an_overflowed_output_reads_as_infinite():
+    r = headroom.to_record("m", 0, headroom.headroom_stats(torch.tensor([float("inf"), 1.0]).half()).tolist())
+    assert r["amax"] == math.inf and r["headroom_bits_fp16"] == -math.inf and r["over_fp16_frac"] == 0.5

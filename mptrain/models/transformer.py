@@ -38,11 +38,11 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.attn = CausalSelfAttention(width, heads, dropout)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-        self.drop = nn.Dropout(dropout)
+        self.drop_attn, self.drop_mlp = nn.Dropout(dropout), nn.Dropout(dropout)  # one module per site: probes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x)))
-        return x + self.drop(self.mlp(self.ln2(x)))
+        x = x + self.drop_attn(self.attn(self.ln1(x)))
+        return x + self.drop_mlp(self.mlp(self.ln2(x)))
 
 
 class TransformerLM(nn.Module):

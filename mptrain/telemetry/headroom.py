@@ -20,7 +20,7 @@ SIZE = 2 + len(LIMITS) * len(WITHIN)
 
 def headroom_stats(output: torch.Tensor) -> torch.Tensor:
     """[count, amax, counts above limit / w per limit and w] of one output, on its device (no host sync)."""
-    magnitude = torch.nan_to_num(output.detach().float().abs(), nan=math.inf).flatten()
+    magnitude = torch.nan_to_num(output.detach().float().abs(), nan=math.inf, posinf=math.inf).flatten()
     thresholds = torch.tensor([limit / w for limit in LIMITS.values() for w in WITHIN], device=magnitude.device)
     above = (magnitude.unsqueeze(1) > thresholds).sum(0).float() if magnitude.numel() <= 1 << 22 else \
         torch.stack([(magnitude > t).sum().float() for t in thresholds])  # fmt: skip
