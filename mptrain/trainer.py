@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mptrain.errors import Diverged, Interrupted
+from mptrain.errors import Diverged, Interrupted, UserError
 from mptrain.optim import build_optimizer, build_scheduler
 from mptrain.precision import LossScaleCollapsed, Precision
 from mptrain.replicas import Replicas
@@ -33,6 +33,9 @@ from mptrain.testing import install_faults
 
 log = logging.getLogger(__name__)
 MEMORY_STEPS = 3  # the first steps (and every logging step) are measured for peak memory
+# dynamic scaling skips about log2(initial / settled scale) steps at the start, then about one per growth
+# interval (2000 steps): 5 % is far beyond what probing skips
+SKIPPED_SHARE_WARNING = 0.05
 
 
 def tag(split: str, key: str) -> str:
@@ -107,6 +110,7 @@ class Trainer:
                     break
             if self.checkpoint_path and t.checkpoint_every and self.replicas.is_main:
                 self.save_checkpoint()  # the final state
+            self._warn_if_mostly_skipped()
         finally:
             bar.close()
         return self.results()
@@ -230,7 +234,7 @@ class Trainer:
             "steppers": {name: stepper.state_dict() for name, stepper in self.steppers.items()},
             "task": self.task.state_dict(),
             "history": self.history, "best": self.best, "last_media_step": self.last_media_step,
-            "overflow_events": list(self.overflows.events),
+            "overflow_events": list(self.overflows.events), "total_steps": self.total_steps,
         }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
@@ -243,6 +247,16 @@ class Trainer:
         self.history, self.best, self.last_media_step = state["history"], state["best"], state["last_media_step"]
         self.overflows.events.extend(state["overflow_events"])
         self.resumed_task_state = state["task"]  # loaded when its pass starts (an LM's hidden state)
+        planned = state.get("total_steps", self.total_steps)
+        if planned != self.total_steps:  # the LR schedule was built for the checkpoint's length
+            if not self.cfg.trainer.replan_schedule:
+                raise UserError(f"the checkpoint's run was planned for {planned} steps and this one for "
+                                f"{self.total_steps}: its LR schedule would continue past its end (a cosine climbs "
+                                "back up); set trainer.replan_schedule=true to rebuild the schedule for "
+                                f"{self.total_steps} steps from step {self.step}, or resume with the same length")
+            for stepper in self.steppers.values():
+                stepper.replan_schedule(lambda opt: build_scheduler(self.cfg.optim, opt, self.total_steps))
+            log.info("LR schedule rebuilt for %d steps (was %d) from step %d", self.total_steps, planned, self.step)
 
     def _train_step(self, batch) -> dict:
         measure = self.step < MEMORY_STEPS or (self.step + 1) % self.cfg.trainer.log_every == 0
@@ -259,7 +273,8 @@ class Trainer:
                 metrics = self.task.train_step(batch, self.steppers, self.precision)
         except LossScaleCollapsed as e:
             event = self._attribute_overflow(self.step + 1, None)
-            raise Diverged(f"step {self.step + 1}: {e}{self._cause(event)}") from None
+            self.step += 1  # the step ran (and was skipped): counted, as the scaler counted it
+            raise Diverged(f"step {self.step}: {e}{self._cause(event)}") from None
         if probe:
             self.numerics.flush(self.tb, self.step + 1)
         for name, stepper in self.steppers.items():
@@ -327,6 +342,17 @@ class Trainer:
         self.throughput.begin()
 
     # -- helpers -------------------------------------------------------------------------
+    def _warn_if_mostly_skipped(self) -> None:
+        """A run that applied few of its updates did not train as asked, though it completed: say so."""
+        for name, stepper in self.steppers.items():
+            skipped = stepper.skipped_steps
+            if self.step and skipped / self.step > SKIPPED_SHARE_WARNING:
+                warning = (f"{skipped} of {self.step} steps ({100 * skipped / self.step:.1f} %) of {name} were skipped "
+                           f"for inf/NaN gradients (more than {100 * SKIPPED_SHARE_WARNING:g} %): the loss scale "
+                           "overflows far more often than dynamic scaling's probing would")
+                log.warning(warning)
+                self.warnings.append(warning)
+
     def _check_buffers(self) -> None:
         """Warn once when a running statistic (BatchNorm's mean or variance) stops being finite: every later
         evaluation would be broken, whatever the updates do. At logging steps only: one host sync."""

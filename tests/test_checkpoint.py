@@ -100,3 +100,25 @@ def test_sigterm_stops_a_whole_sweep_not_just_its_job(tmp_path):
     assert done.returncode == 130
     summaries = sorted((tmp_path / "sweep").rglob("summary.json"))
     assert len(summaries) == 1 and read_summary(summaries[0].parent)["status"] == "interrupted"  # no next job started
+
+
+def test_resuming_for_a_longer_run_is_refused_or_replans_the_schedule(tmp_path):
+    """A finished 4-step cosine run resumed with trainer.max_steps=8: refused in one line (its schedule would
+    climb back up), or with trainer.replan_schedule=true rebuilt for 8 steps: the LR then equals, step for step,
+    that of a run planned for 8 steps from the start."""
+    base = [*TINY, "dataset.train_size=96", "trainer.log_every=1", "trainer.checkpoint_every=4"]
+    short = tmp_path / "short"
+    assert mptrain(*base, "trainer.max_steps=4", f"hydra.run.dir={short}", cwd=tmp_path).returncode == 0
+    refused = mptrain(*base, "trainer.max_steps=8", f"trainer.resume={short}", f"hydra.run.dir={tmp_path / 'r'}",
+                      cwd=tmp_path)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "planned for 4 steps and this one for 8" in refused.stderr and "trainer.replan_schedule=true" in refused.stderr
+    extended, planned = tmp_path / "extended", tmp_path / "planned"
+    out = mptrain(*base, "trainer.max_steps=8", f"trainer.resume={short}", "trainer.replan_schedule=true",
+                  f"hydra.run.dir={extended}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert mptrain(*base, "trainer.max_steps=8", f"hydra.run.dir={planned}", cwd=tmp_path).returncode == 0
+    lr = {run: {e.step: e.value for e in scalar_tags(run / "tb")["optim/lr"]} for run in (extended, planned)}
+    assert [round(lr[extended][s], 9) for s in range(5, 9)] == [round(lr[planned][s], 9) for s in range(5, 9)]
+    assert lr[extended][8] < lr[extended][5]  # still decaying: no warm restart
+    assert read_summary(extended)["resumed_from"]["step"] == 4

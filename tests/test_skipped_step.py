@@ -74,3 +74,23 @@ def test_statistics_that_stop_being_finite_get_one_warning(compose_cfg, tmp_path
     trainer._check_buffers()
     assert len(trainer.warnings) == 1 and "running statistic(s) are no longer finite" in trainer.warnings[0]
     assert "running_mean" in trainer.warnings[0] or "running_var" in trainer.warnings[0]
+
+
+def test_a_static_scale_that_always_overflows_stops_as_diverged(tmp_path):
+    from cli_helpers import mptrain, read_summary
+
+    out = mptrain("debug=tiny", "precision=mixed", "precision.loss_scale=1e30", "precision.max_consecutive_skips=3",
+                  f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert out.returncode == 3, out.stderr[-2000:]
+    s = read_summary(tmp_path / "run")
+    assert s["status"] == "diverged" and s["skipped_steps"] == 3 and "overflowed 3 steps in a row" in s["error"]
+    assert "step 3:" in s["error"] and "gradients overflowed in backward, first model." in s["error"]  # and where
+    assert "updates" in out.stdout and "0 applied, 3 skipped" in out.stdout
+
+
+def test_a_completed_run_that_skipped_often_says_so(compose_cfg, tmp_path):
+    trainer = _trainer(compose_cfg, tmp_path, "mixed")
+    trainer.steppers["model"].scaler.skipped_steps = 2
+    trainer.step = 8
+    trainer._warn_if_mostly_skipped()
+    assert len(trainer.warnings) == 1 and "2 of 8 steps (25.0 %) of model were skipped" in trainer.warnings[0]

@@ -93,6 +93,7 @@ class Precision:
                 hysteresis=self.cfg.hysteresis,
                 min_scale=self.cfg.min_scale,
                 device=self.device,
+                max_consecutive_skips=self.cfg.max_consecutive_skips,
             )
         return PrecisionStepper(
             model,

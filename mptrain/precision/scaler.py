@@ -19,7 +19,8 @@ from mptrain.errors import Diverged
 
 
 class LossScaleCollapsed(Diverged):
-    """The dynamic scale fell below its floor: gradients overflow even unscaled."""
+    """The dynamic scale fell below its floor (gradients overflow even unscaled), or a static scale overflowed
+    `max_consecutive_skips` steps in a row (no update is being applied)."""
 
 
 def group_by_device_and_dtype(tensors):
@@ -40,6 +41,7 @@ class LossScaler:
         hysteresis: int = 1,
         min_scale: float = 1e-4,
         device: torch.device | str = "cpu",
+        max_consecutive_skips: int | None = None,
     ):
         self.dynamic = dynamic
         self.growth_factor = growth_factor
@@ -53,6 +55,8 @@ class LossScaler:
         self._hysteresis_left = hysteresis
         self._clean_run = 0  # host mirror of the growth tracker, needed only for hysteresis
         self.skipped_steps = 0
+        self.consecutive_skips = 0  # a static scale does not adapt: a long run of skips means it never will
+        self.max_consecutive_skips = max_consecutive_skips
 
     @property
     def scale_tensor(self) -> torch.Tensor:
@@ -74,7 +78,15 @@ class LossScaler:
         """Advance the scale after the skip decision; raise if the scale collapses."""
         if found_inf:
             self.skipped_steps += 1
+        self.consecutive_skips = self.consecutive_skips + 1 if found_inf else 0
         if not self.dynamic:
+            limit = self.max_consecutive_skips
+            if limit and self.consecutive_skips >= limit:
+                raise LossScaleCollapsed(
+                    f"the static loss scale {self.get_scale():g} overflowed {self.consecutive_skips} steps in a row "
+                    f"(precision.max_consecutive_skips={limit}): no update is being applied; use a smaller "
+                    "precision.loss_scale, or precision.loss_scale=dynamic"
+                )
             return
         backoff = self.backoff_factor
         if self.hysteresis > 1:
@@ -114,6 +126,7 @@ class LossScaler:
             "hysteresis_left": self._hysteresis_left,
             "clean_run": self._clean_run,
             "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
             "dynamic": self.dynamic,
             "growth_factor": self.growth_factor,
             "backoff_factor": self.backoff_factor,
@@ -128,5 +141,6 @@ class LossScaler:
         self._hysteresis_left = state["hysteresis_left"]
         self._clean_run = state["clean_run"]
         self.skipped_steps = state["skipped_steps"]
+        self.consecutive_skips = state.get("consecutive_skips", 0)  # checkpoints before it was kept: 0
         for key in ("dynamic", "growth_factor", "backoff_factor", "growth_interval", "hysteresis", "min_scale"):
             setattr(self, key, state[key])

@@ -183,3 +183,12 @@ class PrecisionStepper:
             self.scaler.load_state_dict(state["scaler"])
         if self.grad_scaler is not None:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
+
+    def replan_schedule(self, make_scheduler: Callable) -> None:
+        """A new LR schedule (e.g. for a longer run), advanced to where this stepper is: as many schedule steps
+        as updates were applied, so the LR from here on is the new schedule's at this point."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = group.get("initial_lr", group["lr"])
+        self.scheduler = make_scheduler(self.optimizer)
+        for _ in range(self.steps_applied):
+            self.scheduler.step()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ from mptrain.schema.rules import (
 # the one list of mode names (torch-free: the CLI, bench and report read it without importing torch)
 MODES = ("fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16")
 CPU_FP16 = ("auto", "emulate", "native")
-LOSS_SCALE = Rule(lambda v: v == "dynamic" or (is_number(v) and v > 0), "dynamic, null or a number > 0")
+LOSS_SCALE = Rule(lambda v: v == "dynamic" or (is_number(v) and 0 < v < math.inf), "dynamic, null or a finite number > 0")
 
 
 @dataclass
@@ -39,6 +40,9 @@ class PrecisionConfig:
     growth_interval: int = knob(2000, "dynamic: overflow-free steps before the scale grows", POSITIVE_INT)
     hysteresis: int = knob(1, "overflows tolerated before backing off (1: back off at once)", POSITIVE_INT)
     min_scale: float = knob(1.0e-4, "a dynamic scale below this stops the run (status diverged)", POSITIVE)
+    max_consecutive_skips: int = knob(50, "a static scale that overflows this many steps in a row stops the run "
+                                          "(status diverged): it does not adapt, so it would skip every step",
+                                      POSITIVE_INT)
     keep_norm_fp32: bool = knob(True, "fp16-weight modes: BatchNorm, LayerNorm and GroupNorm weights, statistics and "
                                       "math stay FP32")
     keep_batchnorm_fp32: bool = knob(True, "the older name of keep_norm_fp32 (false in either turns it off)")

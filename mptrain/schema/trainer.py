@@ -35,6 +35,8 @@ class TrainerConfig:
     media_every: int = knob(100, "steps between image grids (GANs) in TensorBoard", POSITIVE_INT)
     checkpoint_every: Optional[int] = knob(None, "steps between checkpoints (<run dir>/checkpoint.pt, atomic); "
                                                  "SIGTERM/SIGINT always write one", POSITIVE_INT, example=500)
+    replan_schedule: bool = knob(False, "resuming with another length (max_steps / epochs): rebuild the LR schedule "
+                                        "for the new length from the resumed step (else refused)")
     resume: Optional[str] = knob(None, "a run dir or checkpoint file to continue from, or auto (this run dir's "
                                        "checkpoint, if any)", RESUME, example="auto")
 

@@ -57,6 +57,17 @@ def _kernels(s: dict) -> str:
     return kernels or "none (no FP16 arithmetic in this mode)"
 
 
+def _updates(s: dict) -> str:
+    """`468 applied, 0 skipped`, per network for a GAN (`g: 100 applied, 2 skipped; d: ...`)."""
+    steps, by_net = s.get("steps"), s.get("skipped_steps_by_network")
+    if not isinstance(steps, int):
+        return "-"
+    skipped = by_net if isinstance(by_net, dict) else {"": s.get("skipped_steps") or 0}
+    parts = [f"{name + ': ' if name else ''}{steps - n} applied, {n} skipped" + (f" ({100 * n / steps:.1f} %)"
+             if n and steps else "") for name, n in skipped.items()]  # fmt: skip
+    return "; ".join(parts)
+
+
 def format_summary(s: dict) -> str:
     primary = s.get("primary_metric")
     final, best = s.get("final") or {}, s.get("best") or {}
@@ -73,7 +84,7 @@ def format_summary(s: dict) -> str:
         ("fp16 kernels", _kernels(s)),
         ("samples/s", _fmt(s.get("samples_per_s"))),
         ("peak memory", f"{_mib(s.get('peak_memory_bytes'))} ({s.get('peak_memory_method')})"),
-        ("skipped steps", _fmt(s.get("skipped_steps"))),
+        ("updates", _updates(s)),
         ("final loss scale", _fmt(s.get("final_loss_scale"))),
         ("wall time", f"{_fmt(s.get('wall_time_s'))} s"),
         ("device", f"{(s.get('env') or {}).get('device_name')} (torch {(s.get('env') or {}).get('torch')})"),
