@@ -27,6 +27,7 @@ from mptrain.telemetry.memory import PeakMemory
 from mptrain.telemetry.meters import MeanMeter
 from mptrain.telemetry.numerics import NumericsProbe
 from mptrain.telemetry.overflow import OverflowLog, first_nonfinite_module, nonfinite_grads
+from mptrain.telemetry.scale_verdict import scale_verdict
 from mptrain.telemetry.tensorboard import TensorBoardLogger
 from mptrain.telemetry.throughput import Throughput
 from mptrain.testing import install_faults
@@ -149,6 +150,7 @@ class Trainer:
             "skipped_steps_by_network": self._named_only({n: s.skipped_steps for n, s in self.steppers.items()}),
             "final_loss_scale": self._single_or_named({n: float(v) for n, v in scales.items()}),
             "overflow_events": list(self.overflows.events),
+            "loss_scale_verdict": self._scale_verdicts(),
             "fp16_kernels": self.precision.fp16_kernels,
             "cpu_fp16": self.precision.cpu_fp16,
             "speed_options_check": self.speed_options_check,
@@ -235,6 +237,7 @@ class Trainer:
             "task": self.task.state_dict(),
             "history": self.history, "best": self.best, "last_media_step": self.last_media_step,
             "overflow_events": list(self.overflows.events), "total_steps": self.total_steps,
+            "overflow_history": {net: [list(e) for e in events] for net, events in self.overflows.history.items()},
         }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
@@ -246,6 +249,8 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history, self.best, self.last_media_step = state["history"], state["best"], state["last_media_step"]
         self.overflows.events.extend(state["overflow_events"])
+        for net, events in state.get("overflow_history", {}).items():  # checkpoints before it was kept: none
+            self.overflows.history[net] = [tuple(e) for e in events]
         self.resumed_task_state = state["task"]  # loaded when its pass starts (an LM's hidden state)
         planned = state.get("total_steps", self.total_steps)
         if planned != self.total_steps:  # the LR schedule was built for the checkpoint's length
@@ -342,6 +347,18 @@ class Trainer:
         self.throughput.begin()
 
     # -- helpers -------------------------------------------------------------------------
+    def _scale_verdicts(self) -> dict | None:
+        """Per scaled network, the verdict on its loss-scale history (telemetry/scale_verdict.py)."""
+        verdicts = {}
+        for name, stepper in self.steppers.items():
+            if stepper.loss_scale is None:
+                continue
+            events = self.overflows.history.get(name, []) + self.overflows.history.get("all", [])
+            dynamic = stepper.grad_scaler is not None or stepper.scaler.dynamic
+            verdicts[name] = scale_verdict(sorted(events, key=lambda e: e[0]), self.step, dynamic,
+                                           self.cfg.precision.growth_interval, float(stepper.loss_scale))
+        return verdicts or None
+
     def _warn_if_mostly_skipped(self) -> None:
         """A run that applied few of its updates did not train as asked, though it completed: say so."""
         for name, stepper in self.steppers.items():

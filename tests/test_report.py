@@ -90,6 +90,7 @@ def test_report_markdown_html_and_plots(sweep, tmp_path):
     images = sorted(p.name for p in folder.glob("*.png"))
     assert any(n.endswith("-accuracy.png") for n in images) and any(n.endswith("-grad-exponents.png") for n in images)
     assert any(n.endswith("-speed-memory.png") for n in images) and any(n.endswith("-forward-headroom.png") for n in images)
+    assert "| loss-scale verdict |" in text
     html = (folder / "report.html").read_text()
     assert html.count("data:image/png;base64,") == sum(1 for line in text.splitlines() if line.startswith("!["))
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()  # not a Hydra app

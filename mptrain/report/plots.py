@@ -34,10 +34,19 @@ def lost_update_curves(group: pd.DataFrame, path: Path) -> Path | None:
 
 
 def loss_scale_curves(group: pd.DataFrame, path: Path) -> Path | None:
-    return _curves(group, "amp/loss_scale", "loss scale", path, log=True)
+    """The scale per arm, with a skip timeline: one tick per skipped step under the curves (first seed's run)."""
+    def skips(ax):
+        low = ax.get_ylim()[0]
+        for i, (arm, runs) in enumerate(group.groupby("arm", sort=False)):
+            steps = next((s for s in runs["skip_steps"] if isinstance(s, list) and s), [])
+            if steps:
+                ax.plot(steps, [low * 2 ** (0.3 * i)] * len(steps), "|", markersize=8, color=f"C{i}",
+                        label=f"{arm}: skipped steps ({len(steps)})")
+
+    return _curves(group, "amp/loss_scale", "loss scale", path, log=True, extra=skips)
 
 
-def _curves(group: pd.DataFrame, prefix: str, label: str, path: Path, log: bool) -> Path | None:
+def _curves(group: pd.DataFrame, prefix: str, label: str, path: Path, log: bool, extra=None) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
     for arm, runs in group.groupby("arm", sort=False):
@@ -59,6 +68,8 @@ def _curves(group: pd.DataFrame, prefix: str, label: str, path: Path, log: bool)
     ax.set(xlabel="step", ylabel=label)
     if log:
         ax.set_yscale("log", base=2)
+    if extra is not None:
+        extra(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)

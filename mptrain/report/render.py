@@ -63,13 +63,14 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
              "per-layer forward amax against FP16's 65504 (forward overflow headroom)"),
         ]  # fmt: skip
         lines += [f"![{caption}]({path.name})" for path, caption in figures if path is not None]
-        lines += ["", "| run | mode | seed | status | " + metric + " | note |", "|---|---|---|---|---|---|"]
+        lines += ["", "| run | mode | seed | status | " + metric + " | loss-scale verdict | note |",
+                  "|---|---|---|---|---|---|---|"]
         for _, r in group.iterrows():
             note = "" if pd.isna(r["error"]) else str(r["error"]).replace("|", "\\|")[:160]
             value = "-" if pd.isna(r["metric"]) else f"{r['metric']:.4f}"
             folder = _relative(r["run_dir"], sources)
             lines.append(f'| <span title="{folder}">`{run_id(r)}`</span> | {r["arm"]} | {r["seed"]} | {r["status"]} | '
-                         f"{value} | {note} |")
+                         f"{value} | {r['scale_verdict'] or '-'} | {note} |")
         lines += ["", "Run folders: `runs.csv` of `mptrain-report --format csv` (column `run_dir`); hover a run id "
                   "in the HTML report."]
     path = out / "report.md"

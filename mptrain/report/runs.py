@@ -98,6 +98,9 @@ def load_runs(dirs: list[Path], metric_choice: str = "primary") -> pd.DataFrame:
             "peak_memory_mb": _finite((summary.get("peak_memory_bytes") or math.nan) / 2**20),
             "skipped_steps": summary.get("skipped_steps"),
             "final_loss_scale": per_network(scale) if isinstance(scale, dict) else scale,
+            "scale_verdict": scale_verdicts(summary.get("loss_scale_verdict")),
+            "skip_steps": sorted(s for v in (summary.get("loss_scale_verdict") or {}).values()
+                                 for s in v.get("skip_steps", [])),
             "lost_update_frac": lost_update_frac(load_numerics(run_dir)),
             "wall_time_s": summary.get("wall_time_s"),
             "error": summary.get("error"),
@@ -105,6 +108,15 @@ def load_runs(dirs: list[Path], metric_choice: str = "primary") -> pd.DataFrame:
     runs = pd.DataFrame(rows)
     runs["mode_rank"] = runs["precision"].map(lambda m: MODE_ORDER.index(m) if m in MODE_ORDER else len(MODE_ORDER))
     return runs.sort_values(["model", "dataset", "setting", "mode_rank", "arm", "seed"], ignore_index=True)
+
+
+def scale_verdicts(verdicts: dict | None) -> str:
+    """`normal probing`, or per network `g normal probing / d trouble` (empty: no scaler)."""
+    if not verdicts:
+        return ""
+    if len(verdicts) == 1:
+        return next(iter(verdicts.values()))["verdict"]
+    return " / ".join(f"{name} {v['verdict']}" for name, v in verdicts.items())
 
 
 def per_network(values: dict) -> str:

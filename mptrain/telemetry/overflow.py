@@ -83,6 +83,7 @@ class OverflowLog:
 
     def __init__(self, keep: int = 20):
         self.events: deque[dict] = deque(maxlen=keep)
+        self.history: dict[str, list[tuple]] = {}  # every skip, by network: (step, scale, layer named)
 
     def record(self, step: int, network: str, grads: list[str], module: str | None, scale: float | None) -> dict:
         event = {
@@ -94,6 +95,8 @@ class OverflowLog:
             "nonfinite_grad_count": len(grads),
         }
         self.events.append(event)
+        layer = module or (grads[0] if grads else None)
+        self.history.setdefault(network, []).append((step, scale, layer))
         return event
 
     @staticmethod

@@ -57,6 +57,12 @@ def _kernels(s: dict) -> str:
     return kernels or "none (no FP16 arithmetic in this mode)"
 
 
+def describe(verdict: dict) -> str:
+    from mptrain.telemetry.scale_verdict import describe as words
+
+    return words(verdict)
+
+
 def _updates(s: dict) -> str:
     """`468 applied, 0 skipped`, per network for a GAN (`g: 100 applied, 2 skipped; d: ...`)."""
     steps, by_net = s.get("steps"), s.get("skipped_steps_by_network")
@@ -86,6 +92,8 @@ def format_summary(s: dict) -> str:
         ("peak memory", f"{_mib(s.get('peak_memory_bytes'))} ({s.get('peak_memory_method')})"),
         ("updates", _updates(s)),
         ("final loss scale", _fmt(s.get("final_loss_scale"))),
+        *(((f"loss scale {name}" if len(s["loss_scale_verdict"]) > 1 else "loss scale"), describe(v))
+          for name, v in (s.get("loss_scale_verdict") or {}).items()),
         ("wall time", f"{_fmt(s.get('wall_time_s'))} s"),
         ("device", f"{(s.get('env') or {}).get('device_name')} (torch {(s.get('env') or {}).get('torch')})"),
     ]
