@@ -170,11 +170,15 @@ def _check_checkpoint(args, overrides: list[str]) -> None:
     print(f"{cfg.model.name} from {args.checkpoint}: {args.batches} held-out batches forward with FP16 weights "
           f"({precision.fp16_kernels} FP16 kernels)")
     print_check(result, sys.stdout)
-    if args.json:
+    _write_json(args.json, result, "full check")
+
+
+def _write_json(path: Path | None, result: dict, what: str) -> None:
+    if path is not None:
         from mptrain.telemetry.summary import write_json_atomic
 
-        write_json_atomic(args.json, result)
-        print(f"full check: {args.json}")
+        write_json_atomic(path, result)
+        print(f"{what}: {path}")
 
 
 def print_headroom(forward: list[dict], first: str | None, out=sys.stdout, rows: int = 10) -> None:
@@ -209,11 +213,7 @@ def main(argv=None) -> None:
         print(f"{cfg.model.name} on {cfg.dataset.name}: gradients of {args.steps} FP32 training steps, as FP16 "
               f"would hold them (coverage {args.coverage:g}, no overflow)")
         print_report(result, args.kind)
-        if args.json:
-            from mptrain.telemetry.summary import write_json_atomic
-
-            write_json_atomic(args.json, result)
-            print(f"full scan: {args.json}")
+        _write_json(args.json, result, "full scan")
     except UserError as e:
         print(f"mptrain-numerics: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -23,6 +23,7 @@ from mptrain.precision import LossScaleCollapsed, Precision
 from mptrain.replicas import Replicas
 from mptrain.signals import StopRequest
 from mptrain.tasks import Task
+from mptrain.telemetry import health
 from mptrain.telemetry.memory import PeakMemory
 from mptrain.telemetry.meters import MeanMeter
 from mptrain.telemetry.numerics import NumericsProbe
@@ -34,9 +35,6 @@ from mptrain.testing import install_faults
 
 log = logging.getLogger(__name__)
 MEMORY_STEPS = 3  # the first steps (and every logging step) are measured for peak memory
-# dynamic scaling skips about log2(initial / settled scale) steps at the start, then about one per growth
-# interval (2000 steps): 5 % is far beyond what probing skips
-SKIPPED_SHARE_WARNING = 0.05
 
 
 def tag(split: str, key: str) -> str:
@@ -362,29 +360,21 @@ class Trainer:
     def _warn_if_mostly_skipped(self) -> None:
         """A run that applied few of its updates did not train as asked, though it completed: say so."""
         for name, stepper in self.steppers.items():
-            skipped = stepper.skipped_steps
-            if self.step and skipped / self.step > SKIPPED_SHARE_WARNING:
-                warning = (f"{skipped} of {self.step} steps ({100 * skipped / self.step:.1f} %) of {name} were skipped "
-                           f"for inf/NaN gradients (more than {100 * SKIPPED_SHARE_WARNING:g} %): the loss scale "
-                           "overflows far more often than dynamic scaling's probing would")
-                log.warning(warning)
-                self.warnings.append(warning)
+            warning = health.mostly_skipped(name, stepper.skipped_steps, self.step)
+            if warning:
+                self._warn(warning)
 
     def _check_buffers(self) -> None:
-        """Warn once when a running statistic (BatchNorm's mean or variance) stops being finite: every later
-        evaluation would be broken, whatever the updates do. At logging steps only: one host sync."""
-        if not self._buffers_checked_finite:
-            return
-        named = [(f"{net_name}.{name}" if len(self.task.networks()) > 1 else name, b)
-                 for net_name, net in self.task.networks().items()
-                 for name, b in net.named_buffers() if b.dtype.is_floating_point]  # fmt: skip
-        if not named or bool(torch.stack([torch.isfinite(b).all() for _, b in named]).all()):
-            return
-        self._buffers_checked_finite = False
-        bad = [name for name, b in named if not bool(torch.isfinite(b).all())]
-        warning = (f"step {self.step}: {len(bad)} running statistic(s) are no longer finite ({', '.join(bad[:3])}"
-                   f"{', ...' if len(bad) > 3 else ''}): evaluations from here on are broken; the forward overflowed "
-                   "in a step that was not skipped (no loss scaler?) or the data holds inf/NaN")
+        """Warn once when a running statistic (BatchNorm's mean or variance) stops being finite. At logging
+        steps only: one host sync."""
+        if self._buffers_checked_finite:
+            bad = health.nonfinite_buffers(self.task.networks())
+            if bad:
+                self._buffers_checked_finite = False
+                self._warn(health.nonfinite_buffers_warning(self.step, bad))
+
+    def _warn(self, warning: str) -> None:
+        """Logged once, and kept in summary.json's warnings."""
         log.warning(warning)
         self.warnings.append(warning)
 
