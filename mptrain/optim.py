@@ -11,6 +11,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from mptrain.errors import UserError
+from mptrain.precision import rounding
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "none")
@@ -40,8 +41,14 @@ def kernel_choice(params: list[nn.Parameter]) -> dict:
     return {"foreach": True}
 
 
-def build_optimizer(cfg, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(cfg, params: list[nn.Parameter], update: str = "nearest") -> torch.optim.Optimizer:
+    """The optimizer of `optim.name`; `update` (the precision mode's): how updates reach BF16 weights without a
+    master copy (stochastic rounding, Kahan summation: precision/rounding.py), else torch's own optimizers."""
     groups = _param_groups(params, cfg)
+    if update == "stochastic":
+        return rounding.stochastic_optimizer(cfg, groups)
+    if update == "kahan":
+        return rounding.kahan_optimizer(cfg, groups)
     kernels = kernel_choice(params)
     if cfg.name == "sgd":
         nesterov = bool(cfg.nesterov) and cfg.momentum > 0

@@ -66,7 +66,7 @@ class Trainer:
         self.steppers = {
             name: precision.stepper(
                 net,
-                lambda params: build_optimizer(cfg.optim, params),
+                lambda params: build_optimizer(cfg.optim, params, update=precision.spec.update),
                 lambda opt: build_scheduler(cfg.optim, opt, self.total_steps),
                 max_grad_norm=cfg.optim.max_grad_norm,
                 agree_on_overflow=self.replicas.agree_on_overflow,
@@ -149,6 +149,7 @@ class Trainer:
             "final_loss_scale": self._single_or_named({n: float(v) for n, v in scales.items()}),
             "overflow_events": list(self.overflows.events),
             "loss_scale_verdict": self._scale_verdicts(),
+            "bytes_per_parameter": {name: s.bytes_per_parameter() for name, s in self.steppers.items()},
             "fp16_kernels": self.precision.fp16_kernels,
             "cpu_fp16": self.precision.cpu_fp16,
             "speed_options_check": self.speed_options_check,

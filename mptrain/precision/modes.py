@@ -7,6 +7,9 @@
 | mixed       | fp16 + fp32 master| fp16              | fp32 master       | dynamic       |
 | amp         | fp32              | autocast fp16     | fp32              | GradScaler    |
 | bf16        | fp32              | autocast bf16     | fp32              | none          |
+| bf16_pure   | bf16              | bf16              | bf16, nearest     | none          |
+| bf16_sr     | bf16              | bf16              | bf16, stochastic  | none          |
+| bf16_kahan  | bf16              | bf16              | bf16 + Kahan comp.| none          |
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class ModeSpec:
     param_dtype: torch.dtype  # dtype the model's weights are held in
     autocast_dtype: torch.dtype | None  # torch.autocast dtype, None = no autocast
     master_weights: bool  # fp32 master copy updated by the optimizer
+    update: str = "nearest"  # how an update reaches low-precision weights: nearest | stochastic | kahan
 
     @property
     def low_precision_params(self) -> bool:
@@ -41,5 +45,9 @@ MODES: dict[str, ModeSpec] = {
     "mixed": ModeSpec("mixed", torch.float16, None, True),
     "amp": ModeSpec("amp", torch.float32, torch.float16, False),
     "bf16": ModeSpec("bf16", torch.float32, torch.bfloat16, False),
+    # the master weights' rivals: BF16 weights and arithmetic, no FP32 copy
+    "bf16_pure": ModeSpec("bf16_pure", torch.bfloat16, None, False),
+    "bf16_sr": ModeSpec("bf16_sr", torch.bfloat16, None, False, update="stochastic"),
+    "bf16_kahan": ModeSpec("bf16_kahan", torch.bfloat16, None, False, update="kahan"),
 }
 assert tuple(MODES) == MODE_NAMES, "precision/modes.py and schema/precision.py list the same modes"

@@ -158,6 +158,22 @@ class PrecisionStepper:
         for state in self.optimizer.state.values():
             yield from (v for v in state.values() if torch.is_tensor(v))
 
+    def bytes_per_parameter(self) -> dict:
+        """What one parameter costs: its weight and gradient in their dtype, its FP32 master and master gradient
+        (if any), and the optimizer's state (moments, momentum, a Kahan compensation buffer), per parameter."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        n = sum(p.numel() for p in params) or 1
+        weights = sum(p.numel() * p.element_size() for p in params) / n
+        masters = 2 * sum(m.numel() * m.element_size() for m in self.masters.master_params) / n if self.masters else 0.0
+        seen, state = set(), 0
+        for values in self.optimizer.state.values():
+            for v in values.values():
+                if torch.is_tensor(v) and v.data_ptr() not in seen:
+                    seen.add(v.data_ptr())
+                    state += v.numel() * v.element_size()
+        return {"weights": weights, "grads": weights, "masters": masters, "optimizer_state": state / n,
+                "total": 2 * weights + masters + state / n}
+
     def state_dict(self) -> dict:
         state = {"optimizer": self.optimizer.state_dict(), "steps_applied": self.steps_applied}
         if self.masters:

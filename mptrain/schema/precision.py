@@ -22,14 +22,15 @@ from mptrain.schema.rules import (
 )
 
 # the one list of mode names (torch-free: the CLI, bench and report read it without importing torch)
-MODES = ("fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16")
+MODES = ("fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16", "bf16_pure", "bf16_sr", "bf16_kahan")
 CPU_FP16 = ("auto", "emulate", "native")
 LOSS_SCALE = Rule(lambda v: v == "dynamic" or (is_number(v) and 0 < v < math.inf), "dynamic, null or a finite number > 0")
 
 
 @dataclass
 class PrecisionConfig:
-    mode: str = knob(MISSING, "fp32 | fp16_naive | fp16_master | mixed | amp | bf16 (README: Precision modes)",
+    mode: str = knob(MISSING, "fp32 | fp16_naive | fp16_master | mixed | amp | bf16 | bf16_pure | bf16_sr | "
+                              "bf16_kahan (README: Precision modes)",
                      one_of(*MODES), example="mixed")
     loss_scale: Any = knob(None, "null: no scaling; dynamic: NVIDIA's recipe; a number: a static scale (skip on "
                                  "overflow)", LOSS_SCALE, example="dynamic")
@@ -58,6 +59,12 @@ SCHEMAS = {"precision_schema": PrecisionConfig}
 def check(cfg) -> None:
     p = cfg.precision
     check_fields(p, PrecisionConfig, "precision")
+    if p.mode == "bf16_kahan" and cfg.optim.name == "sgd" and cfg.optim.nesterov and cfg.optim.momentum > 0:
+        raise UserError("precision=bf16_kahan updates with torch-optimi's SGD, which has no Nesterov momentum; set "
+                        "optim.nesterov=false (heavy-ball momentum), or use another mode")
+    if p.mode == "bf16_sr" and cfg.optim.name == "adam" and cfg.optim.weight_decay:
+        raise UserError("precision=bf16_sr updates Adam with torchao's AdamW, whose weight decay is decoupled; use "
+                        "optim=adamw for decay, or optim.weight_decay=0")
     if p.mode == "amp" and p.loss_scale == "dynamic" and p.hysteresis != 1:
         raise UserError("precision=amp uses torch.amp.GradScaler, which has no hysteresis; "
                         "use precision=mixed for precision.hysteresis>1, or set precision.hysteresis=1")

@@ -131,7 +131,9 @@ class NumericsProbe:
                 handle.remove()
         for net_name, stepper in steppers.items():
             names = [f"{net_name}.{n}" for n, p in networks[net_name].named_parameters() if p.requires_grad]
-            naive = stepper.masters is None and next(iter(networks[net_name].parameters())).dtype == torch.float16
+            # weights updated in their own low precision (fp16_naive, bf16_pure/_sr/_kahan): lost = did not move
+            low = next(iter(networks[net_name].parameters())).dtype in (torch.float16, torch.bfloat16)
+            naive = stepper.masters is None and low
             for name, old, new in zip(names, before[net_name], stepper.params):
                 self._stats[("lost_update", name)] = self._lost(old, new, naive)
 
