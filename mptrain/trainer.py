@@ -151,6 +151,7 @@ class Trainer:
             "loss_scale_verdict": self._scale_verdicts(),
             "bytes_per_parameter": {name: s.bytes_per_parameter() for name, s in self.steppers.items()},
             "fp16_kernels": self.precision.fp16_kernels,
+            "fp8": self.precision.fp8_report,
             "cpu_fp16": self.precision.cpu_fp16,
             "speed_options_check": self.speed_options_check,
             **self.task.describe(),

@@ -39,6 +39,7 @@ class Precision:
             torch.backends.cuda.matmul.allow_tf32 = bool(cfg.allow_tf32)
             torch.backends.cudnn.allow_tf32 = bool(cfg.allow_tf32)
         self.notes: list[str] = []  # warnings the run prints once and records in summary.json
+        self.fp8_report: dict | None = None  # precision=fp8: which layers run in FP8 (summary.json `fp8`)
         cpu_fp16 = cfg.cpu_fp16
         policy_emulates = emulates(cpu_fp16, device)
         self.emulate = self.spec.uses_fp16 and policy_emulates
@@ -59,7 +60,13 @@ class Precision:
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
-        return cast_model(model, self.spec.param_dtype, self.cfg.keep_norm_fp32 and self.cfg.keep_batchnorm_fp32)
+        model = cast_model(model, self.spec.param_dtype, self.cfg.keep_norm_fp32 and self.cfg.keep_batchnorm_fp32)
+        if self.spec.fp8:
+            from mptrain.precision import fp8
+
+            self.fp8_report = fp8.convert(model, self.cfg.fp8_recipe, self.device)
+            self.notes.append(fp8.describe(self.fp8_report))
+        return model
 
     def autocast(self):
         if self.spec.autocast_dtype is None:

@@ -10,6 +10,7 @@
 | bf16_pure   | bf16              | bf16              | bf16, nearest     | none          |
 | bf16_sr     | bf16              | bf16              | bf16, stochastic  | none          |
 | bf16_kahan  | bf16              | bf16              | bf16 + Kahan comp.| none          |
+| fp8         | fp32              | fp8 Linear + bf16 | fp32              | per-tensor    |
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class ModeSpec:
     autocast_dtype: torch.dtype | None  # torch.autocast dtype, None = no autocast
     master_weights: bool  # fp32 master copy updated by the optimizer
     update: str = "nearest"  # how an update reaches low-precision weights: nearest | stochastic | kahan
+    fp8: bool = False  # Linear layers through torchao's Float8Linear (precision/fp8.py)
 
     @property
     def low_precision_params(self) -> bool:
@@ -49,5 +51,7 @@ MODES: dict[str, ModeSpec] = {
     "bf16_pure": ModeSpec("bf16_pure", torch.bfloat16, None, False),
     "bf16_sr": ModeSpec("bf16_sr", torch.bfloat16, None, False, update="stochastic"),
     "bf16_kahan": ModeSpec("bf16_kahan", torch.bfloat16, None, False, update="kahan"),
+    # FP8 products in the Linear layers (torchao float8, per-tensor scaling), bf16 autocast around them
+    "fp8": ModeSpec("fp8", torch.float32, torch.bfloat16, False, fp8=True),
 }
 assert tuple(MODES) == MODE_NAMES, "precision/modes.py and schema/precision.py list the same modes"

@@ -22,7 +22,7 @@ from mptrain.schema.rules import (
 )
 
 # the one list of mode names (torch-free: the CLI, bench and report read it without importing torch)
-MODES = ("fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16", "bf16_pure", "bf16_sr", "bf16_kahan")
+MODES = ("fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16", "bf16_pure", "bf16_sr", "bf16_kahan", "fp8")
 CPU_FP16 = ("auto", "emulate", "native")
 LOSS_SCALE = Rule(lambda v: v == "dynamic" or (is_number(v) and 0 < v < math.inf), "dynamic, null or a finite number > 0")
 
@@ -30,7 +30,7 @@ LOSS_SCALE = Rule(lambda v: v == "dynamic" or (is_number(v) and 0 < v < math.inf
 @dataclass
 class PrecisionConfig:
     mode: str = knob(MISSING, "fp32 | fp16_naive | fp16_master | mixed | amp | bf16 | bf16_pure | bf16_sr | "
-                              "bf16_kahan (README: Precision modes)",
+                              "bf16_kahan | fp8 (README: Precision modes)",
                      one_of(*MODES), example="mixed")
     loss_scale: Any = knob(None, "null: no scaling; dynamic: NVIDIA's recipe; a number: a static scale (skip on "
                                  "overflow)", LOSS_SCALE, example="dynamic")
@@ -51,6 +51,8 @@ class PrecisionConfig:
     cpu_fp16: str = knob("auto", "CPU fp16 modes: auto (emulate unless the CPU has FP16 units) | emulate (the same "
                                  "FP16 values at FP32 speed) | native (torch's FP16 kernels: 10-40x slower)",
                          one_of(*CPU_FP16))
+    fp8_recipe: str = knob("tensorwise", "precision=fp8: torchao's float8 recipe, tensorwise | rowwise | "
+                                         "rowwise_with_gw_hp", one_of("tensorwise", "rowwise", "rowwise_with_gw_hp"))
 
 
 SCHEMAS = {"precision_schema": PrecisionConfig}

@@ -1,0 +1,64 @@
+"""FP8 training rehearsal through torchao's float8: `precision=fp8`, recipe `precision.fp8_recipe`.
+
+torchao swaps each `nn.Linear` whose dimensions fit (both multiples of 16) for a `Float8Linear`: its input,
+weight and output gradient are scaled per tensor (or per row) to E4M3 / E5M2 for the matrix products, from the
+amax of the moment (dynamic scaling: FP8's loss scaling). The rest of the network runs under bf16 autocast.
+On a GPU with FP8 units (compute capability 8.9+: Ada, Hopper) the products are real FP8; elsewhere, a CPU
+included, torchao's own emulation (`emulate=True`) computes the same FP8-rounded values in higher precision:
+FP8 numerics, not FP8 speed. mptrain adds no arithmetic of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from mptrain.errors import UserError
+
+RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao's names
+
+
+def has_fp8_units(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def convert(model: nn.Module, recipe: str, device: torch.device) -> dict:
+    """Convert `model`'s Linear layers to torchao Float8Linear in place; what ran in FP8 and what stayed, and why."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise UserError("precision=fp8 needs torchao: pip install 'mptrain[lowp]' (or torchao)") from None
+    emulate = not has_fp8_units(device)
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
+    converted, kept = [], {}
+
+    def fits(module: nn.Module, name: str) -> bool:
+        if not isinstance(module, nn.Linear):
+            return False
+        if module.in_features % 16 or module.out_features % 16:
+            kept[name] = f"{module.in_features}x{module.out_features}: FP8 products need multiples of 16"
+            return False
+        converted.append(name)
+        return True
+
+    convert_to_float8_training(model, config=config, module_filter_fn=fits)
+    others = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.RNNBase))})
+    return {"recipe": recipe, "emulated": emulate, "layers": converted, "kept": kept,
+            "not_linear": others}  # fmt: skip
+
+
+def describe(report: dict) -> str:
+    """The one note a run prints: how many layers run in FP8, which stay, emulated or not."""
+    where = "torchao's emulation (FP8 numerics, not FP8 speed)" if report["emulated"] else "FP8 tensor cores"
+    note = (f"precision=fp8 ({report['recipe']}): {len(report['layers'])} Linear layer(s) in FP8 on {where}, "
+            f"{len(report['kept'])} kept in bf16")
+    if report["kept"]:
+        first = next(iter(report["kept"].items()))
+        note += f" (e.g. {first[0]}: {first[1]})"
+    if report["not_linear"]:
+        note += f"; {', '.join(report['not_linear'])} layers stay bf16 (torchao converts Linear layers only)"
+    if not report["layers"]:
+        note += "; no layer runs in FP8: this is a bf16 run"
+    return note
