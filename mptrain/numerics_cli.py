@@ -79,7 +79,7 @@ def scan(cfg, steps: int):
                 old = self.sums.get(key)
                 if old is None:
                     self.sums[key] = v
-                elif key[0] == "forward":  # amax is a maximum, not a sum
+                elif key[0] in ("forward", "fp8"):  # amax is a maximum, not a sum
                     self.sums[key] = headroom.merge_lists(old, v)
                 else:
                     self.sums[key] = [a + b for a, b in zip(old, v)]
@@ -98,6 +98,7 @@ def scan(cfg, steps: int):
 
 def analyse(sums, steps: int, coverage: float, headroom: float) -> dict:
     from mptrain.precision.scale_advice import advise, recommend
+    from mptrain.telemetry import fp8_stats
     from mptrain.telemetry import headroom as forward_headroom
     from mptrain.telemetry.numerics import EXPONENTS, NumericsProbe
 
@@ -105,8 +106,9 @@ def analyse(sums, steps: int, coverage: float, headroom: float) -> dict:
     lost = {layer: v[1] / v[0] for (kind, layer), v in sums.items() if kind == "lost_update" and v[0]}
     rows, by_network, totals = [], {}, {}
     forward = [forward_headroom.to_record(layer, None, v) for (kind, layer), v in sums.items() if kind == "forward"]
+    fp8 = [fp8_stats.to_record(layer, None, v) for (kind, layer), v in sums.items() if kind == "fp8"]
     for (kind, layer), v in sums.items():
-        if kind in ("lost_update", "forward"):
+        if kind in ("lost_update", "forward", "fp8"):
             continue
         record = NumericsProbe.to_record(kind, layer, None, v)
         advice = advise(exponents, record["log2_hist"], coverage)
@@ -127,7 +129,8 @@ def analyse(sums, steps: int, coverage: float, headroom: float) -> dict:
     rows.sort(key=lambda r: (r["kind"] != "weight", _natural(r["layer"])))  # model order, not backward's
     recommended = {net: recommend(advice, headroom).__dict__ for net, advice in by_network.items()}
     return {"exponents": exponents, "layers": rows, "overall": overall, "recommended": recommended,
-            "forward": forward, "first_fp16_overflow": forward_headroom.first_overflow(forward) if forward else None}
+            "forward": forward, "first_fp16_overflow": forward_headroom.first_overflow(forward) if forward else None,
+            "fp8": fp8, "fp8_keep_bf16": fp8_stats.unhealthy(fp8)}
 
 
 def _natural(name: str) -> list:
@@ -152,6 +155,7 @@ def print_report(result: dict, kind: str, out=sys.stdout) -> None:
         print(f"all {k} gradients: {pct(o['zero_frac'])} zero; of the non-zero, {pct(o['flushed_frac'])} flush to "
               f"zero in FP16 and {pct(o['subnormal_frac'])} are subnormal (unscaled)", file=out)
     print_headroom(result["forward"], result["first_fp16_overflow"], out)
+    print_fp8(result["fp8"], result["fp8_keep_bf16"], out)
     for net, rec in result["recommended"].items():
         scale = "none: use precision.loss_scale=dynamic" if rec["scale"] is None else \
             f"precision.loss_scale={rec['scale']:g} (2^{int(math.log2(rec['scale']))})"  # fmt: skip
@@ -179,6 +183,21 @@ def _write_json(path: Path | None, result: dict, what: str) -> None:
 
         write_json_atomic(path, result)
         print(f"{what}: {path}")
+
+
+def print_fp8(records: list[dict], keep: list[str], out=sys.stdout, rows: int = 6) -> None:
+    """What tensorwise FP8 (torchao's default recipe) would do to each Linear's operands."""
+    if not records:
+        return
+    worst = sorted(records, key=lambda r: -r["underflow_frac"])[:rows]
+    print(f"\n{'FP8 operand (tensorwise scaling)':<48} {'format':>6} {'amax':>10} {'underflow':>9} {'subnorm':>8}",
+          file=out)
+    for r in worst:
+        print(f"{r['layer'][:48]:<48} {r['format']:>6} {r['amax']:>10.4g} {100 * r['underflow_frac']:>8.2f}% "
+              f"{100 * r['subnormal_frac']:>7.2f}%", file=out)
+    layers = len({r["layer"].rsplit(".", 1)[0] for r in records})
+    verdict = f"keep in bf16 for precision=fp8: {', '.join(keep)}" if keep else "every operand keeps > 99 % of its values"
+    print(f"{layers} Linear layers under tensorwise FP8: {verdict}", file=out)
 
 
 def print_headroom(forward: list[dict], first: str | None, out=sys.stdout, rows: int = 10) -> None:

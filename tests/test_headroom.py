@@ -78,3 +78,28 @@ def test_the_probe_names_the_first_module_that_overflows_fp16(tmp_path):
 def test_an_overflowed_output_reads_as_infinite():
     r = headroom.to_record("m", 0, headroom.headroom_stats(torch.tensor([float("inf"), 1.0]).half()).tolist())
     assert r["amax"] == math.inf and r["headroom_bits_fp16"] == -math.inf and r["over_fp16_frac"] == 0.5
+
+
+def test_fp8_tensorwise_underflow_behind_an_outlier_is_exact():
+    from mptrain.telemetry import fp8_stats
+
+    x = torch.cat([torch.tensor([1000.0]), torch.full((99,), 1e-3)])  # scaled by 448/1000: 1e-3 -> 4.5e-4 < 2^-10
+    r = fp8_stats.to_record("m.fc.input", 0, fp8_stats.operand_stats(x, "e4m3").tolist())
+    assert r["amax"] == 1000.0 and r["scale"] == pytest.approx(0.448) and r["underflow_frac"] == pytest.approx(0.99)
+    healthy = fp8_stats.to_record("m.fc.weight", 0, fp8_stats.operand_stats(torch.linspace(0.1, 1, 50), "e4m3").tolist())
+    assert healthy["underflow_frac"] == 0 and fp8_stats.unhealthy([r, healthy]) == ["m.fc"]
+
+
+def test_the_probe_records_each_linears_fp8_operands(tmp_path):
+    torch.manual_seed(0)
+    model = _Planted()
+
+    class Stepper:
+        params, masters, loss_scale, grad_scaler = list(model.parameters()), None, None, None
+
+    probe = NumericsProbe(1, tmp_path)
+    with probe.capture({"model": model}, {"model": Stepper()}):
+        model(torch.ones(3, 4)).sum().backward()
+    stats = probe.take()
+    fp8 = {layer for kind, layer in stats if kind == "fp8"}
+    assert fp8 == {f"model.{m}.{o}" for m in ("first", "last") for o in ("input", "weight", "grad_output")}

@@ -12,6 +12,8 @@ Every `telemetry.numerics.every` steps (off by default: no hook exists otherwise
 * Forward headroom (`telemetry/headroom.py`): per leaf module's output, the amax and the shares of values
   above, and within 2x, 4x, 16x of, the FP16 / bf16 / FP8 E4M3 maxima; the first module whose output would
   overflow FP16 (`kind: forward_first_overflow` in numerics.jsonl).
+* FP8 operands (`telemetry/fp8_stats.py`): per Linear layer, what tensorwise FP8 scaling does to its input,
+  weight (E4M3) and output gradient (E5M2): amax, scale, shares that underflow or turn subnormal.
 * Lost updates (the paper's case for master weights): the fraction of weight
   elements whose update this step is smaller than half an FP16 ulp of the weight,
   i.e. would vanish if added in FP16. In fp16_naive, where updates are added in
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mptrain.telemetry import headroom
+from mptrain.telemetry import fp8_stats, headroom
 
 FP16_TINY = 2.0**-24  # smallest FP16 subnormal: anything smaller flushes to zero
 FP16_MIN_NORMAL = 2.0**-14
@@ -105,6 +107,7 @@ class NumericsProbe:
         self.path = Path(run_dir) / "numerics.jsonl"
         self._stats: dict[tuple[str, str], torch.Tensor] = {}
         self._forward: dict[str, torch.Tensor] = {}  # headroom per module, in the order the forward ran them
+        self._fp8: dict[str, torch.Tensor] = {}  # per Linear operand: what tensorwise FP8 scaling does to it
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -123,6 +126,8 @@ class NumericsProbe:
                 for name, module in net.named_modules():
                     if not list(module.children()):
                         handles.append(module.register_forward_hook(self._output_hook(f"{net_name}.{name}", scale)))
+                    if isinstance(module, nn.Linear):
+                        handles.append(module.register_forward_hook(self._fp8_hook(f"{net_name}.{name}", scale)))
             before[net_name] = [p.detach().clone() for p in stepper.params]
         try:
             yield
@@ -159,6 +164,21 @@ class NumericsProbe:
 
         return hook
 
+    def _fp8_hook(self, name: str, scale):
+        def hook(module, inputs, output):
+            if not (inputs and torch.is_tensor(inputs[0]) and torch.is_tensor(output)):
+                return
+            self._record_fp8(f"{name}.input", inputs[0], "e4m3")
+            self._record_fp8(f"{name}.weight", module.weight, "e4m3")
+            if output.requires_grad:
+                output.register_hook(lambda g: self._record_fp8(f"{name}.grad_output", g / scale, "e5m2"))
+
+        return hook
+
+    def _record_fp8(self, key: str, tensor: torch.Tensor, fmt: str) -> None:
+        stats = fp8_stats.operand_stats(tensor, fmt)
+        self._fp8[key] = fp8_stats.merge(self._fp8[key], stats) if key in self._fp8 else stats
+
     def record_forward(self, name: str, output: torch.Tensor) -> None:
         stats = headroom.headroom_stats(output)
         self._forward[name] = headroom.merge(self._forward[name], stats) if name in self._forward else stats
@@ -178,7 +198,8 @@ class NumericsProbe:
         """The sums the last capture measured, by (kind, layer), read in one host sync; then forget them."""
         stats, self._stats = self._stats, {}
         stats.update({("forward", name): v for name, v in self._forward.items()})
-        self._forward = {}
+        stats.update({("fp8", name): v for name, v in self._fp8.items()})
+        self._forward, self._fp8 = {}, {}
         if not stats:
             return {}
         values = torch.stack([torch.nn.functional.pad(v, (0, len(SUMS) + len(EXPONENTS) - len(v))) for v in stats.values()])
@@ -196,7 +217,9 @@ class NumericsProbe:
             for (kind, layer), v in zip(keys, values):
                 record = self.to_record(kind, layer, step, v)
                 out.write(json.dumps(record) + "\n")
-                scalars.update(_fraction_tags(record))
+                scalars.update(_fraction_tags(record))  # fp8: numerics/underflow_frac/fp8/<layer>.<operand>
+                if kind == "fp8":
+                    continue  # per operand only: no "all" total
                 if kind == "forward":
                     forward.append(record)
                     scalars[f"numerics/forward_amax/{layer}"] = record["amax"]
@@ -220,6 +243,8 @@ class NumericsProbe:
         n = v[0] or 1.0
         if kind == "forward":
             return headroom.to_record(layer, step, v)
+        if kind == "fp8":
+            return fp8_stats.to_record(layer, step, v)
         if kind == "lost_update":
             return {"step": step, "kind": kind, "layer": layer, "count": v[0], "lost_update_frac": v[1] / n}
         sums = dict(zip(SUMS, v[: len(SUMS)]))
