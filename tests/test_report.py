@@ -115,6 +115,8 @@ def test_report_on_a_folder_without_runs_is_one_line(tmp_path, make, says):
     ("ablation_lstm", {"precision": "fp32,mixed_scale1,mixed_scale128,mixed,amp,bf16", "seed": "0,1,2"}),
     ("ablation_gan", {"precision": "fp32,mixed_scale1,amp,bf16", "seed": "0,1,2"}),
     ("ablation_transformer", {"precision": "fp32,mixed_scale1,mixed,amp,bf16", "seed": "0,1,2"}),
+    ("ablation_master", {"precision": "fp32,mixed,bf16,bf16_pure,bf16_sr,bf16_kahan", "seed": "0,1,2"}),
+    ("ablation_fp8", {"precision": "fp32,bf16,fp8", "seed": "0,1,2"}),
     ("loss_scale_sweep", {"precision.loss_scale": "1,8,128,1024,32768,dynamic", "seed": "0,1,2"}),
 ])  # fmt: skip
 def test_presets_compose_and_sweep_what_they_say(preset, swept):
