@@ -45,3 +45,19 @@ def test_a_run_overflowing_in_one_named_layer_gets_trouble_naming_it(tmp_path):
     assert v["verdict"] == "trouble" and v["skips"] == s["skipped_steps"] > 0
     assert v["layers"] and v["layers"][0].startswith("model.")
     assert "loss scale" in out.stdout and "trouble" in out.stdout
+
+
+def test_verdicts_for_runs_made_before_the_verdict_existed(tmp_path, capsys):
+    import json
+
+    from mptrain.scripts.scale_verdicts import main
+
+    run = tmp_path / "mixed" / "seed=0"
+    run.mkdir(parents=True)
+    events = [{"step": s, "loss_scale": 65536.0 / 2 ** i, "first_nonfinite_forward": None,
+               "nonfinite_grads": ["model.fc.weight"]} for i, s in enumerate((1, 2, 3))]
+    run.joinpath("summary.json").write_text(json.dumps({
+        "precision": "mixed", "loss_scale": "dynamic", "seed": 0, "status": "completed", "steps": 500,
+        "skipped_steps": 3, "final_loss_scale": 8192.0, "overflow_events": events}))
+    assert main([str(tmp_path)]) == 0
+    assert "normal probing (3 skips: 3 in the descent" in capsys.readouterr().out
