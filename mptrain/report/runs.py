@@ -96,6 +96,7 @@ def load_runs(dirs: list[Path], metric_choice: str = "primary") -> pd.DataFrame:
             "steps": summary.get("steps"),
             "samples_per_s": _finite(summary.get("samples_per_s")),
             "peak_memory_mb": _finite((summary.get("peak_memory_bytes") or math.nan) / 2**20),
+            "bytes_per_param": _bytes_per_param(summary.get("bytes_per_parameter")),
             "skipped_steps": summary.get("skipped_steps"),
             "final_loss_scale": per_network(scale) if isinstance(scale, dict) else scale,
             "scale_verdict": scale_verdicts(summary.get("loss_scale_verdict")),
@@ -108,6 +109,12 @@ def load_runs(dirs: list[Path], metric_choice: str = "primary") -> pd.DataFrame:
     runs = pd.DataFrame(rows)
     runs["mode_rank"] = runs["precision"].map(lambda m: MODE_ORDER.index(m) if m in MODE_ORDER else len(MODE_ORDER))
     return runs.sort_values(["model", "dataset", "setting", "mode_rank", "arm", "seed"], ignore_index=True)
+
+
+def _bytes_per_param(per_network: dict | None) -> float:
+    """Weights + gradients + masters + optimizer state per parameter, the mean over a run's networks."""
+    totals = [v["total"] for v in (per_network or {}).values() if isinstance(v, dict) and "total" in v]
+    return sum(totals) / len(totals) if totals else math.nan
 
 
 def scale_verdicts(verdicts: dict | None) -> str:

@@ -17,7 +17,7 @@ from mptrain.report.verdict import VERDICT_COLUMNS, margin_for, paired_verdict
 
 COLUMNS = ["arm", "control", "runs", "status", "metric_mean", "metric_std", "delta_vs_fp32", *VERDICT_COLUMNS,
            "verdict_note", "samples_per_s", "speedup_vs_fp32", "peak_memory_mb", "memory_ratio_vs_fp32",
-           "skipped_steps", "final_loss_scale", "lost_update_frac"]  # fmt: skip
+           "bytes_per_param", "skipped_steps", "final_loss_scale", "lost_update_frac"]  # fmt: skip
 
 
 SECTION = ["model", "dataset", "setting"]
@@ -70,6 +70,7 @@ def _arm_row(arm: str, runs: pd.DataFrame) -> dict:
         "speedup_vs_fp32": math.nan,
         "peak_memory_mb": done["peak_memory_mb"].mean(),
         "memory_ratio_vs_fp32": math.nan,
+        "bytes_per_param": done["bytes_per_param"].mean(),
         "skipped_steps": runs["skipped_steps"].mean(),
         "final_loss_scale": ", ".join(scales) or "-",
         "lost_update_frac": runs["lost_update_frac"].mean(),  # every run: a diverged fp16_naive run lost them too
@@ -85,7 +86,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     metric = table.attrs.get("metric", "metric")
     better = "higher" if table.attrs.get("higher_is_better", True) else "lower"
     head = ["mode", "runs", "status", f"{metric} (mean ± std, {better} is better)", "paired Δ vs fp32 (95 % CI)",
-            "verdict (±δ)", "samples/s", "speed-up", "peak memory (MB)", "memory ratio", "skipped steps",
+            "verdict (±δ)", "samples/s", "speed-up", "peak memory (MB)", "memory ratio", "bytes / param", "skipped steps",
             "final loss scale", "lost updates"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
@@ -100,6 +101,7 @@ def to_markdown(table: pd.DataFrame) -> str:
             _num(r["speedup_vs_fp32"], "{:.2f}×"),
             _num(r["peak_memory_mb"], "{:.1f}"),
             _num(r["memory_ratio_vs_fp32"], "{:.2f}×"),
+            _num(r["bytes_per_param"], "{:.1f}"),
             _num(r["skipped_steps"], "{:.1f}"),
             r["final_loss_scale"],
             _num(100 * r["lost_update_frac"], "{:.2f} %"),
