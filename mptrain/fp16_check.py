@@ -146,17 +146,3 @@ def check(task, precision, loader, batches: int, state: dict) -> dict:
     least = min((r["headroom_bits_fp16"] for r in records), default=math.inf)
     return {"batches": batches, "layers": first_pass, "overflowing": overflowing, "keep_fp32": keep,
             "headroom_bits_after": least, "amax_after": max((r["amax"] for r in records), default=0.0)}
-
-
-def print_check(result: dict, out) -> None:
-    from mptrain.numerics_cli import print_headroom
-
-    print_headroom(result["layers"], result["overflowing"][0] if result["overflowing"] else None, out)
-    if not result["overflowing"]:
-        print(f"safe in FP16: no output of {result['batches']} held-out batches exceeds 65504", file=out)
-        return
-    print(f"{len(result['overflowing'])} module output(s) overflow FP16: {', '.join(result['overflowing'][:8])}"
-          f"{' ...' if len(result['overflowing']) > 8 else ''}", file=out)
-    print(f"keep in FP32 (or bf16) for FP16 inference / fine-tuning: {', '.join(result['keep_fp32'])}; with them "
-          f"the largest output is {result['amax_after']:.4g} ({result['headroom_bits_after']:.1f} bits of headroom)",
-          file=out)

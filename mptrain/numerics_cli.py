@@ -164,7 +164,7 @@ def print_report(result: dict, kind: str, out=sys.stdout) -> None:
 
 def _check_checkpoint(args, overrides: list[str]) -> None:
     from mptrain.build import resolve_device
-    from mptrain.fp16_check import check, compose_from_run, load_fp16_model, print_check
+    from mptrain.fp16_check import check, compose_from_run, load_fp16_model
 
     cfg = compose_from_run(args.checkpoint, overrides)
     task, precision, loader, state = load_fp16_model(cfg, args.checkpoint, resolve_device(cfg.trainer.device))
@@ -183,6 +183,18 @@ def _write_json(path: Path | None, result: dict, what: str) -> None:
 
         write_json_atomic(path, result)
         print(f"{what}: {path}")
+
+
+def print_check(result: dict, out) -> None:
+    print_headroom(result["layers"], result["overflowing"][0] if result["overflowing"] else None, out)
+    if not result["overflowing"]:
+        print(f"safe in FP16: no output of {result['batches']} held-out batches exceeds 65504", file=out)
+        return
+    print(f"{len(result['overflowing'])} module output(s) overflow FP16: {', '.join(result['overflowing'][:8])}"
+          f"{' ...' if len(result['overflowing']) > 8 else ''}", file=out)
+    print(f"keep in FP32 (or bf16) for FP16 inference / fine-tuning: {', '.join(result['keep_fp32'])}; with them "
+          f"the largest output is {result['amax_after']:.4g} ({result['headroom_bits_after']:.1f} bits of headroom)",
+          file=out)
 
 
 def print_fp8(records: list[dict], keep: list[str], out=sys.stdout, rows: int = 6) -> None:

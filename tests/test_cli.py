@@ -26,7 +26,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert list(tmp_path.iterdir()) == []  # printing a config writes nothing
 
 
-@pytest.mark.parametrize("override, group", [("model=nope", "model"), ("precision=fp8", "precision"),
+@pytest.mark.parametrize("override, group", [("model=nope", "model"), ("precision=fp4", "precision"),
                                               ("dataset=imagenet", "dataset"), ("optim=lion", "optim")])
 def test_unknown_choice_lists_the_options(tmp_path, override, group):
     out = mptrain(override, cwd=tmp_path)

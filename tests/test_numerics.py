@@ -118,7 +118,7 @@ def test_numerics_through_the_cli_and_nothing_when_off(tmp_path):
         out = mptrain("precision=mixed", *TINY, "trainer.max_steps=4", *extra, f"hydra.run.dir={run}", cwd=tmp_path)
         assert out.returncode == 0, out.stderr[-2000:]
     records = [json.loads(line) for line in (on / "numerics.jsonl").read_text().splitlines()]
-    kinds = {"weight", "activation", "lost_update", "forward", "forward_first_overflow"}
+    kinds = {"weight", "activation", "lost_update", "forward", "forward_first_overflow", "fp8"}
     assert {r["step"] for r in records} == {2, 4} and {r["kind"] for r in records} == kinds
     tags = scalar_tags(on / "tb")
     assert {"numerics/underflow_frac/weight/all", "numerics/overflow_scaled_frac/activation/all",
