@@ -21,16 +21,16 @@ def bench(*args, cwd):
 
 
 def test_bench_measures_ours_and_the_bare_loop_and_derives_the_ratios(tmp_path):
-    out = bench(*SMALL, "--modes", "fp32,bf16", "--batch-sizes", "8,16", *QUICK, "--out", str(tmp_path / "b"),
+    out = bench(*SMALL, "--modes", "fp32,bf16,mixed", "--batch-sizes", "8,16", *QUICK, "--out", str(tmp_path / "b"),
                 cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     [path] = (tmp_path / "b").rglob("resnet_synthetic_*.json")  # the settings follow model and dataset
     assert path.parent.name.endswith(f"_torch{torch.__version__.split('+')[0]}")
     result = json.loads(path.read_text())
     rows = {(r["mode"], r["batch"]): r for r in result["rows"]}
-    assert set(rows) == {("fp32", 8), ("bf16", 8), ("fp32", 16), ("bf16", 16)}
+    assert set(rows) == {(mode, batch) for mode in ("fp32", "bf16", "mixed") for batch in (8, 16)}
     for (mode, batch), r in rows.items():
-        assert r["bare"] == mode and r["ours"]["windows"] == 2 and r["bare_loop"]["windows"] == 2
+        assert r["bare"] == {"mixed": "amp"}.get(mode, mode) and r["ours"]["windows"] == 2 and r["bare_loop"]["windows"] == 2
         assert r["ours_over_bare"] == pytest.approx(r["ours"]["samples_per_s"] / r["bare_loop"]["samples_per_s"])
         fp32 = rows[("fp32", batch)]["ours"]
         assert r["speedup_vs_fp32"] == pytest.approx(r["ours"]["samples_per_s"] / fp32["samples_per_s"])
@@ -38,12 +38,17 @@ def test_bench_measures_ours_and_the_bare_loop_and_derives_the_ratios(tmp_path):
         p = r["paired"]  # one Trainer step, one bare step, alternated
         assert p["pairs"] == 3 and p["ours_step_ms"] > 0 and p["bare_step_ms"] > 0 and p["log_every"] == 2
         assert p["overhead"] == pytest.approx((p["ours_step_ms"] + p["log_window_ms"] / 2) / p["bare_step_ms"] - 1)
+        if mode == "mixed":  # a scaled step keeps BatchNorm's statistics for a skip: its cost, timed in the pairs
+            assert 0 < p["buffer_snapshot_ms"] < p["ours_step_ms"]
+            assert p["buffer_snapshot_share"] == pytest.approx(p["buffer_snapshot_ms"] / p["ours_step_ms"])
+        else:
+            assert p["buffer_snapshot_ms"] is None
     for mode, slope in result["activation_memory"].items():
         small, large = rows[(mode, 8)]["ours"]["peak_bytes"], rows[(mode, 16)]["ours"]["peak_bytes"]
         assert slope["bytes_per_sample"] == pytest.approx((large - small) / 8)
     # the bf16 arm saves bf16 activations: its activation memory is well below fp32's
     assert result["activation_memory"]["bf16"]["vs_fp32"] < 0.75
-    assert "| fp32 | 8 |" in path.with_suffix(".md").read_text()
+    assert "| fp32 | 8 |" in path.with_suffix(".md").read_text() and "buffer snapshot" in path.with_suffix(".md").read_text()
 
 
 @pytest.mark.parametrize("args, says", [

@@ -56,3 +56,14 @@ def test_a_cnn_is_told_its_convolutions_stay_bf16(compose_cfg):
     net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Flatten(), nn.Linear(16 * 30 * 30, 16))
     precision.prepare(net)
     assert "Conv2d layers stay bf16" in precision.notes[-1]
+
+
+def test_two_networks_are_both_recorded_by_name(compose_cfg):
+    """A GAN converts its generator and discriminator: summary.json lists the FP8 layers of both."""
+    precision = Precision(compose_cfg("precision=fp8", "trainer.device=cpu").precision, torch.device("cpu"))
+    precision.prepare(nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 3)), "g")
+    precision.prepare(nn.Sequential(nn.Linear(16, 32)), "d")
+    report = precision.fp8_report
+    assert report["layers"] == ["g.0", "d.0"] and list(report["kept"]) == ["g.1"]
+    assert [note.split(":")[0] for note in precision.notes[-2:]] == ["precision=fp8 (tensorwise) g",
+                                                                      "precision=fp8 (tensorwise) d"]

@@ -103,3 +103,13 @@ def test_the_probe_records_each_linears_fp8_operands(tmp_path):
     stats = probe.take()
     fp8 = {layer for kind, layer in stats if kind == "fp8"}
     assert fp8 == {f"model.{m}.{o}" for m in ("first", "last") for o in ("input", "weight", "grad_output")}
+
+
+def test_fp8_operand_histogram_counts_scaled_exponents_exactly():
+    """amax 1 onto E4M3's 448: 1 -> 448 (2^8.8), 0.5 -> 224, 2^-10 -> 0.4375 (2^-1.2); zero is not counted."""
+    from mptrain.telemetry import fp8_stats
+
+    v = fp8_stats.operand_stats(torch.tensor([1.0, -0.5, 2.0**-10, 0.0]), "e4m3").tolist()
+    hist = dict(zip(fp8_stats.EXPONENTS.tolist(), fp8_stats.to_record("m.fc.input", 0, v)["log2_hist"]))
+    assert {e: n for e, n in hist.items() if n} == {8: 1.0, 7: 1.0, -2: 1.0}
+    assert fp8_stats.merge(torch.tensor(v), torch.tensor(v)).tolist()[5:] == [2 * n for n in v[5:]]

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -75,3 +77,60 @@ def test_kahan_with_nesterov_is_refused_in_one_line(compose_cfg):
 
     with pytest.raises(UserError, match="no Nesterov momentum; set optim.nesterov=false"):
         validate(compose_cfg("precision=bf16_kahan"))
+
+
+@pytest.mark.parametrize("update, kept", [("nearest", 0.0), ("stochastic", 1.0), ("kahan", 1.0)])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_probe_counts_what_nearest_rounding_drops_and_what_was_kept(tmp_path, update, kept, optimizer):
+    """The numerics probe on a 2^-10 relative update: nearest rounding would drop every element's; bf16_pure
+    keeps none of it, bf16_sr all of it in expectation (each weight moves down to 1 - 2^-8, the next BF16
+    number, with probability 1/4),
+    bf16_kahan all of it (in its compensation buffer). SGD and AdamW (torchao's, optimi's, torch's)."""
+    from mptrain.precision.stepper import PrecisionStepper
+    from mptrain.telemetry.numerics import NumericsProbe
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 4096, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    cfg = SGD if optimizer == "sgd" else OmegaConf.create({"name": "adamw", "lr": STEP, "betas": [0.9, 0.999],
+                                                           "eps": 1e-8, "weight_decay": 0.0, "decay_norm_and_bias": False})
+    stepper = PrecisionStepper(model, lambda p: build_optimizer(cfg, p, update=update))
+    probe = NumericsProbe(every=1, run_dir=tmp_path, activations=False)
+    with probe.capture({"model": model}, {"model": stepper}):
+        stepper.zero_grad()
+        stepper.backward(model(torch.ones(1, 1, dtype=torch.bfloat16)).float().sum())  # grad = 1 per weight
+        stepper.step()
+    v = probe.take()[("lost_update", "model.weight")]
+    record = NumericsProbe.to_record("lost_update", "model.weight", 1, v)
+    assert record["nearest_drop_frac"] == 1.0  # |u| = 2^-10 (Adam's first step: lr) < half a BF16 ulp of 1
+    assert record["drop_kept_frac"] == pytest.approx(kept, abs=0.1 if update == "stochastic" else 1e-3)
+    assert record["lost_update_frac"] == pytest.approx({"nearest": 1.0, "stochastic": 3 / 4, "kahan": 0.0}[update],
+                                                       abs=0.03)
+    assert not stepper.pre_update_hooks  # the probe leaves the stepper as it found it
+
+
+@pytest.mark.parametrize("update", ["nearest", "stochastic", "kahan"])
+def test_the_probes_fp32_twin_changes_nothing(tmp_path, update):
+    """Three AdamW steps measured by the probe end bit for bit where three unmeasured ones do: the twin copies
+    the optimizer's state (never steps it) and draws no random numbers (its FP32 weights round nowhere)."""
+    from mptrain.precision.stepper import PrecisionStepper
+    from mptrain.telemetry.numerics import NumericsProbe
+
+    cfg = OmegaConf.create({"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1,
+                            "decay_norm_and_bias": False})
+    ends = []
+    for measured in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 16).to(torch.bfloat16)
+        stepper = PrecisionStepper(model, lambda p: build_optimizer(cfg, p, update=update))
+        probe = NumericsProbe(every=1, run_dir=tmp_path, activations=False)
+        for step in range(3):
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+            with probe.capture({"model": model}, {"model": stepper}) if measured else contextlib.nullcontext():
+                stepper.zero_grad()
+                stepper.backward(model(x).float().pow(2).mean())
+                stepper.step()
+        state = [v for s in stepper.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        ends.append([p.detach().clone() for p in model.parameters()] + [v.clone() for v in state])
+    assert len(ends[0]) == len(ends[1]) and all(torch.equal(a, b) for a, b in zip(*ends))

@@ -92,6 +92,7 @@ def test_report_markdown_html_and_plots(sweep, tmp_path):
     images = sorted(p.name for p in folder.glob("*.png"))
     assert any(n.endswith("-accuracy.png") for n in images) and any(n.endswith("-grad-exponents.png") for n in images)
     assert any(n.endswith("-speed-memory.png") for n in images) and any(n.endswith("-forward-headroom.png") for n in images)
+    assert any(n.endswith("-fp8-operands.png") for n in images)  # what tensorwise FP8 would do to its Linear head
     assert "| loss-scale verdict |" in text
     html = (folder / "report.html").read_text()
     assert html.count("data:image/png;base64,") == sum(1 for line in text.splitlines() if line.startswith("!["))
@@ -119,6 +120,7 @@ def test_report_on_a_folder_without_runs_is_one_line(tmp_path, make, says):
     ("ablation_transformer", {"precision": "fp32,mixed_scale1,mixed,amp,bf16", "seed": "0,1,2"}),
     ("ablation_master", {"precision": "fp32,mixed,bf16,bf16_pure,bf16_sr,bf16_kahan", "seed": "0,1,2"}),
     ("ablation_fp8", {"precision": "fp32,bf16,fp8", "seed": "0,1,2"}),
+    ("ablation_master_lm", {"precision": "fp32,mixed,bf16,bf16_pure,bf16_sr,bf16_kahan", "seed": "0,1,2"}),
     ("loss_scale_sweep", {"precision.loss_scale": "1,8,128,1024,32768,dynamic", "seed": "0,1,2"}),
 ])  # fmt: skip
 def test_presets_compose_and_sweep_what_they_say(preset, swept):

@@ -135,7 +135,8 @@ def _progress(row) -> str:
     o, b, p = row["ours"], row["bare_loop"], row["paired"]
     text = f"{row['mode']:>11} batch {row['batch']:>4}: ours {o['samples_per_s']:.1f}/s"
     text += f", bare {row['bare']} {b['samples_per_s']:.1f}/s" if b else ""
-    return text + (f", paired overhead {p['overhead']:+.1%}" if p else "")
+    text += f", paired overhead {p['overhead']:+.1%}" if p else ""
+    return text + (f", buffer snapshot {p['buffer_snapshot_share']:.3%} of a step" if p and p["buffer_snapshot_ms"] else "")
 
 
 def _with_ratios(rows: list[dict]) -> list[dict]:
@@ -187,6 +188,10 @@ def to_markdown(result: dict) -> str:
         lines += ["", f"Paired overhead: {paired[0]['pairs']} alternations of one Trainer step and one bare step on one "
                   f"batch, medians' ratio, plus the logging window spread over log_every={paired[0]['log_every']} "
                   "steps."]  # fmt: skip
+        lines += [f"- {r['mode']}, batch {r['batch']}: the buffer snapshot (BatchNorm statistics kept for a skipped "
+                  f"step) {r['paired']['buffer_snapshot_ms'] * 1e3:.1f} µs, {r['paired']['buffer_snapshot_share']:.3%} "
+                  "of the step (median over the pairs)" for r in result["rows"]
+                  if r.get("paired") and r["paired"].get("buffer_snapshot_ms")]  # fmt: skip
     if result["activation_memory"]:
         lines += ["", "Activation memory (slope of peak memory vs batch size):", ""]
         lines += [f"- {mode}: {s['bytes_per_sample'] / 2**10:.1f} KiB/sample"

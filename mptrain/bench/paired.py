@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from mptrain.bench.measure import RecordingLogger, bare_loop
 from mptrain.telemetry.throughput import synchronize
 
@@ -29,7 +31,7 @@ def paired_overhead(cfg, cfg_fp32, device, kind: str, pairs: int, kernels=None) 
     bare, _ = bare_loop(cfg_fp32, device, kind, WARMUP_PAIRS + pairs, kernels)
     batch = next(iter(trainer.data.train))
     n = trainer.task.batch_size(batch)
-    ours, theirs = [], []
+    ours, theirs, snapshots = [], [], []
     for i in range(WARMUP_PAIRS + pairs):
         synchronize(device)
         start = time.perf_counter()
@@ -42,14 +44,32 @@ def paired_overhead(cfg, cfg_fp32, device, kind: str, pairs: int, kernels=None) 
         if i >= WARMUP_PAIRS:
             ours.append(middle - start)
             theirs.append(time.perf_counter() - middle)
+            snapshots.append(_snapshot_seconds(trainer, device))
     trainer.throughput.begin()
     start = time.perf_counter()
     trainer._log_window(_NoBar())
     window = time.perf_counter() - start
     o, b = statistics.median(ours), statistics.median(theirs)
     every = cfg.trainer.log_every
+    snapshot = statistics.median(snapshots) if snapshots and snapshots[0] is not None else None
     return {"pairs": pairs, "ours_step_ms": 1e3 * o, "bare_step_ms": 1e3 * b, "log_window_ms": 1e3 * window,
-            "log_every": every, "overhead": (o + window / every) / b - 1}  # fmt: skip
+            "log_every": every, "overhead": (o + window / every) / b - 1,
+            "buffer_snapshot_ms": None if snapshot is None else 1e3 * snapshot,
+            "buffer_snapshot_share": None if snapshot is None else snapshot / o}  # fmt: skip
+
+
+def _snapshot_seconds(trainer, device) -> float | None:
+    """One more of the copies a scaled step makes of the buffers its forward changes (BatchNorm statistics,
+    restored if the step is skipped), timed alone: its share of the step is the cost of leaving no trace."""
+    steppers = [s for s in trainer.steppers.values() if s._buffers_before is not None]
+    if not steppers:
+        return None
+    synchronize(device)
+    start = time.perf_counter()
+    for stepper in steppers:
+        torch._foreach_copy_(stepper._buffers_before, stepper._buffers)
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 class _NoBar:

@@ -58,14 +58,16 @@ class Precision:
     def mode(self) -> str:
         return self.spec.name
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, network: str | None = None) -> nn.Module:
+        """Move and cast one network (`network`: its name where a task trains several, e.g. the GAN's g and d)."""
         model = model.to(self.device)
         model = cast_model(model, self.spec.param_dtype, self.cfg.keep_norm_fp32 and self.cfg.keep_batchnorm_fp32)
         if self.spec.fp8:
             from mptrain.precision import fp8
 
-            self.fp8_report = fp8.convert(model, self.cfg.fp8_recipe, self.device)
-            self.notes.append(fp8.describe(self.fp8_report))
+            report = fp8.convert(model, self.cfg.fp8_recipe, self.device, prefix=f"{network}." if network else "")
+            self.fp8_report = fp8.merge(self.fp8_report, report)
+            self.notes.append(fp8.describe(report, network))
         return model
 
     def autocast(self):

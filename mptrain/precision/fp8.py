@@ -24,8 +24,9 @@ def has_fp8_units(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def convert(model: nn.Module, recipe: str, device: torch.device) -> dict:
-    """Convert `model`'s Linear layers to torchao Float8Linear in place; what ran in FP8 and what stayed, and why."""
+def convert(model: nn.Module, recipe: str, device: torch.device, prefix: str = "") -> dict:
+    """Convert `model`'s Linear layers to torchao Float8Linear in place; what ran in FP8 and what stayed, and why
+    (layer names after `prefix`, e.g. the network's name)."""
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
@@ -38,9 +39,9 @@ def convert(model: nn.Module, recipe: str, device: torch.device) -> dict:
         if not isinstance(module, nn.Linear):
             return False
         if module.in_features % 16 or module.out_features % 16:
-            kept[name] = f"{module.in_features}x{module.out_features}: FP8 products need multiples of 16"
+            kept[prefix + name] = f"{module.in_features}x{module.out_features}: FP8 products need multiples of 16"
             return False
-        converted.append(name)
+        converted.append(prefix + name)
         return True
 
     convert_to_float8_training(model, config=config, module_filter_fn=fits)
@@ -49,11 +50,19 @@ def convert(model: nn.Module, recipe: str, device: torch.device) -> dict:
             "not_linear": others}  # fmt: skip
 
 
-def describe(report: dict) -> str:
-    """The one note a run prints: how many layers run in FP8, which stay, emulated or not."""
+def merge(old: dict | None, new: dict) -> dict:
+    """One report for a run that converts several networks (the GAN's generator and discriminator)."""
+    if old is None:
+        return new
+    return {**old, "layers": old["layers"] + new["layers"], "kept": {**old["kept"], **new["kept"]},
+            "not_linear": sorted(set(old["not_linear"]) | set(new["not_linear"]))}  # fmt: skip
+
+
+def describe(report: dict, network: str | None = None) -> str:
+    """The one note a network's conversion prints: how many layers run in FP8, which stay, emulated or not."""
     where = "torchao's emulation (FP8 numerics, not FP8 speed)" if report["emulated"] else "FP8 tensor cores"
-    note = (f"precision=fp8 ({report['recipe']}): {len(report['layers'])} Linear layer(s) in FP8 on {where}, "
-            f"{len(report['kept'])} kept in bf16")
+    note = (f"precision=fp8 ({report['recipe']}){f' {network}' if network else ''}: {len(report['layers'])} "
+            f"Linear layer(s) in FP8 on {where}, {len(report['kept'])} kept in bf16")
     if report["kept"]:
         first = next(iter(report["kept"].items()))
         note += f" (e.g. {first[0]}: {first[1]})"

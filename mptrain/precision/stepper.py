@@ -36,6 +36,8 @@ class PrecisionStepper:
         self.agree_on_overflow = agree_on_overflow or (lambda found_inf: found_inf)
         # called with the (scaled) gradients before the overflow check, e.g. to inject a fault in a test
         self.grad_hooks: list[Callable[[list[torch.Tensor]], None]] = []
+        # called with the optimizer just before it steps (gradients final: unscaled, clipped), e.g. by telemetry
+        self.pre_update_hooks: list[Callable[[torch.optim.Optimizer], None]] = []
         self.masters = MasterWeights(list(model.parameters())) if master_weights else None
         params = self.masters.master_params if self.masters else [p for p in model.parameters() if p.requires_grad]
         self.params = params
@@ -89,7 +91,7 @@ class PrecisionStepper:
                 self._undo_forward()
                 return False
         self._clip(grads)
-        self.optimizer.step()
+        self._update()
         if self.masters:
             self.masters.master_to_model()
         return self._advance()
@@ -105,13 +107,18 @@ class PrecisionStepper:
         overflow = bool(sum(found_inf).item())
         if not overflow:
             self._clip(self._grads())
-            self.optimizer.step()
+            self._update()
         gs.update()
         if overflow:
             self._torch_amp_skipped += 1
             self._undo_forward()
             return False
         return self._advance()
+
+    def _update(self) -> None:
+        for hook in self.pre_update_hooks:
+            hook(self.optimizer)
+        self.optimizer.step()
 
     def _advance(self) -> bool:
         if self.scheduler is not None:

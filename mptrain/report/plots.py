@@ -151,6 +151,40 @@ def forward_headroom(group: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def fp8_operands(group: pd.DataFrame, path: Path) -> Path | None:
+    """Fig. 3 for FP8: floor(log2) of each Linear operand once tensorwise-scaled (amax onto the format's max),
+    summed over layers and numerics steps, against E4M3 (inputs, weights) and E5M2 (output gradients) limits.
+    From the first fp8 run with numerics (else the first run: what FP8 would do to it)."""
+    from mptrain.telemetry.fp8_stats import EXPONENTS, FORMATS, OPERANDS
+
+    ordered = group.assign(fp8_first=group["precision"] != "fp8").sort_values(["fp8_first", "mode_rank", "seed"])
+    for _, run in ordered.iterrows():
+        records = [r for r in load_numerics(run["run_dir"]) if r["kind"] == "fp8" and "log2_hist" in r]
+        if records:
+            break
+    else:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, fmt in zip(axes, ("e4m3", "e5m2")):
+        operands = [o for o, f in OPERANDS.items() if f == fmt]
+        for i, operand in enumerate(operands):
+            hist = np.sum([r["log2_hist"] for r in records if r["layer"].endswith("." + operand)], axis=0)
+            if np.ndim(hist) and hist.sum():
+                ax.bar(EXPONENTS.numpy() + 0.45 * i, hist / hist.sum(), width=0.45, align="edge", alpha=0.7,
+                       color=f"C{i}", label=operand)  # bin e spans [2^e, 2^(e+1))
+        top, tiny, normal = FORMATS[fmt]
+        for x, text in ((math.log2(tiny / 2), f"2^{math.log2(tiny / 2):g}: flushed below"),
+                        (math.log2(normal), f"2^{math.log2(normal):g}: subnormal below"),
+                        (math.log2(top), f"{top:g}: the amax lands here")):  # fmt: skip
+            ax.axvline(x, color="k", linestyle="--", linewidth=0.8)
+            ax.text(x, 0.97, " " + text, fontsize=7, rotation=90, va="top", transform=ax.get_xaxis_transform())
+        ax.axvspan(int(EXPONENTS[0]), math.log2(tiny / 2), color="red", alpha=0.06)
+        ax.set(title=f"{fmt.upper()} ({', '.join(operands)})", xlabel="log2 |value x scale|")
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0].set_ylabel(f"share of non-zero values ({run['arm']})")
+    return _save(fig, path)
+
+
 def _scale_to_show(group: pd.DataFrame) -> tuple[str, float] | None:
     for _, run in group.sort_values("mode_rank").iterrows():
         scale = run["final_loss_scale"]

@@ -61,6 +61,8 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
              "gradient exponents with FP16's limits (the paper's Fig. 3)"),
             (plots.forward_headroom(group, out / f"{stem}-forward-headroom.png"),
              "per-layer forward amax against FP16's 65504 (forward overflow headroom)"),
+            (plots.fp8_operands(group, out / f"{stem}-fp8-operands.png"),
+             "Linear operands once tensorwise-scaled, against the FP8 formats' limits (Fig. 3 for FP8)"),
         ]  # fmt: skip
         lines += [f"![{caption}]({path.name})" for path, caption in figures if path is not None]
         lines += ["", "| run | mode | seed | status | " + metric + " | loss-scale verdict | note |",

@@ -102,7 +102,7 @@ def load_runs(dirs: list[Path], metric_choice: str = "primary") -> pd.DataFrame:
             "scale_verdict": scale_verdicts(summary.get("loss_scale_verdict")),
             "skip_steps": sorted(s for v in (summary.get("loss_scale_verdict") or {}).values()
                                  for s in v.get("skip_steps", [])),
-            "lost_update_frac": lost_update_frac(load_numerics(run_dir)),
+            **lost_updates(load_numerics(run_dir)),
             "wall_time_s": summary.get("wall_time_s"),
             "error": summary.get("error"),
         })  # fmt: skip
@@ -162,11 +162,20 @@ def train_loss_tail(run_dir: str | Path) -> float:
     return _finite(float(series[series.index >= (1 - TRAIN_TAIL) * series.index.max()].mean()))
 
 
-def lost_update_frac(records: list[dict]) -> float:
-    """Share of weight elements whose update FP16 would lose (lost, in fp16_naive), over every measured step."""
-    lost = [(r["count"], r["lost_update_frac"]) for r in records if r["kind"] == "lost_update"]
-    total = sum(n for n, _ in lost)
-    return sum(n * f for n, f in lost) / total if total else math.nan
+def lost_updates(records: list[dict]) -> dict[str, float]:
+    """Over every measured step: the share of weight elements whose update FP16 would lose (FP32 weights or
+    masters) or did not move (weights in FP16/bf16); for the latter, the share nearest rounding drops and the
+    share of that update mass the weights kept (stochastic rounding, Kahan summation)."""
+    lost = [r for r in records if r["kind"] == "lost_update"]
+    total = sum(r["count"] for r in lost)
+
+    def share(key: str) -> float:
+        return sum(r["count"] * r[key] for r in lost) / total if total and all(key in r for r in lost) else math.nan
+
+    dropped = sum(r.get("dropped_mass", 0.0) for r in lost)
+    kept = sum(r.get("kept_mass", 0.0) for r in lost) / dropped if dropped > 0 else math.nan
+    return {"lost_update_frac": share("lost_update_frac"), "nearest_drop_frac": share("nearest_drop_frac"),
+            "drop_kept_frac": kept}  # fmt: skip
 
 
 def load_numerics(run_dir: str | Path) -> list[dict]:

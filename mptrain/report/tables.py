@@ -17,7 +17,8 @@ from mptrain.report.verdict import VERDICT_COLUMNS, margin_for, paired_verdict
 
 COLUMNS = ["arm", "control", "runs", "status", "metric_mean", "metric_std", "delta_vs_fp32", *VERDICT_COLUMNS,
            "verdict_note", "samples_per_s", "speedup_vs_fp32", "peak_memory_mb", "memory_ratio_vs_fp32",
-           "bytes_per_param", "skipped_steps", "final_loss_scale", "lost_update_frac"]  # fmt: skip
+           "bytes_per_param", "skipped_steps", "final_loss_scale", "lost_update_frac",
+           "nearest_drop_frac", "drop_kept_frac"]  # fmt: skip
 
 
 SECTION = ["model", "dataset", "setting"]
@@ -74,6 +75,8 @@ def _arm_row(arm: str, runs: pd.DataFrame) -> dict:
         "skipped_steps": runs["skipped_steps"].mean(),
         "final_loss_scale": ", ".join(scales) or "-",
         "lost_update_frac": runs["lost_update_frac"].mean(),  # every run: a diverged fp16_naive run lost them too
+        "nearest_drop_frac": runs["nearest_drop_frac"].mean(),
+        "drop_kept_frac": runs["drop_kept_frac"].mean(),
     }
 
 
@@ -104,10 +107,20 @@ def to_markdown(table: pd.DataFrame) -> str:
             _num(r["bytes_per_param"], "{:.1f}"),
             _num(r["skipped_steps"], "{:.1f}"),
             r["final_loss_scale"],
-            _num(100 * r["lost_update_frac"], "{:.2f} %"),
+            lost_cell(r),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def lost_cell(r) -> str:
+    """FP32 weights: the share FP16 would lose. Weights in FP16/bf16: the share that did not move, and of the
+    update mass nearest rounding drops, how much was kept (0 % bf16_pure, ~100 % stochastic rounding, Kahan)."""
+    cell = _num(100 * r["lost_update_frac"], "{:.2f} %")
+    if not _missing(r["nearest_drop_frac"]):
+        cell += f" (nearest drops {100 * r['nearest_drop_frac']:.2f} %"
+        cell += f"; {100 * r['drop_kept_frac']:.0f} % of it kept)" if not _missing(r["drop_kept_frac"]) else ")"
+    return cell
 
 
 def delta_with_ci(r) -> str:

@@ -48,7 +48,7 @@ class GanTask(Task):
         extractor, info = None, None
         if fid.enabled:
             extractor, info = load_or_train_extractor(data, fid.cache_dir, fid.extractor_steps, precision.device)
-        g, d = (precision.prepare(nets[name]) for name in ("g", "d"))
+        g, d = (precision.prepare(nets[name], name) for name in ("g", "d"))
         return cls(g, d, data.spec, precision, extractor, info, fid.samples, seed=model_cfg.noise_seed)
 
     def networks(self):

@@ -14,10 +14,11 @@ Every `telemetry.numerics.every` steps (off by default: no hook exists otherwise
   overflow FP16 (`kind: forward_first_overflow` in numerics.jsonl).
 * FP8 operands (`telemetry/fp8_stats.py`): per Linear layer, what tensorwise FP8 scaling does to its input,
   weight (E4M3) and output gradient (E5M2): amax, scale, shares that underflow or turn subnormal.
-* Lost updates (the paper's case for master weights): the fraction of weight
-  elements whose update this step is smaller than half an FP16 ulp of the weight,
-  i.e. would vanish if added in FP16. In fp16_naive, where updates are added in
-  FP16, it is the fraction actually lost: gradient non-zero, weight unchanged.
+* Lost updates (the paper's case for master weights): with FP32 weights or masters, the fraction of weight
+  elements whose update this step is smaller than half an FP16 ulp of the weight, i.e. would vanish if added
+  in FP16. Where weights are updated in their own FP16/bf16 (fp16_naive, bf16_pure, bf16_sr, bf16_kahan;
+  `telemetry/lost_updates.py`): against the update an FP32 twin of the optimizer computes, the share nearest
+  rounding drops, the share that did not move, and how much of the dropped update mass was kept.
 
 Each measurement goes to TensorBoard (`numerics/grad_log2/<layer>` histograms,
 `numerics/<fraction>/<layer>` scalars, `.../all` overall) and one JSON line per
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mptrain.telemetry import fp8_stats, headroom
+from mptrain.telemetry import fp8_stats, headroom, lost_updates
 
 FP16_TINY = 2.0**-24  # smallest FP16 subnormal: anything smaller flushes to zero
 FP16_MIN_NORMAL = 2.0**-14
@@ -115,7 +116,7 @@ class NumericsProbe:
     @contextlib.contextmanager
     def capture(self, networks: dict[str, nn.Module], steppers: dict):
         """Hooks for one training step; on exit, the lost updates of that step."""
-        handles, before = [], {}
+        handles, before, intended, update_hooks = [], {}, {}, []
         for net_name, net in networks.items():
             stepper = steppers[net_name]
             scale = _scale_in_effect(stepper)
@@ -129,18 +130,31 @@ class NumericsProbe:
                     if isinstance(module, nn.Linear):
                         handles.append(module.register_forward_hook(self._fp8_hook(f"{net_name}.{name}", scale)))
             before[net_name] = [p.detach().clone() for p in stepper.params]
+            if _own_precision_weights(net, stepper):  # the update each weight was meant to get, in FP32
+                def keep_intended(optimizer, params=stepper.params, key=net_name):
+                    intended[key] = (lost_updates.fp32_update(optimizer, params),
+                                     lost_updates.effective_weights(optimizer, params))
+                stepper.pre_update_hooks.append(keep_intended)
+                update_hooks.append((stepper, keep_intended))
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+            for stepper, hook in update_hooks:
+                stepper.pre_update_hooks.remove(hook)
         for net_name, stepper in steppers.items():
             names = [f"{net_name}.{n}" for n, p in networks[net_name].named_parameters() if p.requires_grad]
-            # weights updated in their own low precision (fp16_naive, bf16_pure/_sr/_kahan): lost = did not move
-            low = next(iter(networks[net_name].parameters())).dtype in (torch.float16, torch.bfloat16)
-            naive = stepper.masters is None and low
+            if _own_precision_weights(networks[net_name], stepper):
+                if net_name not in intended:
+                    continue  # the step was skipped: nothing was meant to move
+                updates, effective = intended[net_name]
+                after = lost_updates.effective_weights(stepper.optimizer, stepper.params)
+                for name, old, p, u, e0, e1 in zip(names, before[net_name], stepper.params, updates, effective, after):
+                    self._stats[("lost_update", name)] = lost_updates.update_stats(old.float(), e0, e1, u, p.dtype)
+                continue
             for name, old, new in zip(names, before[net_name], stepper.params):
-                self._stats[("lost_update", name)] = self._lost(old, new, naive)
+                self._stats[("lost_update", name)] = self._lost(old, new)
 
     def _recorder(self, kind: str, name: str, scale):
         def record(grad):
@@ -184,14 +198,10 @@ class NumericsProbe:
         self._forward[name] = headroom.merge(self._forward[name], stats) if name in self._forward else stats
 
     @staticmethod
-    def _lost(old: torch.Tensor, new: torch.Tensor, naive: bool) -> torch.Tensor:
+    def _lost(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """FP32 weights (or FP32 masters): the updates FP16 weights would have lost (below half an FP16 ulp)."""
         delta = new.detach().float() - old.float()
-        if naive:  # updates were added in FP16: lost = had a gradient, did not move
-            grad = new.grad
-            moved_wanted = (grad != 0) if grad is not None else torch.zeros_like(delta, dtype=torch.bool)
-            lost = moved_wanted & (delta == 0)
-        else:
-            lost = (delta != 0) & (delta.abs() < half_ulp_fp16(old))
+        lost = (delta != 0) & (delta.abs() < half_ulp_fp16(old))
         return torch.stack([torch.tensor(float(delta.numel()), device=delta.device), lost.sum().float()])
 
     def take(self) -> dict[tuple[str, str], list[float]]:
@@ -246,12 +256,18 @@ class NumericsProbe:
         if kind == "fp8":
             return fp8_stats.to_record(layer, step, v)
         if kind == "lost_update":
-            return {"step": step, "kind": kind, "layer": layer, "count": v[0], "lost_update_frac": v[1] / n}
+            return {"step": step, "kind": kind, "layer": layer, "count": v[0], "lost_update_frac": v[1] / n,
+                    **lost_updates.to_fields(v)}  # fmt: skip
         sums = dict(zip(SUMS, v[: len(SUMS)]))
         record = {"step": step, "kind": kind, "layer": layer, "count": v[0]}
         record.update({f"{k}_frac": sums[k] / n for k in SUMS[1:]})
         record["log2_hist"] = v[len(SUMS):]
         return record
+
+
+def _own_precision_weights(net: nn.Module, stepper) -> bool:
+    """Weights updated in their own low precision, no FP32 master (fp16_naive, bf16_pure, bf16_sr, bf16_kahan)."""
+    return stepper.masters is None and next(iter(net.parameters())).dtype in lost_updates.LOW
 
 
 def _scale_in_effect(stepper):
