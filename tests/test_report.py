@@ -94,6 +94,7 @@ def test_report_markdown_html_and_plots(sweep, tmp_path):
     assert any(n.endswith("-speed-memory.png") for n in images) and any(n.endswith("-forward-headroom.png") for n in images)
     assert any(n.endswith("-fp8-operands.png") for n in images)  # what tensorwise FP8 would do to its Linear head
     assert "| loss-scale verdict |" in text
+    assert "Forward headroom:" in text and " bit) |" in text  # per module: amax and headroom below 65504
     html = (folder / "report.html").read_text()
     assert html.count("data:image/png;base64,") == sum(1 for line in text.splitlines() if line.startswith("!["))
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()  # not a Hydra app
@@ -269,3 +270,11 @@ def test_a_gans_per_network_loss_scales_read_as_g_and_d():
     from mptrain.report.runs import per_network
 
     assert per_network({"g": 4096.0, "d": 2048.0}) == "g 4096 / d 2048"
+
+
+def test_forward_headroom_table_rows_and_bits():
+    from mptrain.report.tables import headroom_markdown
+
+    text = headroom_markdown({"fp32": {"m.a": 1.0, "m.b": 131008.0}, "bf16": {"m.a": 4.0}}, rows=1)
+    assert "| `m.b` | 1.31e+05 (-1.0 bit) | - |" in text and "m.a" not in text  # the one closest to 65504
+    assert headroom_markdown({}) == ""

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mptrain.report.runs import load_numerics, load_scalars  # noqa: E402
+from mptrain.report.runs import forward_amax, load_numerics, load_scalars  # noqa: E402
 
 FP16_FLUSH, FP16_NORMAL, FP16_MAX_LOG2 = -24, -14, math.log2(65504)
 
@@ -124,23 +124,14 @@ def exponent_histogram(group: pd.DataFrame, path: Path) -> Path | None:
 def forward_headroom(group: pd.DataFrame, path: Path) -> Path | None:
     """Per-layer forward amax (the largest over the run's numerics steps), one line per arm (first seed with
     numerics), in forward order, against FP16's 65504."""
-    fig, ax, drawn = None, None, 0
-    for arm, runs in group.sort_values(["mode_rank", "seed"]).groupby("arm", sort=False):
-        records = next((r for r in (load_numerics(d) for d in runs["run_dir"]) if r), [])
-        amax: dict[str, float] = {}
-        for r in records:
-            if r["kind"] == "forward":
-                amax[r["layer"]] = max(amax.get(r["layer"], 0.0), r["amax"])
-        if not amax:
-            continue
-        if fig is None:
-            fig, ax = plt.subplots(figsize=(7.5, 3.8))
-            layers = list(amax)
+    per_arm = forward_amax(group)
+    if not per_arm:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    layers = list(next(iter(per_arm.values())))
+    for arm, amax in per_arm.items():
         ax.semilogy(range(len(layers)), [max(amax.get(layer, np.nan), 1e-8) for layer in layers], marker=".",
                     linewidth=0.8, label=arm)
-        drawn += 1
-    if not drawn:
-        return None
     ax.axhline(65504, color="k", linestyle="--", linewidth=0.8)
     ax.text(0, 65504, " 65504: FP16 overflows above", fontsize=7, va="bottom")
     step = max(1, len(layers) // 24)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from mptrain.report import plots
-from mptrain.report.tables import comparison, delta_with_ci, to_markdown, verdict_cell
+from mptrain.report.runs import forward_amax
+from mptrain.report.tables import comparison, delta_with_ci, headroom_markdown, to_markdown, verdict_cell
 from mptrain.report.verdict import CONFIDENCE
 
 
@@ -65,6 +66,11 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
              "Linear operands once tensorwise-scaled, against the FP8 formats' limits (Fig. 3 for FP8)"),
         ]  # fmt: skip
         lines += [f"![{caption}]({path.name})" for path, caption in figures if path is not None]
+        headroom = headroom_markdown(forward_amax(group))
+        if headroom:
+            lines += ["", "Forward headroom: the modules whose outputs come closest to FP16's 65504 (the largest "
+                      "|output| over the measured steps of each arm's first seed, in forward order; headroom in bits "
+                      "below 65504):", "", headroom]
         lines += ["", "| run | mode | seed | status | " + metric + " | loss-scale verdict | note |",
                   "|---|---|---|---|---|---|---|"]
         for _, r in group.iterrows():

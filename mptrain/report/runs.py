@@ -178,6 +178,21 @@ def lost_updates(records: list[dict]) -> dict[str, float]:
             "drop_kept_frac": kept}  # fmt: skip
 
 
+def forward_amax(group: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per arm (its first seed with numerics), each module's largest forward |output| over the measured steps,
+    in forward order."""
+    per_arm = {}
+    for arm, runs in group.sort_values(["mode_rank", "seed"]).groupby("arm", sort=False):
+        records = next((r for r in (load_numerics(d) for d in runs["run_dir"]) if r), [])
+        amax: dict[str, float] = {}
+        for r in records:
+            if r["kind"] == "forward":
+                amax[r["layer"]] = max(amax.get(r["layer"], 0.0), r["amax"])
+        if amax:
+            per_arm[arm] = amax
+    return per_arm
+
+
 def load_numerics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "numerics.jsonl"
     if not path.is_file():

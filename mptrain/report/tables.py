@@ -113,6 +113,24 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def headroom_markdown(per_arm: dict[str, dict[str, float]], rows: int = 12) -> str:
+    """The modules with the least FP16 headroom (over every arm), in forward order: each arm's largest |output|
+    and its headroom below 65504 in bits (log2(65504 / amax); negative: overflows)."""
+    if not per_arm:
+        return ""
+    layers = list(dict.fromkeys(layer for amax in per_arm.values() for layer in amax))
+    worst = sorted(layers, key=lambda layer: -max(a.get(layer, 0.0) for a in per_arm.values()))[:rows]
+    head = ["module", *(f"{arm}: max \\|output\\| (headroom)" for arm in per_arm)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for layer in (layer for layer in layers if layer in worst):
+        cells = [f"`{layer}`"]
+        for amax in per_arm.values():
+            value = amax.get(layer)
+            cells.append("-" if not value else f"{value:.4g} ({math.log2(65504 / value):+.1f} bit)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def lost_cell(r) -> str:
     """FP32 weights: the share FP16 would lose. Weights in FP16/bf16: the share that did not move, and of the
     update mass nearest rounding drops, how much was kept (0 % bf16_pure, ~100 % stochastic rounding, Kahan)."""
