@@ -30,10 +30,19 @@ def _equal(a, b) -> bool:
     return a == b
 
 
+LM = ["debug=tiny_lm", "model=transformer", "model.heads=2", "model.width=32", "model.context=8", "trainer.device=cpu",
+      f"trainer.max_steps={2 * N}", f"trainer.checkpoint_every={N}", "trainer.log_every=1", "trainer.eval_every=3"]
+
+
 @pytest.mark.parametrize("mode", ["fp32", pytest.param("mixed", marks=pytest.mark.slow),
-                                  pytest.param("fp16_naive", marks=pytest.mark.slow)])
+                                  pytest.param("fp16_naive", marks=pytest.mark.slow),
+                                  pytest.param("bf16_sr", marks=pytest.mark.slow),  # torchao's AdamW state
+                                  pytest.param("bf16_kahan", marks=pytest.mark.slow),  # optimi's, with Kahan buffers
+                                  pytest.param("fp8", marks=pytest.mark.slow)])  # torchao Float8Linear layers
 def test_resume_after_sigkill_continues_bit_identically(tmp_path, mode):
-    args = [*RUN, f"precision={mode}"]
+    # the master-weight rivals and fp8 on a tiny transformer: Linear layers FP8 can convert, AdamW
+    args = [*LM, "optim.weight_decay=0"] if mode in ("bf16_sr", "bf16_kahan", "fp8") else RUN
+    args = [*args, f"precision={mode}"]
     straight, killed, resumed = tmp_path / "straight", tmp_path / "killed", tmp_path / "resumed"
     out = mptrain(*args, f"hydra.run.dir={straight}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]

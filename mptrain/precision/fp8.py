@@ -30,7 +30,7 @@ def convert(model: nn.Module, recipe: str, device: torch.device, prefix: str = "
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
-        raise UserError("precision=fp8 needs torchao: pip install 'mptrain[lowp]' (or torchao)") from None
+        raise UserError("precision=fp8 needs torchao: pip install 'mptrain[fp8]' (or torchao)") from None
     emulate = not has_fp8_units(device)
     config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
     converted, kept = [], {}
