@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement mptrain promises, in one run of <= 8 min on a lent H100/H200:
 #   mptrain-bench ResNet-50 224x224 fp32 (TF32 off) / amp / mixed / bf16 at batch 64 and 128,
-#   the LSTM LM, the transformer LM and DCGAN, and the CUDA tests (tests/test_gpu.py, -m gpu).
+#   the LSTM LM, the transformer LM (and fp8, with torchao) and DCGAN, and the CUDA tests (tests/test_gpu.py, -m gpu).
 # Writes results/bench/<device>_torch<version>/ (the bench's own folder naming) and, with $OUT set (the
 # device tool), copies the tables and the test log there too.
 #
@@ -36,8 +36,11 @@ status=0
 bench model=resnet50 dataset.image_size=224 dataset.train_size=1024 dataset.test_size=128 \
   --modes fp32,amp,mixed,bf16 --batch-sizes 64,128 "${FAST[@]}" || status=1
 bench model=lstm_lm model.width=1024 --modes fp32,amp,mixed,bf16 --batch-sizes 64,128 "${FAST[@]}" || status=1
+# precision=fp8: real FP8 matmuls on an H100/H200 (torchao; carry its wheel in .whl/ if the image lacks it)
+FP8=""
+if $PY -c "import torchao.float8" 2>/dev/null; then FP8=",fp8"; else echo "gpu_check: no torchao: the transformer bench runs without fp8"; fi
 bench model=transformer model.width=512 model.layers=6 model.heads=8 model.context=256 dataset.bptt=256 \
-  --modes fp32,amp,mixed,bf16 --batch-sizes 32,64 "${FAST[@]}" || status=1
+  --modes fp32,amp,mixed,bf16$FP8 --batch-sizes 32,64 "${FAST[@]}" || status=1
 bench model=dcgan --modes fp32,amp,mixed,bf16 --batch-sizes 64,128 "${FAST[@]}" || status=1
 echo "== CUDA tests"
 $PY -m pytest -q -m gpu tests/ 2>&1 | tee /tmp/gpu_tests.log || status=1
