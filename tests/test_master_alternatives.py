@@ -123,7 +123,9 @@ def test_the_probes_fp32_twin_changes_nothing(tmp_path, update):
     for measured in (False, True):
         torch.manual_seed(0)
         model = torch.nn.Linear(8, 16).to(torch.bfloat16)
-        stepper = PrecisionStepper(model, lambda p: build_optimizer(cfg, p, update=update))
+        # with an LR schedule, as the trainer runs it (LambdaLR wraps the optimizer's step)
+        stepper = PrecisionStepper(model, lambda p: build_optimizer(cfg, p, update=update),
+                                   lambda o: torch.optim.lr_scheduler.LambdaLR(o, _decay))
         probe = NumericsProbe(every=1, run_dir=tmp_path, activations=False)
         for step in range(3):
             x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
@@ -133,4 +135,12 @@ def test_the_probes_fp32_twin_changes_nothing(tmp_path, update):
                 stepper.step()
         state = [v for s in stepper.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         ends.append([p.detach().clone() for p in model.parameters()] + [v.clone() for v in state])
+        if measured:  # the weights moved along the twin's update, never against it (as when the twin stepped the
+            kept = [NumericsProbe.to_record("lost_update", "w", 3, v)  # real optimizer through LambdaLR's wrapper)
+                    for (kind, _), v in probe.take().items() if kind == "lost_update"]
+            assert kept and all(r.get("drop_kept_frac", 0.0) > -0.25 for r in kept)
     assert len(ends[0]) == len(ends[1]) and all(torch.equal(a, b) for a, b in zip(*ends))
+
+
+def _decay(step: int) -> float:
+    return 1 / (1 + step)

@@ -40,7 +40,9 @@ def _twin(optimizer: torch.optim.Optimizer, shadow_of: dict[int, torch.Tensor]) 
     """A copy of `optimizer` over the shadow weights, its state copied and upcast. Not `copy.deepcopy`: an
     optimizer pickles only its defaults, state and groups, and torchao's keeps settings in attributes too."""
     twin = object.__new__(type(optimizer))
-    twin.__dict__.update(optimizer.__dict__)
+    # settings only: an LR scheduler wraps the instance's `step` around the real optimizer, so callables stay
+    # behind (the class's own `step` steps the twin)
+    twin.__dict__.update({key: value for key, value in optimizer.__dict__.items() if not callable(value)})
     twin.param_groups = [{**{key: _upcast(value) for key, value in group.items() if key != "params"},
                           "params": [shadow_of[id(p)] for p in group["params"]]}
                          for group in optimizer.param_groups]  # fmt: skip (optimi counts steps in the group)
