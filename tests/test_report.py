@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -278,3 +279,4 @@ def test_forward_headroom_table_rows_and_bits():
     text = headroom_markdown({"fp32": {"m.a": 1.0, "m.b": 131008.0}, "bf16": {"m.a": 4.0}}, rows=1)
     assert "| `m.b` | 1.31e+05 (-1.0 bit) | - |" in text and "m.a" not in text  # the one closest to 65504
     assert headroom_markdown({}) == ""
+    assert "| `m.a` | inf (non-finite) |" in headroom_markdown({"fp16_naive": {"m.a": math.inf}})  # a diverged run

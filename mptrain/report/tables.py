@@ -126,7 +126,12 @@ def headroom_markdown(per_arm: dict[str, dict[str, float]], rows: int = 12) -> s
         cells = [f"`{layer}`"]
         for amax in per_arm.values():
             value = amax.get(layer)
-            cells.append("-" if not value else f"{value:.4g} ({math.log2(65504 / value):+.1f} bit)")
+            if not value:
+                cells.append("-")
+            elif not math.isfinite(value):  # a diverged run's inf / NaN output
+                cells.append(f"{value} (non-finite)")
+            else:
+                cells.append(f"{value:.4g} ({math.log2(65504 / value):+.1f} bit)")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -29,7 +29,8 @@ def fp32_update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) ->
     shadows = []
     for p in params:
         shadow = p.detach().float().clone()
-        shadow.grad = None if p.grad is None else p.grad.detach().float()
+        # a copy even where the gradient is FP32 already: an optimizer may use it as scratch space
+        shadow.grad = None if p.grad is None else p.grad.detach().to(torch.float32, copy=True)
         shadows.append(shadow)
     twin = _twin(optimizer, {id(p): s for p, s in zip(params, shadows)})
     twin.step()
