@@ -13,8 +13,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from mptrain.bench.measure import RecordingLogger, bare_loop
 from mptrain.telemetry.throughput import synchronize
 
@@ -61,13 +59,13 @@ def paired_overhead(cfg, cfg_fp32, device, kind: str, pairs: int, kernels=None) 
 def _snapshot_seconds(trainer, device) -> float | None:
     """One more of the copies a scaled step makes of the buffers its forward changes (BatchNorm statistics,
     restored if the step is skipped), timed alone: its share of the step is the cost of leaving no trace."""
-    steppers = [s for s in trainer.steppers.values() if s._buffers_before is not None]
+    steppers = [s for s in trainer.steppers.values() if s.keeps_buffers]
     if not steppers:
         return None
     synchronize(device)
     start = time.perf_counter()
     for stepper in steppers:
-        torch._foreach_copy_(stepper._buffers_before, stepper._buffers)
+        stepper.keep_buffers()
     synchronize(device)
     return time.perf_counter() - start
 

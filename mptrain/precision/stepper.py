@@ -58,11 +58,20 @@ class PrecisionStepper:
         """Clear the gradients before a step's forward (and, where the step may be skipped, keep the buffers)."""
         # FP32 master grads stay allocated: the next copy overwrites them
         self.model.zero_grad(set_to_none=True)
-        if (self.scaler is not None or self.grad_scaler is not None) and self._buffers:
-            if self._buffers_before is None:
-                self._buffers_before = [b.detach().clone() for b in self._buffers]
-            else:
-                torch._foreach_copy_(self._buffers_before, self._buffers)
+        if self.keeps_buffers:
+            self.keep_buffers()
+
+    @property
+    def keeps_buffers(self) -> bool:
+        """Whether each step keeps its forward's buffers: only a scaled step can be skipped."""
+        return (self.scaler is not None or self.grad_scaler is not None) and bool(self._buffers)
+
+    def keep_buffers(self) -> None:
+        """The snapshot a skip restores: one foreach copy of the buffers (allocated on the first step)."""
+        if self._buffers_before is None:
+            self._buffers_before = [b.detach().clone() for b in self._buffers]
+        else:
+            torch._foreach_copy_(self._buffers_before, self._buffers)
 
     def _undo_forward(self) -> None:
         """A skipped step: put back every buffer the forward changed (BatchNorm statistics may now be NaN)."""

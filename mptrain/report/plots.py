@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mptrain.report.runs import forward_amax, load_numerics, load_scalars  # noqa: E402
+from mptrain.report.runs import load_numerics, load_scalars  # noqa: E402
 
 FP16_FLUSH, FP16_NORMAL, FP16_MAX_LOG2 = -24, -14, math.log2(65504)
 
@@ -121,10 +121,9 @@ def exponent_histogram(group: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def forward_headroom(group: pd.DataFrame, path: Path) -> Path | None:
-    """Per-layer forward amax (the largest over the run's numerics steps), one line per arm (first seed with
-    numerics), in forward order, against FP16's 65504."""
-    per_arm = forward_amax(group)
+def forward_headroom(per_arm: dict[str, dict[str, float]], path: Path) -> Path | None:
+    """Per-layer forward amax (`runs.forward_amax`: the largest over the run's numerics steps), one line per arm
+    (first seed with numerics), in forward order, against FP16's 65504."""
     if not per_arm:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 3.8))

@@ -51,6 +51,7 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
         if setting:
             lines += [f"Setting: `{setting}`.", ""]
         lines += [_environment(group), "", to_markdown(table), ""]
+        amax = forward_amax(group)  # read once: the chart and the table
         figures = [
             (plots.metric_curves(group, metric, out / f"{stem}-{metric}.png"), f"eval {metric} vs step"),
             (plots.train_loss_curves(group, out / f"{stem}-train-loss.png"), "train loss vs step"),
@@ -60,13 +61,13 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
             (plots.speed_memory_bars(table, out / f"{stem}-speed-memory.png"), "throughput and peak memory"),
             (plots.exponent_histogram(group, out / f"{stem}-grad-exponents.png"),
              "gradient exponents with FP16's limits (the paper's Fig. 3)"),
-            (plots.forward_headroom(group, out / f"{stem}-forward-headroom.png"),
+            (plots.forward_headroom(amax, out / f"{stem}-forward-headroom.png"),
              "per-layer forward amax against FP16's 65504 (forward overflow headroom)"),
             (plots.fp8_operands(group, out / f"{stem}-fp8-operands.png"),
              "Linear operands once tensorwise-scaled, against the FP8 formats' limits (Fig. 3 for FP8)"),
         ]  # fmt: skip
         lines += [f"![{caption}]({path.name})" for path, caption in figures if path is not None]
-        headroom = headroom_markdown(forward_amax(group))
+        headroom = headroom_markdown(amax)
         if headroom:
             lines += ["", "Forward headroom: the modules whose outputs come closest to FP16's 65504 (the largest "
                       "|output| over the measured steps of each arm's first seed, in forward order; headroom in bits "
