@@ -21,8 +21,10 @@ def _mlp():
     return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-def test_an_fp8_layer_computes_exactly_what_torchaos_float8linear_does(compose_cfg, recipe):
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
+def test_an_fp8_layer_computes_exactly_what_torchaos_float8linear_does_under_cuda_autocast(compose_cfg, recipe):
+    """torchao casts the input to CUDA autocast's dtype only (pytorch/ao#1522); mptrain does it for the CPU too,
+    so a layer's output and gradients equal torchao's given the input autocast would have given it."""
     precision = Precision(compose_cfg("precision=fp8", f"precision.fp8_recipe={recipe}", "trainer.device=cpu").precision,
                           torch.device("cpu"))
     reference = _mlp()
@@ -36,16 +38,21 @@ def test_an_fp8_layer_computes_exactly_what_torchaos_float8linear_does(compose_c
     theirs = Float8Linear.from_float(copy.deepcopy(reference[0]), config=config)
     x = torch.randn(16, 32)
     with precision.autocast():
-        ours_out, theirs_out = model[0](x), theirs(x)
-    assert torch.equal(ours_out, theirs_out)
+        ours_out, theirs_out = model[0](x), theirs(x.to(torch.bfloat16))
+    assert ours_out.dtype == torch.bfloat16 and torch.equal(ours_out, theirs_out)
+    grad = torch.randn_like(ours_out)
+    ours_out.backward(grad)  # rowwise_with_gw_hp's high-precision weight-gradient product failed here on a CPU
+    theirs_out.backward(grad)
+    assert torch.equal(model[0].weight.grad, theirs.weight.grad) and model[0].weight.grad.isfinite().all()
 
 
-def test_fp8_trains_a_tiny_transformer_end_to_end(compose_cfg, tmp_path):
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise_with_gw_hp"])
+def test_fp8_trains_a_tiny_transformer_end_to_end(compose_cfg, tmp_path, recipe):
     from mptrain.bench.measure import RecordingLogger
     from mptrain.build import build_trainer
 
     cfg = compose_cfg("debug=tiny_lm", "model=transformer", "model.heads=2", "model.context=8", "precision=fp8",
-                      "trainer.device=cpu")
+                      f"precision.fp8_recipe={recipe}", "trainer.device=cpu")
     trainer = build_trainer(cfg, torch.device("cpu"), tmp_path, RecordingLogger(), None, [])
     results = trainer.fit()
     assert results["fp8"]["layers"] and results["steps"] == 8 and results["final"]["perplexity"] < 40

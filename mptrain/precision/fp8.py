@@ -5,7 +5,10 @@ weight and output gradient are scaled per tensor (or per row) to E4M3 / E5M2 for
 amax of the moment (dynamic scaling: FP8's loss scaling). The rest of the network runs under bf16 autocast.
 On a GPU with FP8 units (compute capability 8.9+: Ada, Hopper) the products are real FP8; elsewhere, a CPU
 included, torchao's own emulation (`emulate=True`) computes the same FP8-rounded values in higher precision:
-FP8 numerics, not FP8 speed. mptrain adds no arithmetic of its own.
+FP8 numerics, not FP8 speed. mptrain adds no arithmetic of its own, with one exception: torchao casts a
+Float8Linear's input to CUDA autocast's dtype only (pytorch/ao#1522), so mptrain casts it to the autocast
+dtype of the device it is on, as torchao does on a GPU: the CPU rehearsal rounds where a GPU run rounds, and
+`rowwise_with_gw_hp`'s high-precision weight-gradient product gets operands of one dtype.
 """
 
 from __future__ import annotations
@@ -45,9 +48,19 @@ def convert(model: nn.Module, recipe: str, device: torch.device, prefix: str = "
         return True
 
     convert_to_float8_training(model, config=config, module_filter_fn=fits)
+    for module in model.modules():
+        if type(module).__name__ == "Float8Linear":
+            module.register_forward_pre_hook(_cast_input_like_cuda_autocast)
     others = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.RNNBase))})
     return {"recipe": recipe, "emulated": emulate, "layers": converted, "kept": kept,
             "not_linear": others}  # fmt: skip
+
+
+def _cast_input_like_cuda_autocast(module: nn.Module, args: tuple) -> tuple | None:
+    x, kind = args[0], args[0].device.type
+    if kind == "cuda" or not x.is_floating_point() or not torch.is_autocast_enabled(kind):
+        return None  # torchao's own autocast logic covers CUDA
+    return (x.to(torch.get_autocast_dtype(kind)), *args[1:])
 
 
 def merge(old: dict | None, new: dict) -> dict:
