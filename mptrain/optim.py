@@ -43,12 +43,13 @@ def kernel_choice(params: list[nn.Parameter]) -> dict:
 
 def build_optimizer(cfg, params: list[nn.Parameter], update: str = "nearest") -> torch.optim.Optimizer:
     """The optimizer of `optim.name`; `update` (the precision mode's): how updates reach BF16 weights without a
-    master copy (stochastic rounding, Kahan summation: precision/rounding.py), else torch's own optimizers."""
+    master copy (stochastic rounding, Kahan summation: precision/rounding.py), else torch's own optimizers (or
+    torch-optimi's, `optim.library=optimi`)."""
     groups = _param_groups(params, cfg)
     if update == "stochastic":
         return rounding.stochastic_optimizer(cfg, groups)
-    if update == "kahan":
-        return rounding.kahan_optimizer(cfg, groups)
+    if update == "kahan" or cfg.get("library") == "optimi":
+        return rounding.optimi_optimizer(cfg, groups, kahan_sum=update == "kahan")
     kernels = kernel_choice(params)
     if cfg.name == "sgd":
         nesterov = bool(cfg.nesterov) and cfg.momentum > 0

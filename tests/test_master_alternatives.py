@@ -144,3 +144,39 @@ def test_the_probes_fp32_twin_changes_nothing(tmp_path, update):
 
 def _decay(step: int) -> float:
     return 1 / (1 + step)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optim_library_optimi_is_torchs_update_without_kahan(name):
+    """bf16_kahan's control (`optim.library=optimi`): torch-optimi's optimizer, Kahan summation off even on BF16
+    weights (optimi turns it on for them by default); on FP32 weights it steps as torch's own optimizer does."""
+    import optimi
+
+    cfg = OmegaConf.create({"name": name, "lr": 1e-2, "momentum": 0.9, "nesterov": False, "weight_decay": 0.1,
+                            "decay_norm_and_bias": True, "betas": [0.9, 0.999], "eps": 1e-8, "library": "optimi"})
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Parameter(torch.randn(64, 16)), None
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    opt = build_optimizer(cfg, [ours])
+    reference = build_optimizer(OmegaConf.merge(cfg, {"library": "torch"}), [theirs])
+    assert isinstance(opt, optimi.SGD if name == "sgd" else optimi.AdamW)
+    assert all(not group["kahan_sum"] for group in opt.param_groups)
+    for _ in range(5):
+        grad = torch.randn_like(ours)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        opt.step()
+        reference.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    bf16 = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    assert all(not group["kahan_sum"] for group in build_optimizer(cfg, [bf16]).param_groups)
+
+
+def test_optimi_library_with_stochastic_rounding_is_refused_in_one_line(compose_cfg):
+    from mptrain.errors import UserError
+    from mptrain.schema import validate
+
+    with pytest.raises(UserError, match="^precision=bf16_sr updates with torchao's optimizer"):
+        validate(compose_cfg("precision=bf16_sr", "optim.library=optimi"))
+    with pytest.raises(UserError, match="^optim.library=optimi updates with torch-optimi's SGD, which has no Nesterov"):
+        validate(compose_cfg("precision=fp32", "optim.library=optimi"))
+    validate(compose_cfg("precision=fp32", "optim.library=optimi", "optim.nesterov=false"))

@@ -7,6 +7,7 @@
 - `kahan`: torch-optimi's SGD/Adam/AdamW with `kahan_sum=True`: a BF16 compensation buffer per weight carries what
   rounding dropped into the next step.
 Both libraries are optional (`pip install 'mptrain[lowp]'`); without them the mode refuses in one line.
+`optim.library=optimi` runs torch-optimi's optimizer without Kahan summation in any mode: bf16_kahan's control.
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ def stochastic_optimizer(cfg, groups):
     return optim._AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, bf16_stochastic_round=True)
 
 
-def kahan_optimizer(cfg, groups):
-    optimi = _need("optimi", "bf16_kahan", "torch-optimi")
+def optimi_optimizer(cfg, groups, kahan_sum: bool):
+    """torch-optimi's optimizer; `kahan_sum` explicit: optimi would otherwise turn it on for any BF16 weights."""
+    optimi = _need("optimi", "bf16_kahan" if kahan_sum else "optim.library=optimi", "torch-optimi")
+    common = {"lr": cfg.lr, "kahan_sum": kahan_sum, "foreach": True}
     if cfg.name == "sgd":
-        return optimi.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, kahan_sum=True, foreach=True)
+        return optimi.SGD(groups, momentum=cfg.momentum, **common)
     if cfg.name == "adam":
-        return optimi.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, kahan_sum=True, foreach=True)
-    return optimi.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, kahan_sum=True, foreach=True)
+        return optimi.Adam(groups, betas=tuple(cfg.betas), eps=cfg.eps, **common)
+    return optimi.AdamW(groups, betas=tuple(cfg.betas), eps=cfg.eps, **common)
 
 
 class StochasticRoundingSGD(torch.optim.Optimizer):

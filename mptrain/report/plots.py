@@ -28,9 +28,10 @@ def train_loss_curves(group: pd.DataFrame, path: Path) -> Path | None:
 
 
 def lost_update_curves(group: pd.DataFrame, path: Path) -> Path | None:
-    """The case for master weights over training: the share of weight elements whose update FP16 weights lose
-    (lost, in fp16_naive; would lose, elsewhere), from runs with telemetry.numerics.every."""
-    return _curves(group, "numerics/lost_update_frac/all", "share of weight updates lost in FP16", path, log=False)
+    """The case for master weights over training, from runs with telemetry.numerics.every: with FP32 weights or
+    masters, the share of weight elements whose update FP16 weights would lose; where the weights are updated in
+    their own FP16/BF16 (fp16_naive, bf16_pure, bf16_sr, bf16_kahan), the share that did not move."""
+    return _curves(group, "numerics/lost_update_frac/all", "share of weight updates lost", path, log=False)
 
 
 def loss_scale_curves(group: pd.DataFrame, path: Path) -> Path | None:

@@ -57,7 +57,8 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
             (plots.train_loss_curves(group, out / f"{stem}-train-loss.png"), "train loss vs step"),
             (plots.loss_scale_curves(group, out / f"{stem}-loss-scale.png"), "loss scale vs step"),
             (plots.lost_update_curves(group, out / f"{stem}-lost-updates.png"),
-             "share of weight updates FP16 weights lose, vs step (the case for FP32 master weights)"),
+             "share of weight updates lost, vs step (the case for FP32 master weights): with FP32 weights or "
+             "masters, what FP16 weights would lose; arms that update their own FP16/BF16 weights: what did not move"),
             (plots.speed_memory_bars(table, out / f"{stem}-speed-memory.png"), "throughput and peak memory"),
             (plots.exponent_histogram(group, out / f"{stem}-grad-exponents.png"),
              "gradient exponents with FP16's limits (the paper's Fig. 3)"),

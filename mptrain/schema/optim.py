@@ -22,6 +22,7 @@ from mptrain.schema.rules import (
 )
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+LIBRARIES = ("torch", "optimi")
 SCHEDULES = ("cosine", "step", "none")
 FRACTIONS = list_of(Rule(lambda v: is_number(v) and 0 < v < 1, "in (0, 1)"), text="a list of fractions in (0, 1)")
 BETAS = list_of(HALF_OPEN_UNIT, length=2, text="two numbers in [0, 1)")
@@ -30,6 +31,9 @@ BETAS = list_of(HALF_OPEN_UNIT, length=2, text="two numbers in [0, 1)")
 @dataclass
 class OptimConfig:
     name: str = knob(MISSING, "sgd | adam | adamw", one_of(*OPTIMIZERS), example="sgd")
+    library: str = knob("torch", "whose implementation steps: torch | optimi (torch-optimi's, without Kahan "
+                                 "summation: the control of precision=bf16_kahan, which always runs optimi's)",
+                        one_of(*LIBRARIES))
     lr: float = knob(MISSING, "the peak learning rate", POSITIVE, example=0.1)
     weight_decay: float = knob(0.0, "L2 penalty (decoupled for adamw)", NON_NEGATIVE, example=5e-4)
     decay_norm_and_bias: bool = knob(False, "weight decay on BatchNorm weights and biases too")

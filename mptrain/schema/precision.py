@@ -61,8 +61,14 @@ SCHEMAS = {"precision_schema": PrecisionConfig}
 def check(cfg) -> None:
     p = cfg.precision
     check_fields(p, PrecisionConfig, "precision")
-    if p.mode == "bf16_kahan" and cfg.optim.name == "sgd" and cfg.optim.nesterov and cfg.optim.momentum > 0:
-        raise UserError("precision=bf16_kahan updates with torch-optimi's SGD, which has no Nesterov momentum; set "
+    library = cfg.optim.get("library", "torch")
+    if p.mode == "bf16_sr" and library == "optimi":
+        raise UserError("precision=bf16_sr updates with torchao's optimizer (stochastic rounding); optim.library="
+                        "optimi applies to the other modes: drop it, or use precision=bf16_kahan")
+    if (p.mode == "bf16_kahan" or library == "optimi") and cfg.optim.name == "sgd" and cfg.optim.nesterov \
+            and cfg.optim.momentum > 0:
+        who = "precision=bf16_kahan" if p.mode == "bf16_kahan" else "optim.library=optimi"
+        raise UserError(f"{who} updates with torch-optimi's SGD, which has no Nesterov momentum; set "
                         "optim.nesterov=false (heavy-ball momentum), or use another mode")
     if p.mode == "bf16_sr" and cfg.optim.name == "adam" and cfg.optim.weight_decay:
         raise UserError("precision=bf16_sr updates Adam with torchao's AdamW, whose weight decay is decoupled; use "
