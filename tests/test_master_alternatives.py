@@ -113,7 +113,9 @@ def test_the_probe_counts_what_nearest_rounding_drops_and_what_was_kept(tmp_path
 @pytest.mark.parametrize("update", ["nearest", "stochastic", "kahan"])
 def test_the_probes_fp32_twin_changes_nothing(tmp_path, update):
     """Three AdamW steps measured by the probe end bit for bit where three unmeasured ones do: the twin copies
-    the optimizer's state (never steps it) and draws no random numbers (its FP32 weights round nowhere)."""
+    the optimizer's state (never steps it) and draws no random numbers (its FP32 weights round nowhere). With an
+    FP32 parameter beside the BF16 ones (as LayerNorm stays FP32): the twin copies its gradient too, which
+    torch-optimi's step uses as scratch (shared, it changed the real step's gradient)."""
     from mptrain.precision.stepper import PrecisionStepper
     from mptrain.telemetry.numerics import NumericsProbe
 
@@ -123,6 +125,7 @@ def test_the_probes_fp32_twin_changes_nothing(tmp_path, update):
     for measured in (False, True):
         torch.manual_seed(0)
         model = torch.nn.Linear(8, 16).to(torch.bfloat16)
+        model.gain = torch.nn.Parameter(torch.ones(16))  # FP32
         # with an LR schedule, as the trainer runs it (LambdaLR wraps the optimizer's step)
         stepper = PrecisionStepper(model, lambda p: build_optimizer(cfg, p, update=update),
                                    lambda o: torch.optim.lr_scheduler.LambdaLR(o, _decay))
@@ -131,7 +134,7 @@ def test_the_probes_fp32_twin_changes_nothing(tmp_path, update):
             x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
             with probe.capture({"model": model}, {"model": stepper}) if measured else contextlib.nullcontext():
                 stepper.zero_grad()
-                stepper.backward(model(x).float().pow(2).mean())
+                stepper.backward((model(x).float() * model.gain).pow(2).mean())
                 stepper.step()
         state = [v for s in stepper.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         ends.append([p.detach().clone() for p in model.parameters()] + [v.clone() for v in state])
