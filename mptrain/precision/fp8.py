@@ -49,7 +49,7 @@ def convert(model: nn.Module, recipe: str, device: torch.device, prefix: str = "
 
     convert_to_float8_training(model, config=config, module_filter_fn=fits)
     for module in model.modules():
-        if type(module).__name__ == "Float8Linear":
+        if type(module).__name__ == "Float8Linear":  # by name: torchao keeps the class out of its public API
             module.register_forward_pre_hook(_cast_input_like_cuda_autocast)
     others = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.RNNBase))})
     return {"recipe": recipe, "emulated": emulate, "layers": converted, "kept": kept,
