@@ -198,6 +198,8 @@ def _summary(cfg, overrides: list[str], outcome: Outcome, started: float) -> dic
         "precision": cfg.precision.mode, "loss_scale": cfg.precision.loss_scale, "seed": cfg.seed,
         "overrides": overrides, "warnings": record.pop("warnings", []), **record,
     }  # fmt: skip
+    if cfg.get("plan") is not None:  # the pre-registered plan the report judges this run against
+        summary["plan"] = OmegaConf.to_container(cfg.plan, resolve=True)
     if outcome.error is not None:
         summary["error"] = outcome.error
     summary["wall_time_s"] = round(time.perf_counter() - started, 3)

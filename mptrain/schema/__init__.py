@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from mptrain.errors import UserError
-from mptrain.schema import dataset, model, optim, precision, telemetry, trainer
+from mptrain.schema import dataset, model, optim, plan, precision, telemetry, trainer
 from mptrain.schema.rules import check_fields, fail, help_lines, is_int  # noqa: F401 (re-exported)
 
 GROUPS = {"dataset": dataset, "model": model, "optim": optim, "precision": precision, "trainer": trainer,
@@ -76,6 +76,7 @@ def validate(cfg) -> None:
         raise UserError(f"seed must be an integer (got {cfg.get('seed')!r}); e.g. seed=0")
     for module in GROUPS.values():
         module.check(cfg)
+    plan.check(cfg)  # a root key, not a group: a reproduction preset's pre-registered plan
 
 
 def describe_composition_error(error: Exception) -> str:

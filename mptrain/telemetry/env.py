@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -38,4 +41,39 @@ def environment(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        **source_version(),
+        "packages": package_versions(),
     }
+
+
+# what a result depends on besides torch: a reviewer reruns with these versions
+PACKAGES = ("mptrain", "torch", "torchvision", "numpy", "hydra-core", "omegaconf", "torchao", "torch-optimi",
+            "scipy", "pandas")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def source_version() -> dict:
+    """The git commit the code ran from and whether its tracked files had uncommitted changes (null outside a
+    checkout, e.g. an installed wheel)."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}

@@ -1,0 +1,50 @@
+"""A reproduction's plan, stated before its runs (`plan:` in a `conf/experiment/repro_*` preset).
+
+A verdict is only as good as the promise made before the data: the claim, the held-out metric it is judged on,
+the equivalence margin in that metric's own unit, the seeds and steps, and what result would refute the claim.
+Every run of the preset records the plan in summary.json; `mptrain-report` prints it above the verdicts, judges
+on its metric with its margin, and labels a verdict on any other metric exploratory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from mptrain.errors import UserError
+from mptrain.schema.rules import POSITIVE, POSITIVE_INT, Rule, check_fields, knob
+
+TEXT = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty text")
+METRICS = ("accuracy", "perplexity", "bpc", "fid", "loss", "map50")  # held-out primary metrics a plan may name
+
+
+@dataclass
+class PlanConfig:
+    claim: str = knob("???", "the paper's claim under test, in one sentence", TEXT)
+    metric: str = knob("???", "the held-out primary metric the verdict is judged on (accuracy, perplexity, fid, ...)",
+                       Rule(lambda v: v in METRICS, "one of " + ", ".join(METRICS)))
+    margin: float = knob(0.5, "equivalence margin ±δ in the metric's unit: accuracy in points, every other metric in "
+                              "% of the control's mean (on the metric itself, not the loss)", POSITIVE)
+    control: str = knob("fp32", "the arm every other arm is paired against, by seed", TEXT)
+    arms: List[str] = knob([], "the arms (precision presets) the plan judges")
+    seeds: int = knob(3, "completed seed pairs per arm the verdict is read at", POSITIVE_INT)
+    steps: Optional[int] = knob(None, "optimizer steps per run (null: the preset's epochs decide)", POSITIVE_INT)
+    refuted_if: str = knob("???", "the result that would refute the claim", TEXT)
+    registered: Optional[str] = knob(None, "when the plan was committed (a date), before its first run", TEXT)
+
+
+SCHEMAS = {"plan_schema": PlanConfig}
+
+
+def check(cfg) -> None:
+    plan = cfg.get("plan")
+    if plan is None:
+        return
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(PlanConfig), plan)
+    missing = [k for k in ("claim", "metric", "refuted_if") if OmegaConf.is_missing(merged, k)]
+    if missing:
+        raise UserError(f"plan.{missing[0]} is missing: a reproduction's plan states claim, metric and refuted_if "
+                        "before its runs (conf/experiment/repro_*.yaml)")
+    check_fields(merged, PlanConfig, "plan")
