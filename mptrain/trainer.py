@@ -153,6 +153,7 @@ class Trainer:
             "fp16_kernels": self.precision.fp16_kernels,
             "fp8": self.precision.fp8_report,
             "cpu_fp16": self.precision.cpu_fp16,
+            "arithmetic": self.precision.arithmetic,
             "speed_options_check": self.speed_options_check,
             **self.task.describe(),
         }

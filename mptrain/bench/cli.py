@@ -32,7 +32,7 @@ def _csv(kind, choices=None):
             items = [kind(t) for t in text.split(",") if t]
         except ValueError:
             items = []
-        bad = [t for t in items if (choices and t not in choices) or (kind is int and t <= 0)]
+        bad = [t for t in items if (choices and str(t).split("/")[0] not in choices) or (kind is int and t <= 0)]
         if not items or bad:
             allowed = f"from {', '.join(choices)}" if choices else "of positive integers"
             raise argparse.ArgumentTypeError(f"expected a comma-separated list {allowed} (got {text})")
@@ -55,8 +55,12 @@ def _count(text: str) -> int:
 def parse_args(argv):
     parser = OneLineParser(prog="mptrain-bench", description=__doc__.split("\n\n")[0],
                            epilog="Other arguments: Hydra overrides (model=..., dataset=..., optim=...).")
-    parser.add_argument("--modes", type=_csv(str, MODES), default=["fp32", "amp", "bf16", "mixed"])
-    parser.add_argument("--batch-sizes", type=_csv(int), default=[64, 128])
+    parser.add_argument("--modes", type=_csv(str, MODES), default=["fp32", "amp", "bf16", "mixed"],
+                        help="arms, comma-separated: a precision mode, optionally with precision.* settings of its "
+                             "own after slashes, e.g. fp32,mixed,mixed/accumulate=fp16/accumulate_block=32 "
+                             "(default fp32,amp,bf16,mixed)")
+    parser.add_argument("--batch-sizes", type=_csv(int), default=[64, 128],
+                        help="batch sizes, comma-separated; each arm runs at each (default 64,128)")
     parser.add_argument("--warmup", type=positive(int), default=10, help="untimed steps first (default 10)")
     parser.add_argument("--window", type=positive(int), default=10, help="steps per timed window (default 10)")
     parser.add_argument("--windows", type=positive(int), default=5, help="timed windows per repeat (default 5)")
@@ -80,12 +84,18 @@ def default_data(overrides: list[str]) -> list[str]:
     return ["dataset=synthetic_text" if base.model.task == "language_model" else "dataset=synthetic"]
 
 
+def arm_overrides(arm: str) -> list[str]:
+    """`mixed/accumulate=fp16/accumulate_block=32` → precision=mixed precision.accumulate=fp16 ..."""
+    mode, *settings = arm.split("/")
+    return [f"precision={mode}", *(f"precision.{s}" for s in settings)]
+
+
 def configs(overrides: list[str], mode: str, batch: int, args):
     """The run's config for ours, and the fp32 one the bare loop builds its model and data from."""
     steps = args.warmup + args.windows * args.window
     forced = [f"dataset.batch_size={batch}", f"trainer.max_steps={steps}", f"trainer.log_every={args.window}",
               f"trainer.perf_warmup_steps={args.warmup}", "trainer.progress=false", "telemetry.numerics.every=null"]
-    return (compose([*overrides, *forced, f"precision={mode}"]),
+    return (compose([*overrides, *forced, *arm_overrides(mode)]),
             compose([*overrides, *forced, "precision=fp32"]))
 
 
@@ -105,7 +115,7 @@ def run(args, overrides) -> dict:
             cfg, cfg_fp32 = configs(with_data, mode, batch, args)
             validate(cfg)
             device = resolve_device(cfg.trainer.device)
-            bare_kind = BARE_FOR_MODE[mode] if not args.no_bare and cfg.model.task in SUPPORTED_TASKS else None
+            bare_kind = BARE_FOR_MODE[mode.split("/")[0]] if not args.no_bare and cfg.model.task in SUPPORTED_TASKS else None
             ours, bare = Timing(), Timing()
             kernels = Precision(cfg.precision, device).kernels if bare_kind == "amp" else None  # emulated, if so
             for _ in range(args.repeats):

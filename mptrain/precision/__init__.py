@@ -17,6 +17,7 @@ import contextlib
 import torch
 from torch import nn
 
+from mptrain.errors import UserError
 from mptrain.precision import emulation
 from mptrain.precision.casting import cast_model
 from mptrain.precision.emulation import EmulatedFP16Kernels, emulates
@@ -47,6 +48,15 @@ class Precision:
         self.fp16_kernels = ("emulated" if self.emulate else "native") if self.spec.uses_fp16 else None
         #: the CPU's FP16 policy as resolved, for every mode alike: the report's setting, shared by a sweep's fp32 control
         self.cpu_fp16 = None if device.type != "cpu" else ("emulate" if policy_emulates else "native")
+        lowered = [f"precision.{k}=fp16" for k in ("accumulate", "reductions") if cfg[k] == "fp16"]
+        if lowered and not self.emulate:  # the schema refused cpu_fp16=native and modes without FP16 arithmetic
+            raise UserError(f"{' and '.join(lowered)} run inside the emulated FP16 kernels, which a CPU runs; on "
+                            f"{device.type} use precision.accumulate=fp32 reductions=fp32 (a GPU's own FP16 "
+                            "kernels accumulate in FP32)")
+        #: the paper's third technique as run (summary.json `arithmetic`); None: the mode has no FP16 products
+        self.arithmetic = None if not self.spec.uses_fp16 else {
+            "accumulate": cfg.accumulate, "accumulate_block": cfg.accumulate_block if cfg.accumulate == "fp16" else None,
+            "reductions": cfg.reductions}
         if device.type == "cpu" and self.spec.uses_fp16 and cpu_fp16 == "native" and not emulation.cpu_has_fp16_units():
             self.notes.append(
                 f"precision={self.spec.name} with precision.cpu_fp16=native is slow: this CPU has no FP16 "
@@ -62,6 +72,10 @@ class Precision:
         """Move and cast one network (`network`: its name where a task trains several, e.g. the GAN's g and d)."""
         model = model.to(self.device)
         model = cast_model(model, self.spec.param_dtype, self.cfg.keep_norm_fp32 and self.cfg.keep_batchnorm_fp32)
+        if self.emulate and self.cfg.accumulate == "fp16" and any(isinstance(m, nn.RNNBase) for m in model.modules()):
+            self.notes.append("precision.accumulate=fp16: the recurrent layers run as one fused FP16 kernel "
+                              "(emulation.fp16_recurrence) whose gate products accumulate in FP32 inside; only the "
+                              "model's other products (embedding, decoder, convolutions) accumulate in FP16")
         if self.spec.fp8:
             from mptrain.precision import fp8
 
@@ -77,7 +91,10 @@ class Precision:
 
     def kernels(self):
         """Where forward and backward run: emulated FP16 tensor-core kernels under cpu_fp16=emulate."""
-        return EmulatedFP16Kernels() if self.emulate else contextlib.nullcontext()
+        if not self.emulate:
+            return contextlib.nullcontext()
+        block = self.cfg.accumulate_block if self.cfg.accumulate == "fp16" else None
+        return EmulatedFP16Kernels(accumulate_block=block, fp16_reductions=self.cfg.reductions == "fp16")
 
     def stepper(self, model, make_optimizer, make_scheduler=None, max_grad_norm=None,
                 agree_on_overflow=None) -> PrecisionStepper:

@@ -6,7 +6,9 @@ native FP16 path holds it (weights, activations, gradients, tensors saved for ba
 autograd is untouched), but each convolution and matrix product whose inputs are FP16 is
 (and fused attention) is computed from those FP16 values in FP32 and its result rounded to FP16 once: FP16 inputs,
 FP32 accumulation, FP16 output, as a tensor core does and as torch's own CPU FP16 kernels
-do (they accumulate in float too). Only the order of the FP32 sums can differ.
+do (they accumulate in float too). Only the order of the FP32 sums can differ. `precision.accumulate=fp16`
+switches the FP32 accumulation off (FP16 partial sums, precision/accumulation.py) and `precision.reductions=fp16`
+the FP32 reductions (precision/reductions.py): the paper's third technique, as a setting.
 
 It works below autograd (a TorchDispatchMode), so forward and backward kernels
 (`convolution_backward`, the `mm`s of a Linear's backward) are both covered.
@@ -27,6 +29,8 @@ import functools
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
+
+from mptrain.precision import accumulation, reductions
 
 aten = torch.ops.aten
 HEAVY = {aten.convolution.default, aten.convolution_backward.default, aten.mm.default, aten.addmm.default,
@@ -71,13 +75,20 @@ def _down(t):
 
 
 class EmulatedFP16Kernels(TorchDispatchMode):
-    """Inside it, CPU FP16 convolutions and matrix products compute in FP32 and round their results to FP16."""
+    """Inside it, CPU FP16 convolutions and matrix products compute in FP32 and round their results to FP16.
+
+    `accumulate_block=K` (precision.accumulate=fp16) accumulates each product's partial sums in FP16 instead, in
+    blocks of K terms (precision/accumulation.py); `fp16_reductions` (precision.reductions=fp16) computes norm
+    statistics, softmax and the loss's mean in FP16 (precision/reductions.py)."""
 
     active = 0  # how many are entered: recurrent layers ask (`emulating`) to run at a fused kernel's granularity
 
-    def __init__(self):
+    def __init__(self, accumulate_block: int | None = None, fp16_reductions: bool = False):
         super().__init__()
         self.calls = 0  # kernels emulated: tests check the path is really taken
+        self.block = accumulate_block
+        self.reductions = fp16_reductions
+        self.softmax = reductions.softmax if fp16_reductions else (lambda x, dim: torch.softmax(x.float(), dim))
 
     def __enter__(self):
         EmulatedFP16Kernels.active += 1
@@ -91,12 +102,94 @@ class EmulatedFP16Kernels(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in HEAVY and any(_is_cpu_half(a) for a in args):
             self.calls += 1
+            if self.block is not None:
+                return _blocked(func, args, kwargs, self.block)
             return tree_map(_down, func(*tree_map(_up, args), **tree_map(_up, kwargs)))
         if func in ATTENTION and any(_is_cpu_half(a) for a in args):
             self.calls += 1
+            if self.block is not None or self.reductions:
+                return _decomposed_attention(func, args, kwargs, self.block, self.softmax)
             out = func(*tree_map(_up, args), **tree_map(_up, kwargs))
             return tuple(_down(o) if i in ATTENTION[func] else o for i, o in enumerate(out))
+        if self.reductions and func in REDUCTIONS and _is_cpu_float(args[0]):
+            out = REDUCTIONS[func](*args, **kwargs)
+            if out is not None:
+                self.calls += 1
+                return out
         return func(*args, **kwargs)
+
+
+def _is_cpu_float(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type == "cpu"
+
+
+def _blocked(func, args, kwargs, block: int):
+    """A HEAVY kernel with FP16 accumulation in blocks of `block` terms."""
+    if func is aten.mm.default:
+        return accumulation.matmul(args[0], args[1], block)
+    if func is aten.bmm.default:
+        return accumulation.matmul(args[0], args[1], block)
+    if func in (aten.addmm.default, aten.baddbmm.default):
+        bias, a, b = args[:3]
+        return accumulation.epilogue(accumulation.matmul(a, b, block), bias, kwargs.get("beta", 1),
+                                     kwargs.get("alpha", 1))
+    if func is aten.mv.default:
+        return accumulation.matmul(args[0], args[1].unsqueeze(-1), block).squeeze(-1)
+    if func is aten.addmv.default:
+        bias, a, v = args[:3]
+        product = accumulation.matmul(a, v.unsqueeze(-1), block).squeeze(-1)
+        return accumulation.epilogue(product, bias, kwargs.get("beta", 1), kwargs.get("alpha", 1))
+    if func is aten.convolution.default:
+        return accumulation.convolution(*args, block=block)
+    if func is aten.convolution_backward.default:
+        return accumulation.convolution_backward(*args, block=block)
+    raise AssertionError(f"no FP16-accumulating emulation of {func}")
+
+
+def _decomposed_attention(func, args, kwargs, block, softmax):
+    names = ("dropout_p", "is_causal")
+    if func is aten._scaled_dot_product_flash_attention_for_cpu.default:
+        q, k, v, *rest = args
+        options = dict(zip(names, rest), **kwargs)
+        return accumulation.attention(q, k, v, options.get("dropout_p", 0.0), options.get("is_causal", False),
+                                      options.get("attn_mask"), options.get("scale"), block, softmax)
+    grad_out, q, k, v, out, lse, dropout_p, is_causal = args
+    return accumulation.attention_backward(grad_out, q, k, v, out, lse, dropout_p, is_causal,
+                                           kwargs.get("attn_mask"), kwargs.get("scale"), block, softmax)
+
+
+def _batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    if not training:
+        return None  # running statistics: nothing is reduced
+    return reductions.batch_norm(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+def _batch_norm_backward(grad, x, weight, _rm, _rv, save_mean, save_invstd, train, _eps, output_mask):
+    if not train or save_mean is None:
+        return None
+    return reductions.batch_norm_backward(grad, x, weight, save_mean, save_invstd, output_mask)
+
+
+def _softmax_out(fn):
+    return lambda x, dim, half_to_float: fn(x, dim).to(torch.float32 if half_to_float else x.dtype)
+
+
+def _softmax_grad(fn):
+    return lambda grad, out, dim, input_dtype: fn(grad, out, dim).to(input_dtype)
+
+
+# the reductions precision.reductions=fp16 computes in FP16: (op's arguments) -> its outputs, or None for torch's
+REDUCTIONS = {
+    aten.native_batch_norm.default: _batch_norm,
+    aten.native_batch_norm_backward.default: _batch_norm_backward,
+    aten.native_layer_norm.default: reductions.layer_norm,
+    aten.native_layer_norm_backward.default: reductions.layer_norm_backward,
+    aten._softmax.default: _softmax_out(reductions.softmax),
+    aten._log_softmax.default: _softmax_out(reductions.log_softmax),
+    aten._softmax_backward_data.default: _softmax_grad(reductions.softmax_backward),
+    aten._log_softmax_backward_data.default: _softmax_grad(reductions.log_softmax_backward),
+    aten.nll_loss_forward.default: reductions.nll_loss,
+}
 
 
 def emulating(x: torch.Tensor) -> bool:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mptrain.schema.precision import FP16_ARITHMETIC
 from mptrain.schema.precision import MODES as MODE_NAMES
 
 
@@ -54,4 +55,5 @@ MODES: dict[str, ModeSpec] = {
     # FP8 products in the Linear layers (torchao float8, per-tensor scaling), bf16 autocast around them
     "fp8": ModeSpec("fp8", torch.float32, torch.bfloat16, False, fp8=True),
 }
+assert {n for n, m in MODES.items() if m.uses_fp16} == set(FP16_ARITHMETIC), "schema/precision.py's FP16_ARITHMETIC"
 assert tuple(MODES) == MODE_NAMES, "precision/modes.py and schema/precision.py list the same modes"

@@ -24,6 +24,8 @@ from mptrain.schema.rules import (
 # the one list of mode names (torch-free: the CLI, bench and report read it without importing torch)
 MODES = ("fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16", "bf16_pure", "bf16_sr", "bf16_kahan", "fp8")
 CPU_FP16 = ("auto", "emulate", "native")
+ACCUMULATE = ("fp32", "fp16")  # precision.accumulate and precision.reductions
+FP16_ARITHMETIC = ("fp16_naive", "fp16_master", "mixed", "amp")  # the modes with FP16 products
 LOSS_SCALE = Rule(lambda v: v == "dynamic" or (is_number(v) and 0 < v < math.inf), "dynamic, null or a finite number > 0")
 
 
@@ -51,6 +53,15 @@ class PrecisionConfig:
     cpu_fp16: str = knob("auto", "CPU fp16 modes: auto (emulate unless the CPU has FP16 units) | emulate (the same "
                                  "FP16 values at FP32 speed) | native (torch's FP16 kernels: 10-40x slower)",
                          one_of(*CPU_FP16))
+    accumulate: str = knob("fp32", "FP16 products' partial sums: fp32 (the paper's sec. 3.3, a tensor core's) | fp16 "
+                                   "(rounded to FP16 as they accumulate; emulated CPU kernels only)",
+                           one_of(*ACCUMULATE), example="fp32")
+    accumulate_block: int = knob(1, "accumulate=fp16: terms summed in FP32 before each FP16 rounding of the running "
+                                    "sum (1: a sequential FP16 accumulator; 32: a tensor-core-like tile)",
+                                 POSITIVE_INT, example=32)
+    reductions: str = knob("fp32", "norm statistics, softmax and the loss's mean: fp32 (the paper's sec. 3.3) | fp16 "
+                                   "(every partial sum rounded to FP16; emulated CPU kernels only)",
+                           one_of(*ACCUMULATE), example="fp32")
     fp8_recipe: str = knob("tensorwise", "precision=fp8: torchao's float8 recipe, tensorwise | rowwise | "
                                          "rowwise_with_gw_hp", one_of("tensorwise", "rowwise", "rowwise_with_gw_hp"))
 
@@ -73,6 +84,13 @@ def check(cfg) -> None:
     if p.mode == "bf16_sr" and cfg.optim.name == "adam" and cfg.optim.weight_decay:
         raise UserError("precision=bf16_sr updates Adam with torchao's AdamW, whose weight decay is decoupled; use "
                         "optim=adamw for decay, or optim.weight_decay=0")
+    for key in ("accumulate", "reductions"):
+        if p[key] == "fp16" and p.mode not in FP16_ARITHMETIC:
+            raise UserError(f"precision.{key}=fp16 concerns FP16 arithmetic, which precision={p.mode} has none of; use "
+                            f"one of {', '.join(FP16_ARITHMETIC)}, or drop precision.{key}")
+        if p[key] == "fp16" and p.cpu_fp16 == "native":
+            raise UserError(f"precision.{key}=fp16 runs inside the emulated FP16 kernels: drop precision.cpu_fp16="
+                            "native (auto or emulate)")
     if p.mode == "amp" and p.loss_scale == "dynamic" and p.hysteresis != 1:
         raise UserError("precision=amp uses torch.amp.GradScaler, which has no hysteresis; "
                         "use precision=mixed for precision.hysteresis>1, or set precision.hysteresis=1")

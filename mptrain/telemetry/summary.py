@@ -74,6 +74,15 @@ def _updates(s: dict) -> str:
     return "; ".join(parts)
 
 
+def _arithmetic(s: dict) -> str:
+    """How FP16 products accumulated and reductions ran (the paper's sec. 3.3)."""
+    a = s.get("arithmetic")
+    if not a:
+        return "-"
+    accumulate = "FP32" if a.get("accumulate") != "fp16" else f"FP16, blocks of {a.get('accumulate_block')}"
+    return f"products accumulate in {accumulate}; reductions in {str(a.get('reductions', 'fp32')).upper()}"
+
+
 def format_summary(s: dict) -> str:
     primary = s.get("primary_metric")
     final, best = s.get("final") or {}, s.get("best") or {}
@@ -88,6 +97,7 @@ def format_summary(s: dict) -> str:
         rows.append(("eval loss", _fmt(final.get("loss"))))
     rows += [
         ("fp16 kernels", _kernels(s)),
+        ("fp16 arithmetic", _arithmetic(s)),
         ("samples/s", _fmt(s.get("samples_per_s"))),
         ("peak memory", f"{_mib(s.get('peak_memory_bytes'))} ({s.get('peak_memory_method')})"),
         ("updates", _updates(s)),
