@@ -58,7 +58,9 @@ def run(cfg) -> float | None:
     finally:
         replicas.close()
     if replicas.is_main:
-        _write_summary(run_dir, _summary(cfg, list(hydra_cfg.overrides.task), outcome, started))
+        summary = _summary(cfg, list(hydra_cfg.overrides.task), outcome, started)
+        summary["precision_preset"] = hydra_cfg.runtime.choices.get("precision")  # a plan names its arms by preset
+        _write_summary(run_dir, summary)
     if outcome.bug is not None:  # a bug, not a user's mistake: keep the traceback
         if in_sweep:
             log.error("run failed; the sweep goes on", exc_info=outcome.bug)

@@ -4,6 +4,7 @@
     mptrain-report runs/a runs/b --out my-report
     mptrain-report multirun/... --format csv        # or json, for machines
     mptrain-report multirun/... --margin 0.3        # verdicts against ±0.3 accuracy points (default 0.5)
+    mptrain-report multirun/... --export-runs records/   # compact per-run records to commit; report them later
 
 Reads every run folder (one holding summary.json) under the given folders, with its
 TensorBoard scalars (every point) and numerics.jsonl, and writes into `<first dir>/report/`
@@ -38,6 +39,9 @@ def parse_args(argv):
     parser.add_argument("--margin", action="append", metavar="[METRIC=]X",
                         help="equivalence margin of the verdicts: accuracy in points (default 0.5), other metrics in "
                              "%% of the control (default 1); repeat for several metrics, e.g. --margin perplexity=2")
+    parser.add_argument("--export-runs", type=Path, metavar="DIR",
+                        help="write a compact record per run into DIR (summary, the scalars and numerics the report "
+                             "reads), small enough to commit; mptrain-report DIR then reproduces the tables")
     parser.add_argument("--metric", choices=("primary", "train_loss"), default="primary",
                         help="what the verdicts compare: each run's primary metric on held-out data (default), or "
                              "train_loss: its training loss over the last 10 %% of its steps (how well each arm "
@@ -77,6 +81,12 @@ def build(dirs: list[Path], out: Path, fmt: str, margin_specs: list[str] | None 
 def main(argv=None) -> None:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
+        if args.export_runs:
+            from mptrain.report.export import export_runs
+
+            written = export_runs(args.dirs, args.export_runs)
+            print(f"{len(written)} run records in {args.export_runs}")
+            return
         out = args.out or args.dirs[0] / "report"
         for path in build(args.dirs, out, args.format, args.margin, args.metric):
             print(path)

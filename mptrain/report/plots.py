@@ -100,7 +100,10 @@ def exponent_histogram(group: pd.DataFrame, path: Path) -> Path | None:
             break
     if not records:
         return None
-    exponents = np.arange(-64, -64 + len(records[0].get("log2_hist", [])))
+    bins = next((len(r["log2_hist"]) for r in records if r["kind"] in ("activation", "weight") and "log2_hist" in r), 0)
+    if not bins:
+        return None
+    exponents = np.arange(-64, -64 + bins)
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
     for kind, color in (("activation", "C0"), ("weight", "C2")):
         hist = np.sum([r["log2_hist"] for r in records if r["kind"] == kind], axis=0)

@@ -13,7 +13,7 @@ import pandas as pd
 
 from mptrain.report import plots
 from mptrain.report.runs import forward_amax
-from mptrain.report.tables import comparison, delta_with_ci, headroom_markdown, to_markdown, verdict_cell
+from mptrain.report.tables import comparison, delta_with_ci, headroom_markdown, plan_markdown, to_markdown, verdict_cell
 from mptrain.report.verdict import CONFIDENCE
 
 
@@ -29,11 +29,18 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
         "",
         f"Each arm against the fp32 control of its experiment, paired by seed (same initialisation and data order): "
         f"the mean paired Δ of the primary metric with its {CONFIDENCE:.0%} confidence interval (Student t over "
-        "seeds), and the verdict against the equivalence margin ±δ (`mptrain-report --margin`).",
+        "seeds), and the verdict against the equivalence margin ±δ (a reproduction's registered plan, or "
+        "`mptrain-report --margin`): equivalent when the 90 % interval lies inside ±δ (two one-sided tests at "
+        "α = 0.05); better/worse when the 95 % interval excludes 0 otherwise; `differs` marks an equivalent arm "
+        "whose 95 % interval excludes 0. A verdict on a metric, margin or arm its plan did not name is "
+        "exploratory.",
         "",
         "| experiment | metric | arm | paired Δ vs fp32 (95 % CI) | verdict (±δ) |",
         "|---|---|---|---|---|",
     ]
+    plans = [f"{experiment_title(*key)}. " + plan_markdown(table.attrs["plan"], table.attrs["metric"]) + "\n"
+             for key, table in tables.items() if table.attrs.get("plan")]
+    lines[-2:-2] = plans  # the registered plans above the verdicts they judge
     for (model, dataset, setting), table in tables.items():
         for _, r in table[~table["control"]].iterrows():
             better = "↑" if table.attrs["higher_is_better"] else "↓"
@@ -50,6 +57,8 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
                   f"## {experiment_title(model, dataset, setting)}", ""]
         if setting:
             lines += [f"Setting: `{setting}`.", ""]
+        if table.attrs.get("plan"):
+            lines += [plan_markdown(table.attrs["plan"], metric), ""]
         lines += [_environment(group), "", to_markdown(table), ""]
         amax = forward_amax(group)  # read once: the chart and the table
         figures = [
@@ -112,11 +121,14 @@ def write_html(markdown_path: Path) -> Path:
 def write_machine(runs: pd.DataFrame, out: Path, fmt: str, margins: dict | None = None) -> list[Path]:
     frames = []
     for (model, dataset, setting), table in comparison(runs, margins).items():
-        frames.append(table.assign(model=model, dataset=dataset, setting=setting, metric=table.attrs["metric"]))
+        plan = table.attrs.get("plan")
+        frames.append(table.assign(model=model, dataset=dataset, setting=setting, metric=table.attrs["metric"],
+                                   plan=json.dumps(plan) if plan else None))
     table = pd.concat(frames, ignore_index=True)
     first = ["model", "dataset", "setting", "metric"]
     columns = [*first, *[c for c in table.columns if c not in first]]
     table, runs = table[columns], runs.drop(columns=["mode_rank"])
+    runs = runs.assign(plan=runs["plan"].map(lambda p: json.dumps(p) if isinstance(p, dict) else None))
     if fmt == "csv":
         paths = [out / "comparison.csv", out / "runs.csv"]
         table.to_csv(paths[0], index=False)

@@ -62,6 +62,7 @@ def setting_label(summary: dict) -> str:
     return " ".join(sorted(keep))
 
 
+SCALARS_FILE = "scalars.json"  # an exported run's TensorBoard scalars
 TRAIN_LOSS = "train_loss"  # `--metric train_loss`: the mean training loss over the last 10 % of a run's steps
 TRAIN_TAIL = 0.1
 
@@ -87,7 +88,9 @@ def load_runs(dirs: list[Path], metric_choice: str = "primary") -> pd.DataFrame:
             "family": summary.get("family"),
             "setting": setting_label(summary),
             "precision": summary.get("precision"),
+            "preset": summary.get("precision_preset") or summary.get("precision"),
             "arm": arm_label(summary),
+            "plan": summary.get("plan"),
             "seed": summary.get("seed"),
             "status": summary.get("status"),
             "metric_name": metric,
@@ -141,8 +144,13 @@ def load_scalars(run_dir: str | Path, prefixes: tuple[str, ...]) -> dict[str, pd
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
     tb = Path(run_dir) / "tb"
-    if not tb.is_dir():
-        return {}
+    if not tb.is_dir():  # an exported record (mptrain-report --export-runs) keeps the scalars the report reads
+        exported = Path(run_dir) / SCALARS_FILE
+        if not exported.is_file():
+            return {}
+        points = json.loads(exported.read_text())
+        return {tag: pd.Series([v for _, v in values], index=[s for s, _ in values], name=tag)
+                for tag, values in points.items() if tag.startswith(prefixes)}
     acc = EventAccumulator(str(tb), size_guidance={SCALARS: 0})
     acc.Reload()
     series = {}

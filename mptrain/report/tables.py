@@ -16,7 +16,7 @@ from mptrain.report.runs import CONTROL
 from mptrain.report.verdict import VERDICT_COLUMNS, margin_for, paired_verdict
 
 COLUMNS = ["arm", "control", "runs", "status", "metric_mean", "metric_std", "delta_vs_fp32", *VERDICT_COLUMNS,
-           "verdict_note", "samples_per_s", "speedup_vs_fp32", "peak_memory_mb", "memory_ratio_vs_fp32",
+           "verdict_note", "exploratory", "samples_per_s", "speedup_vs_fp32", "peak_memory_mb", "memory_ratio_vs_fp32",
            "bytes_per_param", "skipped_steps", "final_loss_scale", "lost_update_frac",
            "nearest_drop_frac", "drop_kept_frac"]  # fmt: skip
 
@@ -30,6 +30,9 @@ def comparison(runs: pd.DataFrame, margins: dict[str, float] | None = None) -> d
     for key, group in runs.groupby(SECTION, sort=True):
         metric = group["metric_name"].dropna().iloc[0] if group["metric_name"].notna().any() else "?"
         higher = bool(group["higher_is_better"].iloc[0])
+        plan = section_plan(group)
+        # the plan's margin judges the plan's metric; any other metric, margin or arm is exploratory
+        planned = plan is not None and plan.get("metric") == metric and not margins
         arms = dict(list(group.groupby("arm", sort=False)))
         table = pd.DataFrame([_arm_row(arm, g) for arm, g in arms.items()], columns=COLUMNS)
         control = table[table["control"]]
@@ -38,18 +41,44 @@ def comparison(runs: pd.DataFrame, margins: dict[str, float] | None = None) -> d
             table["delta_vs_fp32"] = table["metric_mean"] - ref["metric_mean"]
             table["speedup_vs_fp32"] = table["samples_per_s"] / ref["samples_per_s"]
             table["memory_ratio_vs_fp32"] = table["peak_memory_mb"] / ref["peak_memory_mb"]
-            margin = margin_for(metric, ref["metric_mean"], margins or {})
+            margin = margin_for(metric, ref["metric_mean"], {metric: plan["margin"]} if planned else margins or {})
             for i, row in table.iterrows():
                 if row["control"]:
                     table.loc[i, "verdict"] = "control"
                     continue
+                preset = arms[row["arm"]]["preset"].iloc[0] if "preset" in group else row["arm"]
+                table.loc[i, "exploratory"] = plan is not None and not (
+                    planned and (not plan.get("arms") or preset in plan["arms"]))
                 verdict = paired_verdict(arms[row["arm"]], arms[CONTROL], higher, margin)
                 table.loc[i, "verdict_note"] = verdict.pop("note", "")
                 for column, value in verdict.items():
                     table.loc[i, column] = value
         table.attrs["metric"], table.attrs["higher_is_better"] = metric, higher
+        table.attrs["plan"] = plan
         tables[key] = table
     return tables
+
+
+def section_plan(group: pd.DataFrame) -> dict | None:
+    """The pre-registered plan the runs of a section carry (a repro_* preset's), if any."""
+    plans = [p for p in group.get("plan", []) if isinstance(p, dict)]
+    return plans[0] if plans else None
+
+
+def plan_markdown(plan: dict, metric: str) -> str:
+    """The plan, as registered, above the verdicts it judges."""
+    unit = "points" if metric == "accuracy" else "% of the control's mean"
+    arms = ", ".join(plan.get("arms") or []) or "every arm"
+    lines = [f"**Plan** (registered {plan.get('registered') or 'before the runs'}): {plan.get('claim')}",
+             f"- judged on: held-out {plan.get('metric')}, equivalence margin ±{plan.get('margin')} {unit}, "
+             f"two one-sided tests at α = 0.05 (90 % interval inside ±δ), paired by seed against "
+             f"{plan.get('control', 'fp32')}",
+             f"- arms: {arms}; {plan.get('seeds')} seed pairs; "
+             f"{plan.get('steps') or 'the preset’s'} steps per run",
+             f"- refuted if: {plan.get('refuted_if')}"]
+    if plan.get("metric") != metric:
+        lines.append(f"- these verdicts are on {metric}, not the plan's {plan.get('metric')}: **exploratory**")
+    return "\n".join(lines)
 
 
 def _arm_row(arm: str, runs: pd.DataFrame) -> dict:
@@ -65,8 +94,10 @@ def _arm_row(arm: str, runs: pd.DataFrame) -> dict:
         "metric_std": done["metric"].std(ddof=1) if len(done) > 1 else math.nan,
         "delta_vs_fp32": math.nan,
         **dict.fromkeys(VERDICT_COLUMNS, math.nan),
+        "differs": "",
         "verdict": "no control" if arm != CONTROL else "control",
         "verdict_note": "",
+        "exploratory": False,
         "samples_per_s": done["samples_per_s"].mean(),
         "speedup_vs_fp32": math.nan,
         "peak_memory_mb": done["peak_memory_mb"].mean(),
@@ -155,10 +186,19 @@ def delta_with_ci(r) -> str:
 
 
 def verdict_cell(r) -> str:
+    """`**equivalent** (±0.005), differs: worse`; an inconclusive arm says how many seeds its spread needs."""
     if r["control"]:
         return "control"
     margin = "" if _missing(r["margin"]) else f" (±{r['margin']:.4g})"
     verdict = f"**{r['verdict']}**{margin}" if r["verdict"] in ("worse", "better", "equivalent") else r["verdict"] + margin
+    if r.get("differs") and r["verdict"] == "equivalent":
+        verdict += f", differs: {r['differs']}"
+    needed = r.get("seeds_needed")
+    if r["verdict"] == "inconclusive" and not _missing(needed):
+        verdict += (f"; needs ≈{int(needed)} seed pairs at this spread" if math.isfinite(needed)
+                    else f"; more than {1000} seed pairs at this spread")
+    if r.get("exploratory") is True:
+        verdict = "exploratory: " + verdict
     return verdict + (f": {r['verdict_note']}" if r.get("verdict_note") else "")
 
 

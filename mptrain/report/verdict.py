@@ -1,13 +1,21 @@
-"""A statistical verdict per arm: the paired difference to the fp32 control, with a 95 % confidence interval.
+"""A statistical verdict per arm: the paired difference to the fp32 control, judged by two one-sided tests.
 
 Runs of different arms with the same seed start from the same initialisation and see the same data in the
-same order, so they are compared pair by pair: Δ_i = metric(arm, seed i) − metric(fp32, seed i), and the
-Student-t interval of the mean Δ over the seeds both completed (scipy's `ttest_rel`). Against an equivalence
-margin ±δ (`mptrain-report --margin`):
-- `equivalent`: the whole interval lies inside ±δ (a real but negligible difference is still equivalent);
-- `worse` / `better`: the interval excludes 0 on the metric's bad / good side (and is not inside ±δ), or, for
+same order, so they are compared pair by pair: Δ_i = metric(arm, seed i) − metric(fp32, seed i), and Student-t
+intervals of the mean Δ over the seeds both completed (scipy's `ttest_1samp` on the Δs: a paired t-test).
+Against an equivalence margin ±δ (a reproduction's plan, or `mptrain-report --margin`):
+- `equivalent`: the two one-sided tests (TOST) at α = 0.05 both reject, i.e. the 90 % interval lies inside ±δ;
+- `worse` / `better`: not equivalent, and the 95 % interval excludes 0 on the metric's bad / good side; or, for
   `worse`, the arm diverged in some seed where the control did not;
-- `inconclusive`: anything else: too few pairs (fewer than 2), or an interval wider than the margin around 0.
+- `inconclusive`: anything else (fewer than 2 pairs, or an interval too wide for either); it carries how many
+  seed pairs its observed mean and spread would need to reach a verdict (`seeds_needed`).
+An arm whose 95 % interval excludes 0 carries `differs` (better or worse) even when it is equivalent: a real,
+measurable difference smaller than the margin.
+
+Worked example (accuracy, δ = 0.5 points, 5 seeds): Δ = −0.20, −0.10, −0.30, −0.15, −0.25 points; mean −0.20,
+sd 0.079; 90 % interval −0.20 ± 2.132·0.079/√5 = [−0.275, −0.125], inside ±0.5: equivalent; 95 % interval
+−0.20 ± 2.776·0.079/√5 = [−0.298, −0.102] excludes 0: differs (worse). The arm is equivalent at this margin,
+and measurably (0.1-0.3 points) below fp32.
 
 δ defaults per metric: 0.5 points for accuracy (a metric in [0, 1]), 1 % of the control's mean for perplexity,
 bits per character, FID and losses.
@@ -20,10 +28,13 @@ import math
 import pandas as pd
 from scipy import stats
 
-CONFIDENCE = 0.95
+CONFIDENCE = 0.95  # the interval shown, and the `differs` flag
+TOST_CONFIDENCE = 0.90  # two one-sided tests at α = 0.05: the 90 % two-sided interval inside ±δ
+MAX_SEEDS = 1000
 ABSOLUTE_MARGINS = {"accuracy": 0.005}  # in the metric's own units: 0.5 accuracy points
 RELATIVE_MARGIN = 0.01  # every other metric: 1 % of the control's mean
-VERDICT_COLUMNS = ["pairs", "paired_delta", "ci_low", "ci_high", "margin", "verdict"]
+VERDICT_COLUMNS = ["pairs", "paired_delta", "ci_low", "ci_high", "tost_low", "tost_high", "margin", "verdict",
+                   "differs", "seeds_needed"]
 
 
 def parse_margins(specs: list[str] | None) -> dict[str, float]:
@@ -60,29 +71,52 @@ def paired_verdict(arm: pd.DataFrame, control: pd.DataFrame, higher_is_better: b
     pairs = done(arm).merge(done(control), on="seed", suffixes=("", "_control"))
     diverged = set(arm.loc[arm["status"] == "diverged", "seed"]) - set(control.loc[control["status"] == "diverged", "seed"])
     result = {"pairs": len(pairs), "paired_delta": math.nan, "ci_low": math.nan, "ci_high": math.nan,
-              "margin": margin, "verdict": "inconclusive"}  # fmt: skip
+              "tost_low": math.nan, "tost_high": math.nan, "margin": margin, "verdict": "inconclusive",
+              "differs": "", "seeds_needed": math.nan}  # fmt: skip
+    deltas = (pairs["metric"] - pairs["metric_control"]).to_numpy()
     if len(pairs):
-        result["paired_delta"] = float((pairs["metric"] - pairs["metric_control"]).mean())
+        result["paired_delta"] = float(deltas.mean())
     if len(pairs) >= 2:
-        low, high = _interval(pairs["metric"].to_numpy(), pairs["metric_control"].to_numpy())
-        result.update(ci_low=low, ci_high=high, verdict=_classify(low, high, margin, higher_is_better))
+        low, high = _interval(deltas, CONFIDENCE)
+        tost_low, tost_high = _interval(deltas, TOST_CONFIDENCE)
+        verdict = _classify(low, high, tost_low, tost_high, margin, higher_is_better)
+        result.update(ci_low=low, ci_high=high, tost_low=tost_low, tost_high=tost_high, verdict=verdict)
+        if low > 0 or high < 0:
+            result["differs"] = "better" if (low > 0) == higher_is_better else "worse"
+    if result["verdict"] == "inconclusive" and not diverged:
+        result["seeds_needed"] = seeds_needed(deltas, margin)
     if diverged:
         result["verdict"] = "worse"
         result["note"] = f"diverged in {len(diverged)} seed(s) where fp32 did not"
     return result
 
 
-def _interval(values, control) -> tuple[float, float]:
-    deltas = values - control
+def _interval(deltas, confidence: float) -> tuple[float, float]:
+    """The Student-t interval of the mean paired Δ (scipy's ttest_rel against zero differences)."""
     if (deltas == deltas[0]).all():  # every pair differs alike: a zero-width interval (scipy: NaN or a warning)
         return float(deltas[0]), float(deltas[0])
-    ci = stats.ttest_rel(values, control).confidence_interval(CONFIDENCE)
+    ci = stats.ttest_1samp(deltas, 0.0).confidence_interval(confidence)
     return float(ci.low), float(ci.high)
 
 
-def _classify(low: float, high: float, margin: float, higher_is_better: bool) -> str:
-    if math.isfinite(margin) and -margin < low and high < margin:
+def _classify(low: float, high: float, tost_low: float, tost_high: float, margin: float,
+              higher_is_better: bool) -> str:
+    if math.isfinite(margin) and -margin < tost_low and tost_high < margin:
         return "equivalent"
     if low > 0 or high < 0:
         return "better" if (low > 0) == higher_is_better else "worse"
     return "inconclusive"
+
+
+def seeds_needed(deltas, margin: float) -> float:
+    """Seed pairs an inconclusive arm would need, were its observed mean Δ and spread the truth: enough for the
+    90 % interval to fit inside ±δ (|mean| < δ), or for the 95 % interval to exclude 0 (|mean| >= δ). NaN: no
+    spread to go on (fewer than 2 pairs); inf: more than MAX_SEEDS."""
+    if len(deltas) < 2 or not math.isfinite(margin):
+        return math.nan
+    mean, sd = abs(float(deltas.mean())), float(deltas.std(ddof=1))
+    room, confidence = (margin - mean, TOST_CONFIDENCE) if mean < margin else (mean, CONFIDENCE)
+    for n in range(2, MAX_SEEDS + 1):
+        if stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n) < room:
+            return float(n)
+    return math.inf

@@ -1,0 +1,125 @@
+"""Verdicts a reviewer can recompute: the TOST rule, the differs flag, seeds needed, the registered plan, and
+reports regenerated from committed per-run records."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from mptrain.report.cli import build, main
+from mptrain.report.export import export_runs
+from mptrain.report.verdict import paired_verdict, seeds_needed
+
+FIXTURE = Path(__file__).parent / "fixtures" / "records"
+EXPECTED = Path(__file__).parent / "fixtures" / "records_comparison.csv"
+
+
+def _runs(metrics, seeds=None):
+    seeds = list(range(len(metrics))) if seeds is None else seeds
+    return pd.DataFrame({"seed": seeds, "status": "completed", "metric": metrics})
+
+
+def test_the_documented_worked_example():
+    """README / verdict.py: Δ = -0.20, -0.10, -0.30, -0.15, -0.25 points against δ = 0.5 points."""
+    control = _runs([0.9] * 5)
+    arm = _runs([0.9 + d / 100 for d in (-0.20, -0.10, -0.30, -0.15, -0.25)])
+    r = paired_verdict(arm, control, higher_is_better=True, margin=0.005)
+    assert r["verdict"] == "equivalent" and r["differs"] == "worse"
+    assert (r["tost_low"], r["tost_high"]) == (pytest.approx(-0.00275, abs=1e-5), pytest.approx(-0.00125, abs=1e-5))
+    assert (r["ci_low"], r["ci_high"]) == (pytest.approx(-0.00298, abs=1e-5), pytest.approx(-0.00102, abs=1e-5))
+
+
+def test_equivalence_is_the_90_percent_interval_inside_the_margin():
+    """An interval whose 95 % bound crosses δ but whose 90 % bounds do not: equivalent by TOST at α = 0.05."""
+    deltas = [0.1, -0.3, 0.35, -0.05, 0.2]  # points
+    control, arm = _runs([50.0] * 5), _runs([50 + d for d in deltas])
+    mean, sd = statistics.mean(deltas), statistics.stdev(deltas)
+    half90 = stats.t.ppf(0.95, 4) * sd / 5**0.5
+    half95 = stats.t.ppf(0.975, 4) * sd / 5**0.5
+    margin = (abs(mean) + half90 + abs(mean) + half95) / 2  # between the two bounds
+    r = paired_verdict(arm, control, True, margin)
+    assert r["verdict"] == "equivalent" and r["differs"] == ""
+    assert paired_verdict(arm, control, True, abs(mean) + half90 * 0.9)["verdict"] == "inconclusive"
+
+
+def test_a_measurable_difference_beyond_the_margin_is_worse_or_better():
+    control = _runs([30.0, 30.1, 29.9, 30.0])
+    worse = paired_verdict(_runs([30.6, 30.7, 30.5, 30.6]), control, higher_is_better=False, margin=0.3)
+    better = paired_verdict(_runs([29.4, 29.5, 29.3, 29.4]), control, higher_is_better=False, margin=0.3)
+    assert (worse["verdict"], worse["differs"]) == ("worse", "worse")
+    assert (better["verdict"], better["differs"]) == ("better", "better")
+
+
+def test_an_inconclusive_arm_says_how_many_seeds_its_spread_needs():
+    deltas = [0.004, -0.006, 0.003, -0.002]
+    r = paired_verdict(_runs([0.8 + d for d in deltas]), _runs([0.8] * 4), True, 0.005)
+    assert r["verdict"] == "inconclusive"
+    n = int(r["seeds_needed"])
+    mean, sd = abs(statistics.mean(deltas)), statistics.stdev(deltas)
+    fits = lambda k: stats.t.ppf(0.95, k - 1) * sd / k**0.5 < 0.005 - mean  # noqa: E731
+    assert fits(n) and not fits(n - 1)
+    # |mean| beyond δ: seeds enough for the 95 % interval to exclude 0 (then worse or better)
+    far = pd.Series([0.02, 0.05, -0.01]).to_numpy()
+    n = int(seeds_needed(far, 0.005))
+    shows = lambda k: stats.t.ppf(0.975, k - 1) * far.std(ddof=1) / k**0.5 < far.mean()  # noqa: E731
+    assert shows(n) and not shows(n - 1)
+
+
+def test_the_fixture_report_is_the_committed_table(tmp_path):
+    build([FIXTURE], tmp_path / "r", "csv")
+    got = pd.read_csv(tmp_path / "r" / "comparison.csv")
+    want = pd.read_csv(EXPECTED)
+    pd.testing.assert_frame_equal(got, want)
+
+
+def test_the_fixture_verdict_by_hand():
+    rows = {}
+    for path in FIXTURE.rglob("summary.json"):
+        s = json.loads(path.read_text())
+        rows[s["precision_preset"], s["seed"]] = s["final"]["accuracy"]
+    deltas = [rows["mixed", seed] - rows["fp32", seed] for seed in range(4)]
+    low, high = stats.ttest_1samp(deltas, 0).confidence_interval(0.90)
+    table = pd.read_csv(EXPECTED).set_index("arm")
+    mixed = table.loc["mixed loss_scale=dynamic"]
+    assert mixed["tost_low"] == pytest.approx(low) and mixed["tost_high"] == pytest.approx(high)
+    assert mixed["verdict"] == ("equivalent" if -0.005 < low and high < 0.005 else mixed["verdict"])
+    assert mixed["margin"] == pytest.approx(0.005)  # the plan's 0.5 points
+    assert not mixed["exploratory"] and table.loc["mixed loss_scale=1", "exploratory"]  # not a planned arm
+
+
+def test_the_plan_is_printed_above_the_verdicts_and_other_metrics_are_exploratory(tmp_path):
+    build([FIXTURE], tmp_path / "r", "md")
+    md = (tmp_path / "r" / "report.md").read_text()
+    answer = md.index("## The answer")
+    assert md.index("**Plan** (registered 2026-12-04)") > answer
+    assert md.index("refuted if: mixed is worse") < md.index("| experiment | metric | arm |")
+    build([FIXTURE], tmp_path / "t", "md", metric="train_loss")
+    md = (tmp_path / "t" / "report.md").read_text()
+    assert "not the plan's accuracy: **exploratory**" in md
+    assert md.count("exploratory: ") >= 2  # every arm's verdict cell
+    build([FIXTURE], tmp_path / "m", "csv", margin_specs=["2"])  # a margin other than the plan's
+    assert pd.read_csv(tmp_path / "m" / "comparison.csv").query("not control")["exploratory"].all()
+
+
+def test_exported_records_regenerate_the_same_tables(tmp_path):
+    source = tmp_path / "runs"
+    shutil.copytree(FIXTURE, source)
+    records = tmp_path / "records"
+    assert len(export_runs([source], records)) == 12
+    build([source], tmp_path / "a", "csv")
+    build([records], tmp_path / "b", "csv")
+    for name in ("comparison.csv",):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+
+
+def test_export_runs_from_the_command_line(tmp_path, capsys):
+    main([str(FIXTURE), "--export-runs", str(tmp_path / "out")])
+    assert "12 run records" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out" / "precision=fp32" / "seed=0").iterdir()) == [
+        "scalars.json", "summary.json"]
