@@ -19,7 +19,10 @@ import hydra
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import OmegaConf
 
+from mptrain.paths import config_dir
 from mptrain.schema import describe_composition_error
+
+__all__ = ["config_dir", "main", "sweep_dirname"]
 
 MAX_DIRNAME = 120  # file systems stop at 255 bytes a name; keep sweep folders readable well below
 EXCLUDED_FROM_DIRNAME = {"seed"}  # seeds of one setting sit side by side under it
@@ -41,13 +44,25 @@ def sweep_dirname(overrides) -> str:
 OmegaConf.register_new_resolver("mptrain_sweep_dirname", sweep_dirname, replace=True)
 
 
-def config_dir() -> str:
-    """conf/ ships inside the wheel as mptrain/conf; in a source checkout it sits beside mptrain/."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"mptrain's config tree is missing: looked in {here / 'conf'} and {here.parent / 'conf'}")
+CLAIMED: set[str] = set()  # run folders this process made (a refused config removes its own, never another's)
+
+
+def claim_run_dir(parent: str, stamp: str) -> str:
+    """A run folder of its own: `parent/stamp`, or `stamp_2`, `stamp_3`, ... when a run started in the same second
+    has it (created here, atomically, so two runs never share one and neither overwrites the other)."""
+    for n in range(1, 10_000):
+        candidate = Path(parent, stamp if n == 1 else f"{stamp}_{n}")
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            continue
+        CLAIMED.add(str(candidate.resolve()))
+        return str(candidate)
+    raise FileExistsError(f"{parent}/{stamp}: 10,000 runs started in this second")
+
+
+# cached: one config object resolves hydra.run.dir to one folder however often it is read
+OmegaConf.register_new_resolver("mptrain_run_dir", claim_run_dir, replace=True, use_cache=True)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
@@ -57,8 +72,31 @@ def _hydra_main(cfg) -> float | None:
     return run(cfg)
 
 
+def help_text() -> str:
+    """`mptrain --help`: the groups and their options (Hydra's own lists the schemas too, which are not options)."""
+    from mptrain.paths import group_options
+
+    groups = sorted(p.name for p in Path(config_dir()).iterdir() if p.is_dir() and p.name != "hydra")
+    lines = [__doc__.strip(), "", "Config groups (group=option):"]
+    lines += [f"  {g}: {', '.join(group_options(g))}" for g in groups]
+    lines += ["", "Any key: group.key=value (mptrain --cfg job prints the composed config; README's Configuration "
+              "lists every key). Hydra's own flags: mptrain --hydra-help."]
+    return "\n".join(lines)
+
+
 def main() -> float | None:
+    from mptrain.errors import UserError
     from mptrain.replicas import launched_rank, launched_world_size
+    from mptrain.schema import refuse_schema_choices
+
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        print(help_text())
+        return None
+    try:
+        refuse_schema_choices(sys.argv[1:])
+    except UserError as e:
+        print(f"mptrain: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
     if launched_world_size() > 1:  # started by torchrun: one job, rank 0 owns its folder
         if {"-m", "--multirun"} & set(sys.argv[1:]):

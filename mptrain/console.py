@@ -46,11 +46,12 @@ def compose(overrides: list[str], hint: str = "model=lstm_lm dataset=text"):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from mptrain.cli import config_dir
+    from mptrain.paths import config_dir
+    from mptrain.schema import describe_composition_error, refuse_schema_choices
 
+    refuse_schema_choices(overrides)
     try:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             return hydra_compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"{first} (overrides are as for mptrain, e.g. {hint})") from None
+    except (HydraException, OmegaConfBaseException) as e:  # worded as the training CLI words it
+        raise UserError(f"{describe_composition_error(e)} (overrides are as for mptrain, e.g. {hint})") from None

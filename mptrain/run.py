@@ -39,6 +39,7 @@ class Outcome:
     error: str | None = None
     record: dict = field(default_factory=dict)
     bug: BaseException | None = field(default=None, repr=False)
+    refused: bool = False  # the config was refused before anything ran: no run to record
 
     @property
     def code(self) -> int:
@@ -57,7 +58,9 @@ def run(cfg) -> float | None:
         outcome = _launch(cfg, run_dir) if launching else execute(cfg, run_dir, replicas)
     finally:
         replicas.close()
-    if replicas.is_main:
+    if outcome.refused and not in_sweep and _claimed_here(run_dir):
+        _remove_stray(run_dir)  # a refused config leaves no run folder behind (a sweep's job keeps its record)
+    elif replicas.is_main:
         summary = _summary(cfg, list(hydra_cfg.overrides.task), outcome, started)
         summary["precision_preset"] = hydra_cfg.runtime.choices.get("precision")  # a plan names its arms by preset
         _write_summary(run_dir, summary)
@@ -77,12 +80,35 @@ def run(cfg) -> float | None:
     return final.get(outcome.record.get("primary_metric"))
 
 
+def _claimed_here(run_dir: Path) -> bool:
+    from mptrain.cli import CLAIMED
+
+    return str(Path(run_dir).resolve()) in CLAIMED
+
+
+def _remove_stray(run_dir: Path) -> None:
+    """Drop the folder this process made for a run that never started: Hydra's config copy and the log only."""
+    import shutil
+
+    logging.shutdown()  # the log file handle, before its folder goes
+    if all(p.name in (".hydra", "cli.log") or p.name.endswith(".log") for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in (run_dir.parent, run_dir.parent.parent):  # runs/<model>-<dataset>-<mode>/ and runs/, if empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+
+
 def execute(cfg, run_dir: Path, replicas: Replicas) -> Outcome:
     """Validate, build and train; how it ended. Signals from the start: one while building still ends cleanly."""
     stop = StopRequest()
     try:
         with stop_signals_to(stop.handler):
-            validate(cfg)
+            try:
+                validate(cfg)
+            except UserError as e:
+                return Outcome("failed", str(e), refused=True)
             return Outcome("completed", record=_train(cfg, run_dir, stop, replicas))
     except UserError as e:
         return Outcome("failed", str(e))

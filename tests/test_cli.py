@@ -32,7 +32,7 @@ def test_unknown_choice_lists_the_options(tmp_path, override, group):
     out = mptrain(override, cwd=tmp_path)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     line = out.stderr.strip()
-    assert line.startswith(f"mptrain: error: {override} is not an option of {group}; choose one of ")
+    assert line.startswith(f"mptrain: error: {override} is not an option of {group}; ") and "choose one of " in line
     options = line.rsplit("choose one of ", 1)[1].split(", ")
     assert "fp32" in options or "resnet" in options or "sgd" in options or "fashion_mnist" in options
     assert not any(o.endswith("_schema") for o in options)  # the schemas are not choices a user makes

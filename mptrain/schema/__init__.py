@@ -70,8 +70,55 @@ def typed(group: str, node):
     return merged
 
 
+ROOT_KEYS = {*GROUPS, "seed", "plan", "hydra"}  # what a run reads at the top level
+
+
+def refuse_schema_choices(overrides) -> None:
+    """`model=resnet_schema` names the typed fields behind the options, not an option: one line, not a traceback."""
+    for override in overrides:
+        key, _, value = str(override).lstrip("+~").partition("=")
+        if key in GROUPS and is_schema_option(value):
+            from mptrain.paths import group_options
+
+            options = group_options(key)
+            raise UserError(f"{key}={value} is the schema behind the {key} options, not an option; choose one of "
+                            f"{', '.join(options)}")
+
+
+def unread_keys(cfg) -> None:
+    """A key that nothing reads (`+trainer.max_step=5`, `+model._target_=...`) is refused in one line, with the
+    did-you-mean a plain override gets: a typo must not train the default silently."""
+    for key in cfg:
+        if key not in ROOT_KEYS:
+            close = difflib.get_close_matches(str(key), sorted(ROOT_KEYS - {"hydra"}), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UserError(f"{key} is not a key mptrain reads; {hint}the top level has "
+                            f"{', '.join(sorted(ROOT_KEYS - {'hydra'}))}")
+    for group in GROUPS:
+        node = cfg.get(group)
+        if node is None:
+            continue
+        _unread_in(node, group, schema_of(group, node))
+
+
+def _unread_in(node, prefix: str, schema: type) -> None:
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    fields = [f.name for f in dataclasses.fields(schema)]
+    for key in node:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean {prefix}.{close[0]}? " if close else ""
+            raise UserError(f"{prefix}.{key} is not a key of {prefix}, so nothing would read it; {hint}its keys: "
+                            f"{', '.join(fields)}")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(node[key], DictConfig):
+            _unread_in(node[key], f"{prefix}.{key}", hints[key])
+
+
 def validate(cfg) -> None:
     """Ranges and cross-field rules of every group; the first failure raises the one-line UserError."""
+    unread_keys(cfg)
     if not is_int(cfg.get("seed")):
         raise UserError(f"seed must be an integer (got {cfg.get('seed')!r}); e.g. seed=0")
     for module in GROUPS.values():
@@ -88,7 +135,9 @@ def describe_composition_error(error: Exception) -> str:
         group, _, choice = error.missing_cfg_file.rpartition("/")
         options = [o for o in (error.options or []) if not is_schema_option(o)]
         if group and options:
-            return f"{group}={choice} is not an option of {group}; choose one of {', '.join(options)}"
+            close = difflib.get_close_matches(choice, options, n=1)
+            hint = f"did you mean {group}={close[0]}? " if close else ""
+            return f"{group}={choice} is not an option of {group}; {hint}choose one of {', '.join(options)}"
     if isinstance(error, OverrideParseException):
         return (f"cannot read that override ({_first_line(error)}); the grammar: "
                 "https://hydra.cc/docs/advanced/override_grammar/basic/")

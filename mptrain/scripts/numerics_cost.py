@@ -22,7 +22,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from mptrain.build import build_trainer
-from mptrain.cli import config_dir
+from mptrain.paths import config_dir
 from mptrain.telemetry.numerics import NumericsProbe
 from mptrain.telemetry.tensorboard import TensorBoardLogger
 from mptrain.trainer import Trainer

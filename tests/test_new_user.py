@@ -1,0 +1,75 @@
+"""A new user's first hour (issue: a crash, a lost run, silent overrides): each defect, tested at its root."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import MPTRAIN, mptrain, read_summary
+from mptrain.errors import UserError
+
+NUMERICS = str(Path(sys.executable).with_name("mptrain-numerics"))
+QUICK = ["model=mlp", "dataset=synthetic", "model.depth=2", "model.width=8", "dataset.train_size=64",
+         "dataset.test_size=32", "dataset.batch_size=16", "trainer.max_steps=2"]
+
+
+def test_runs_started_together_get_folders_of_their_own(tmp_path):
+    """Two runs in the same second used to share runs/<...>/<second>/ and the second overwrote the first."""
+    procs = [subprocess.Popen([MPTRAIN, *QUICK, f"seed={seed}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for seed in (1, 2, 3)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    runs = sorted(tmp_path.glob("runs/mlp-synthetic-fp32/*/summary.json"))
+    assert len(runs) == 3 and sorted(read_summary(r.parent)["seed"] for r in runs) == [1, 2, 3]
+
+
+def test_claiming_a_run_folder_never_hands_out_one_twice(tmp_path):
+    from mptrain.cli import claim_run_dir
+
+    first, second = claim_run_dir(str(tmp_path), "2026-12-04_10-00-00"), claim_run_dir(str(tmp_path), "2026-12-04_10-00-00")
+    assert first != second and Path(second).name == "2026-12-04_10-00-00_2"
+
+
+@pytest.mark.parametrize("override, says", [
+    ("+trainer.max_step=5", "trainer.max_step is not a key of trainer, so nothing would read it; did you mean "
+                            "trainer.max_steps?"),
+    ("+model._target_=foo.Bar", "model._target_ is not a key of model"),
+    ("+foo=1", "foo is not a key mptrain reads"),
+    ("+telemetry.numerics.evry=5", "telemetry.numerics.evry is not a key of telemetry.numerics, so nothing would read "
+                                   "it; did you mean "
+                                   "telemetry.numerics.every?"),
+])
+def test_a_key_nothing_reads_is_refused(compose_cfg, override, says):
+    from mptrain import schema
+
+    with pytest.raises(UserError) as refused:
+        schema.validate(compose_cfg(override))
+    assert str(refused.value).startswith(says) and "\n" not in str(refused.value)
+
+
+def test_a_refused_config_leaves_no_run_folder(tmp_path):
+    out = mptrain("+trainer.max_step=5", cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("mptrain: error: trainer.max_step")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_lists_options_not_schemas_and_a_schema_choice_is_one_line(tmp_path):
+    out = subprocess.run([MPTRAIN, "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0 and "model: alexnet, dcgan" in out.stdout and "_schema" not in out.stdout
+    for cmd in ([MPTRAIN, "model=resnet_schema"], [NUMERICS, "model=resnet_schema"]):
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert "model=resnet_schema is the schema behind the model options, not an option" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_numerics_lists_choices_and_suggests_a_close_one(tmp_path):
+    done = subprocess.run([NUMERICS, "model=lstm"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "model=lstm is not an option of model; did you mean model=lstm_lm? choose one of alexnet" in done.stderr
+    done = subprocess.run([MPTRAIN, "precision=mixd"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert "did you mean precision=mixed?" in done.stderr
