@@ -73,3 +73,49 @@ def test_numerics_lists_choices_and_suggests_a_close_one(tmp_path):
     assert "model=lstm is not an option of model; did you mean model=lstm_lm? choose one of alexnet" in done.stderr
     done = subprocess.run([MPTRAIN, "precision=mixd"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert "did you mean precision=mixed?" in done.stderr
+
+
+TINY_IMAGES = ["dataset=synthetic", "dataset.image_size=16", "dataset.channels=1", "dataset.train_size=64",
+               "dataset.test_size=32", "dataset.batch_size=8"]
+TINY_TEXT = ["dataset=synthetic_text", "model.width=8", "dataset.batch_size=4", "dataset.bptt=8"]
+EVERY_FAMILY = {
+    "resnet": ["model=resnet", *TINY_IMAGES, "model.depth=8", "model.width=4"],
+    "mlp": ["model=mlp", *TINY_IMAGES, "model.depth=3", "model.width=8"],
+    "lstm_classifier": ["model=lstm_classifier", *TINY_IMAGES, "model.width=8"],
+    "lstm_lm": ["model=lstm_lm", *TINY_TEXT],
+    "transformer": ["model=transformer", *TINY_TEXT, "model.heads=2", "model.layers=1", "model.context=8"],
+    "dcgan": ["model=dcgan", *TINY_IMAGES, "model.width=4", "model.fid.extractor_steps=5"],
+}
+
+
+# every family from a mixed-trained checkpoint; the recurrent ones from an fp32-trained one too
+CHECKED = [(f, "mixed") for f in EVERY_FAMILY] + [("lstm_lm", "fp32"), ("lstm_classifier", "fp32")]
+
+
+@pytest.mark.parametrize("family, mode", CHECKED)
+def test_every_familys_checkpoint_goes_through_the_fp16_check(tmp_path, family, mode):
+    """`mptrain-numerics --checkpoint` crashed on every LSTM LM checkpoint (an FP16 cast re-entered the emulated
+    recurrence's FP32 call)."""
+    run = tmp_path / "run"
+    env = {"MPTRAIN_CACHE": str(tmp_path / "cache")}
+    out = mptrain(*EVERY_FAMILY[family], f"precision={mode}", "trainer.max_steps=2", "trainer.checkpoint_every=2",
+                  "trainer.eval_max_batches=1", f"hydra.run.dir={run}", cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    done = subprocess.run([NUMERICS, "--checkpoint", str(run), "--batches", "2"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600, env={**__import__("os").environ, **env})
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "held-out batches forward with FP16 weights" in done.stdout
+
+
+def test_the_emulated_recurrence_runs_its_module_hooks_once():
+    import torch
+
+    from mptrain.precision.emulation import EmulatedFP16Kernels, fp16_recurrence
+
+    rnn = torch.nn.LSTM(4, 6, batch_first=True).half()
+    calls = []
+    rnn.register_forward_hook(lambda _m, _i, out: calls.append(out[0].dtype))
+    x = torch.randn(2, 3, 4).half()
+    with EmulatedFP16Kernels():
+        out, _ = fp16_recurrence(rnn, dict(rnn.named_parameters()), x, None)
+    assert out.dtype == torch.float16 and calls == []  # the caller's own call runs the hooks, not the FP32 inside

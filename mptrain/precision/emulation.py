@@ -24,6 +24,7 @@ conversions per op cost more than torch's FP16 element-wise loops: an LSTM LM st
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -203,5 +204,16 @@ def fp16_recurrence(rnn: torch.nn.RNNBase, weights: dict, x: torch.Tensor, state
     FP32, gates, cell and hidden state between time steps in FP32, weight gradients summed over time in FP32 and
     rounded to FP16 once). The native CPU path rounds every per-step op to FP16 instead, at 4x the time."""
     up = {name: w.float() for name, w in weights.items()}
-    out, new_state = torch.func.functional_call(rnn, up, (x.float(), tree_map(_up, state)))
+    with _hooks_silenced(rnn):  # the layer's own call already ran its hooks (an FP16 cast would undo the FP32 inside)
+        out, new_state = torch.func.functional_call(rnn, up, (x.float(), tree_map(_up, state)))
     return out.half(), tree_map(_down, new_state)
+
+
+@contextlib.contextmanager
+def _hooks_silenced(module: torch.nn.Module):
+    saved = module._forward_pre_hooks, module._forward_hooks
+    module._forward_pre_hooks, module._forward_hooks = type(saved[0])(), type(saved[1])()
+    try:
+        yield
+    finally:
+        module._forward_pre_hooks, module._forward_hooks = saved
