@@ -29,6 +29,7 @@ from mptrain.telemetry.meters import MeanMeter
 from mptrain.telemetry.numerics import NumericsProbe
 from mptrain.telemetry.overflow import OverflowLog, first_nonfinite_module, nonfinite_grads
 from mptrain.telemetry.scale_verdict import scale_verdict
+from mptrain.telemetry.summary import format_value
 from mptrain.telemetry.tensorboard import TensorBoardLogger
 from mptrain.telemetry.throughput import Throughput
 from mptrain.testing import install_faults
@@ -132,7 +133,7 @@ class Trainer:
 
     def results(self) -> dict:
         scales = {name: s.loss_scale for name, s in self.steppers.items() if s.loss_scale is not None}
-        samples_per_s, steps_per_s = self.throughput.mean_rates()
+        samples_per_s, steps_per_s, spread = self.throughput.median_rates()
         return {
             "steps": self.step,
             "epochs": self.step / self.steps_per_epoch,
@@ -140,7 +141,8 @@ class Trainer:
             "best": self.best,
             "history": self.history,
             "batch_size": self.data.train.batch_size,
-            "samples_per_s": samples_per_s,
+            "samples_per_s": samples_per_s,  # the median logging window after warm-up
+            "samples_per_s_quartiles": spread,
             "steps_per_s": steps_per_s,
             "peak_memory_bytes": self.memory.read(),
             "peak_memory_method": self.memory.method,
@@ -333,14 +335,15 @@ class Trainer:
             suffix = "" if len(self.steppers) == 1 else f"_{name}"
             if stepper.loss_scale is not None:
                 values[f"amp/loss_scale{suffix}"] = float(stepper.loss_scale)
-            values[f"amp/skipped_steps{suffix}"] = stepper.skipped_steps
+            if stepper.scaler is not None or stepper.grad_scaler is not None:  # nothing is ever skipped without one
+                values[f"amp/skipped_steps{suffix}"] = stepper.skipped_steps
             values[f"optim/lr{suffix}"] = stepper.lr()
         self.tb.scalars(values, self.step)
         if bar.disable:  # no terminal: a log line instead of the bar
             shown = [tag("train", k) for k in means] + ["perf/samples_per_s"]
             shown += [k for k in values if k.startswith("amp/loss_scale")]
             log.info("step %d/%d: %s", self.step, self.total_steps,
-                     ", ".join(f"{k.split('/')[1]} {values[k]:.4g}" for k in shown if k in values))
+                     ", ".join(f"{k.split('/')[1]} {format_value(k, values[k])}" for k in shown if k in values))
         elif "train/loss" in values:
             bar.set_postfix(loss=f"{values['train/loss']:.4g}", refresh=False)
         if self.step - self.last_media_step >= self.cfg.trainer.media_every:

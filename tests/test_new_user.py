@@ -119,3 +119,56 @@ def test_the_emulated_recurrence_runs_its_module_hooks_once():
     with EmulatedFP16Kernels():
         out, _ = fp16_recurrence(rnn, dict(rnn.named_parameters()), x, None)
     assert out.dtype == torch.float16 and calls == []  # the caller's own call runs the hooks, not the FP32 inside
+
+
+def test_one_stalled_window_does_not_carry_the_throughput(monkeypatch):
+    """A 6-run sweep reported bf16 5.17x fp32 because both fp32 runs stalled for seconds in one window: the mean
+    over all steps let one window dominate; the median window does not."""
+    import torch
+
+    from mptrain.telemetry import throughput as tp
+
+    clock = iter([0.0, 1.0, 1.0, 2.0, 2.0, 12.0, 12.0, 13.0, 13.0, 14.0])  # window 3 stalls for 10 s
+    monkeypatch.setattr(tp.time, "perf_counter", lambda: next(clock))
+    t = tp.Throughput(torch.device("cpu"), warmup_steps=0)
+    for _ in range(5):
+        t.begin()
+        for _ in range(10):
+            t.count(100)
+        t.end()
+    median, steps, quartiles = t.median_rates()
+    assert median == 1000.0 and steps == 10.0 and quartiles[0] <= 1000.0 <= quartiles[1]
+    assert t.mean_rates()[0] == pytest.approx(5000 / 14)  # what the report used to show
+
+
+def test_the_report_takes_the_median_run_and_flags_runs_that_disagree():
+    import pandas as pd
+
+    from mptrain.report.tables import _arm_row, speed_cell
+
+    runs = pd.DataFrame({"status": "completed", "metric": [0.9, 0.9, 0.9], "samples_per_s": [772.0, 713.0, 106.0],
+                         "peak_memory_mb": 1.0, "bytes_per_param": 1.0, "skipped_steps": 0, "final_loss_scale": None,
+                         "lost_update_frac": None, "nearest_drop_frac": None, "drop_kept_frac": None})
+    row = _arm_row("fp32", runs)
+    assert row["samples_per_s"] == 713.0
+    assert "runs differ by 628%: measure speed with mptrain-bench" in speed_cell({**row, "control": True})
+
+
+def test_a_loss_scale_reads_as_a_power_of_two():
+    from mptrain.telemetry.summary import format_scale, format_summary
+
+    assert format_scale(65536.0) == "65536 (2^16)" and format_scale(0.25) == "0.25 (2^-2)"
+    assert "final loss scale  g: 32768 (2^15); d: 1024 (2^10)" in format_summary(
+        {"final_loss_scale": {"g": 32768.0, "d": 1024.0}})
+
+
+def test_an_fp32_run_logs_no_skipped_steps_and_the_log_line_shows_the_scale(tmp_path):
+    from cli_helpers import scalar_tags
+
+    out = mptrain(*QUICK, "precision=fp32", "trainer.log_every=1", f"hydra.run.dir={tmp_path}/a", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not any(t.startswith("amp/") for t in scalar_tags(tmp_path / "a" / "tb"))
+    out = mptrain(*QUICK, "precision=mixed", "trainer.log_every=1", "trainer.progress=false",
+                  f"hydra.run.dir={tmp_path}/b", cwd=tmp_path)
+    assert "loss_scale 65536 (2^16)" in out.stderr + out.stdout and "6.554e+04" not in out.stderr + out.stdout
+    assert "amp/skipped_steps" in scalar_tags(tmp_path / "b" / "tb")

@@ -16,7 +16,7 @@ from mptrain.report.runs import CONTROL
 from mptrain.report.verdict import VERDICT_COLUMNS, margin_for, paired_verdict
 
 COLUMNS = ["arm", "control", "runs", "status", "metric_mean", "metric_std", "delta_vs_fp32", *VERDICT_COLUMNS,
-           "verdict_note", "exploratory", "samples_per_s", "speedup_vs_fp32", "peak_memory_mb", "memory_ratio_vs_fp32",
+           "verdict_note", "exploratory", "samples_per_s", "speed_spread", "speedup_vs_fp32", "peak_memory_mb", "memory_ratio_vs_fp32",
            "bytes_per_param", "skipped_steps", "final_loss_scale", "lost_update_frac",
            "nearest_drop_frac", "drop_kept_frac"]  # fmt: skip
 
@@ -98,7 +98,10 @@ def _arm_row(arm: str, runs: pd.DataFrame) -> dict:
         "verdict": "no control" if arm != CONTROL else "control",
         "verdict_note": "",
         "exploratory": False,
-        "samples_per_s": done["samples_per_s"].mean(),
+        # each run's figure is the median of its logging windows; across runs the median again: a stalled run
+        # cannot carry the arm, and the spread says when runs disagree (max / min - 1)
+        "samples_per_s": done["samples_per_s"].median(),
+        "speed_spread": done["samples_per_s"].max() / done["samples_per_s"].min() - 1 if len(done) > 1 else math.nan,
         "speedup_vs_fp32": math.nan,
         "peak_memory_mb": done["peak_memory_mb"].mean(),
         "memory_ratio_vs_fp32": math.nan,
@@ -131,7 +134,7 @@ def to_markdown(table: pd.DataFrame) -> str:
             _pm(r["metric_mean"], r["metric_std"]),
             delta_with_ci(r),
             verdict_cell(r),
-            _num(r["samples_per_s"], "{:.1f}"),
+            speed_cell(r),
             _num(r["speedup_vs_fp32"], "{:.2f}×"),
             _num(r["peak_memory_mb"], "{:.1f}"),
             _num(r["memory_ratio_vs_fp32"], "{:.2f}×"),
@@ -165,6 +168,17 @@ def headroom_markdown(per_arm: dict[str, dict[str, float]], rows: int = 12) -> s
                 cells.append(f"{value:.4g} ({math.log2(65504 / value):+.1f} bit)")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+SPEED_NOISE = 0.25  # runs of one arm whose samples/s differ more than this disagree beyond a CPU's noise
+
+
+def speed_cell(r) -> str:
+    """Median samples/s over the arm's runs; runs that disagree beyond noise say so and point to the benchmark."""
+    cell = _num(r["samples_per_s"], "{:.1f}")
+    if not _missing(r.get("speed_spread")) and r["speed_spread"] > SPEED_NOISE:
+        cell += f" ⚠ runs differ by {r['speed_spread']:.0%}: measure speed with mptrain-bench"
+    return cell
 
 
 def lost_cell(r) -> str:

@@ -46,6 +46,22 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def format_scale(value) -> str:
+    """A loss scale as people write it: 65536 (2^16), 0.5 (2^-1); a scale that is no power of two as a number."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        return _fmt(value)
+    exponent = math.log2(value)
+    if exponent == int(exponent):
+        shown = f"{int(value)}" if value >= 1 else f"{value:g}"
+        return f"{shown} (2^{int(exponent)})"
+    return f"{value:.6g}"
+
+
+def format_value(tag: str, value) -> str:
+    """A logged scalar for the log line: loss scales as `format_scale`, the rest to 4 significant digits."""
+    return format_scale(value) if "loss_scale" in tag else f"{value:.4g}"
+
+
 def _mib(n) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MiB"
 
@@ -83,6 +99,12 @@ def _arithmetic(s: dict) -> str:
     return f"products accumulate in {accumulate}; reductions in {str(a.get('reductions', 'fp32')).upper()}"
 
 
+def _scales(value) -> str:
+    if isinstance(value, dict):  # a GAN's per-network scales
+        return "; ".join(f"{name}: {format_scale(v)}" for name, v in value.items())
+    return format_scale(value)
+
+
 def format_summary(s: dict) -> str:
     primary = s.get("primary_metric")
     final, best = s.get("final") or {}, s.get("best") or {}
@@ -101,7 +123,7 @@ def format_summary(s: dict) -> str:
         ("samples/s", _fmt(s.get("samples_per_s"))),
         ("peak memory", f"{_mib(s.get('peak_memory_bytes'))} ({s.get('peak_memory_method')})"),
         ("updates", _updates(s)),
-        ("final loss scale", _fmt(s.get("final_loss_scale"))),
+        ("final loss scale", _scales(s.get("final_loss_scale"))),
         *(((f"loss scale {name}" if len(s["loss_scale_verdict"]) > 1 else "loss scale"), describe(v))
           for name, v in (s.get("loss_scale_verdict") or {}).items()),
         ("wall time", f"{_fmt(s.get('wall_time_s'))} s"),

@@ -25,6 +25,7 @@ class Throughput:
         self._all_time = 0.0
         self._all_samples = self._all_steps = 0
         self._steps_done = 0
+        self._steady_windows: list[tuple[float, float]] = []  # (samples/s, steps/s) of each steady segment
 
     def begin(self) -> None:
         synchronize(self.device)
@@ -51,11 +52,26 @@ class Throughput:
             self._steady_time += elapsed
             self._steady_samples += self._seg_samples
             self._steady_steps += self._seg_steps
+            self._steady_windows.append((self._seg_samples / elapsed, self._seg_steps / elapsed))
         return self._seg_samples / elapsed, 1000.0 * elapsed / self._seg_steps
 
     @property
     def at_warmup_boundary(self) -> bool:
         return self.warmup_steps > 0 and self._steps_done + self._seg_steps == self.warmup_steps
+
+    def median_rates(self) -> tuple[float | None, float | None, list[float] | None]:
+        """Steady-state (samples/s, steps/s) as the median over the logging windows after warm-up, robust to a
+        one-off stall that would dominate a mean, and the windows' samples/s quartiles [p25, p75]; the mean over
+        all steps when the run never left warm-up (no spread then)."""
+        if not self._steady_windows:
+            samples, steps = self.mean_rates()
+            return samples, steps, None
+        import statistics
+
+        rates = sorted(r for r, _ in self._steady_windows)
+        steps = statistics.median(s for _, s in self._steady_windows)
+        quartiles = statistics.quantiles(rates, n=4) if len(rates) > 1 else [rates[0]] * 3
+        return statistics.median(rates), steps, [quartiles[0], quartiles[2]]
 
     def mean_rates(self) -> tuple[float | None, float | None]:
         """Steady-state (samples/s, steps/s); all steps when the run never left warm-up."""
