@@ -73,11 +73,23 @@ def run(cfg) -> float | None:
         if replicas.is_main:
             print(f"mptrain: {'error' if outcome.status == 'failed' else outcome.status}: {outcome.error}",
                   file=sys.stderr)
+            if outcome.status == "interrupted" and (run_dir / "checkpoint.pt").is_file() and not in_sweep:
+                print(f"mptrain: continue with: {resume_command(list(hydra_cfg.overrides.task), run_dir)}",
+                      file=sys.stderr)
         if not in_sweep or outcome.code == EXIT_INTERRUPTED:  # a signal stops the whole sweep, not just this job
             sys.exit(outcome.code)
         return None
     final = outcome.record.get("final") or {}
     return final.get(outcome.record.get("primary_metric"))
+
+
+def resume_command(overrides: list[str], run_dir: Path) -> str:
+    """The whole command that continues a run in its own folder: its overrides, its folder, resume=auto (so the
+    report sees one run, not two)."""
+    import shlex
+
+    kept = [o for o in overrides if o.lstrip("+~").split("=")[0] not in ("trainer.resume", "hydra.run.dir")]
+    return shlex.join(["mptrain", *kept, f"hydra.run.dir={run_dir}", "trainer.resume=auto"])
 
 
 def _claimed_here(run_dir: Path) -> bool:

@@ -206,8 +206,8 @@ class Trainer:
                 if self.replicas.is_main:
                     self.save_checkpoint()
                 if self.stop.signal:
-                    raise Interrupted(f"{self.stop.signal} at step {self.step}; checkpoint saved: continue with "
-                                      f"trainer.resume={self.checkpoint_path.parent}")
+                    raise Interrupted(f"{self.stop.signal} at step {self.step}; checkpoint saved in "
+                                      f"{self.checkpoint_path.parent}")
                 self.throughput.begin()
         self._log_window(bar)
 

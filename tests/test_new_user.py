@@ -172,3 +172,29 @@ def test_an_fp32_run_logs_no_skipped_steps_and_the_log_line_shows_the_scale(tmp_
                   f"hydra.run.dir={tmp_path}/b", cwd=tmp_path)
     assert "loss_scale 65536 (2^16)" in out.stderr + out.stdout and "6.554e+04" not in out.stderr + out.stdout
     assert "amp/skipped_steps" in scalar_tags(tmp_path / "b" / "tb")
+
+
+def test_the_interrupt_line_is_the_whole_resume_command_and_the_report_sees_one_run(tmp_path):
+    """The SIGTERM hint said `trainer.resume=<dir>`, which, followed literally, was refused (the overrides were not
+    reapplied), left a stray folder, and the resumed part went to a new folder the report filed apart."""
+    import shlex
+
+    from cli_helpers import sigterm_once_training
+    from mptrain.report.runs import load_runs
+
+    args = ["model=mlp", "dataset=synthetic", "model.depth=2", "model.width=8", "precision=mixed",
+            "trainer.max_steps=400", "trainer.log_every=1", "seed=3"]
+    done = sigterm_once_training(*args, watch=tmp_path / "runs", cwd=tmp_path)
+    assert done.returncode == 130, done.stderr[-2000:]
+    line = next(ln for ln in done.stderr.splitlines() if ln.startswith("mptrain: continue with: "))
+    command = shlex.split(line.removeprefix("mptrain: continue with: "))
+    assert command[0] == "mptrain" and "precision=mixed" in command and "trainer.resume=auto" in command
+    resumed = subprocess.run([MPTRAIN, *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    folders = list(tmp_path.glob("runs/*/*"))
+    assert len(folders) == 1
+    summary = read_summary(folders[0])
+    assert summary["status"] == "completed" and summary["steps"] == 400 and summary["resumed_from"]["step"] > 0
+    runs = load_runs([tmp_path / "runs"])
+    setting = runs["setting"].iloc[0]
+    assert len(runs) == 1 and "trainer.resume" not in setting and "model.depth=2" in setting

@@ -52,7 +52,7 @@ def setting_label(summary: dict) -> str:
     for override in summary.get("overrides", []):
         override = override.lstrip("+~")
         key = override.split("=", 1)[0]
-        if key in ("model", "dataset", "seed", "trainer.progress") or key.startswith("hydra."):
+        if key in ("model", "dataset", "seed") + RUN_HANDLING or key.startswith("hydra."):
             continue
         if key.startswith("precision") and not (key == "precision." + EXECUTION and "cpu_fp16" not in summary):
             continue  # summaries written before `cpu_fp16` was recorded: the override says it
@@ -63,6 +63,8 @@ def setting_label(summary: dict) -> str:
 
 
 SCALARS_FILE = "scalars.json"  # an exported run's TensorBoard scalars
+# how a run was handled, not what it computed: a resumed run is the same experiment as its first part
+RUN_HANDLING = ("trainer.progress", "trainer.resume", "trainer.checkpoint_every")
 TRAIN_LOSS = "train_loss"  # `--metric train_loss`: the mean training loss over the last 10 % of a run's steps
 TRAIN_TAIL = 0.1
 
