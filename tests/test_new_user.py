@@ -198,3 +198,26 @@ def test_the_interrupt_line_is_the_whole_resume_command_and_the_report_sees_one_
     runs = load_runs([tmp_path / "runs"])
     setting = runs["setting"].iloc[0]
     assert len(runs) == 1 and "trainer.resume" not in setting and "model.depth=2" in setting
+
+
+@pytest.mark.parametrize("group", ["model", "dataset", "precision", "optim"])
+def test_readme_config_groups_table_lists_every_option(group):
+    """README's groups table listed 6 of the 12 precision options: it names every option of every group now."""
+    import re
+
+    from mptrain.paths import group_options
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith(f"| `{group}` |"))
+    named = set(re.findall(r"`([a-z0-9_]+)`", row))
+    assert set(group_options(group)) <= named, set(group_options(group)) - named
+
+
+def test_readme_mode_table_has_a_row_per_mode():
+    from mptrain.schema.precision import MODES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("| mode | weights held |"):]
+    rows = {line.split("|")[1].strip().split()[0].strip("`") for line in table.splitlines()[2:] if line.startswith("|")
+            and not table.startswith("\n")}
+    assert set(MODES) <= rows

@@ -106,3 +106,15 @@ def test_recommended_scale_keeps_the_underflowing_mlps_gradients_in_fp16(tmp_pat
         weights = [r for r in records if r["kind"] == "weight"]
         zero[arm] = sum(r["count"] * r["zero_frac"] for r in weights) / sum(r["count"] for r in weights)
     assert zero[1] - zero[scale] > flushed / 3, (zero, flushed)
+
+
+def test_a_layer_no_static_scale_fits_makes_the_advice_dynamic_and_names_every_such_layer():
+    """`mptrain-numerics model=lstm_lm` recommended 16384 while saying 8 layers could not reach the coverage at any
+    scale (and listed 3 of them): one answer now, with every layer it concerns."""
+    fits = RangeAdvice(100, 0.0, 0.0, min_scale=2.0**2, max_scale=2.0**16)
+    unfit = RangeAdvice(100, 0.4, 0.1, min_scale=None, max_scale=2.0**16)
+    rec = recommend({"a": fits, **{f"layer{i}": unfit for i in range(3)}}, headroom=8)
+    assert rec.scale is None and "use dynamic scaling" in rec.reason
+    assert "3 layer(s) cannot keep the coverage" in rec.reason and "layer0, layer1, layer2" in rec.reason
+    many = recommend({f"l{i:02d}": unfit for i in range(11)}, headroom=8)
+    assert "l00, l01, l02, l03, l04, l05, l06, l07 and 3 more (--json lists" in many.reason

@@ -68,12 +68,24 @@ def recommend(advice: dict[str, RangeAdvice], headroom: float) -> Recommendation
     needed = max((a.min_scale for a in measured.values() if a.min_scale is not None), default=1.0)
     if ceiling is not None and ceiling < 1.0:
         return Recommendation(None, needed, ceiling, "gradients overflow FP16 even unscaled; use dynamic scaling")
+    if unfit:  # one answer: a static scale that some layer cannot live with is no recommendation
+        return Recommendation(None, needed, ceiling, f"{len(unfit)} layer(s) cannot keep the coverage above 2^-24 "
+                              f"at any static scale without overflowing: {listed(unfit)}; use dynamic scaling "
+                              "(their range is wider than FP16's: dynamic scaling follows it as it moves)")
     if ceiling is not None and needed > ceiling:
         return Recommendation(None, needed, ceiling, f"no single scale covers every layer (needs {needed:g}, "
                               f"overflows above {ceiling:g}); use dynamic scaling")  # fmt: skip
     scale = needed if ceiling is None else max(needed, ceiling / headroom)
     reason = f"{headroom:g}x below the overflow ceiling {ceiling:g}" if ceiling is not None and scale > needed else \
         "the smallest scale every layer needs"  # fmt: skip
-    if unfit:
-        reason += f"; {len(unfit)} layer(s) cannot reach the coverage at any scale: {', '.join(unfit[:3])}"
     return Recommendation(scale, needed, ceiling, reason)
+
+
+SHOWN = 8
+
+
+def listed(names: list[str]) -> str:
+    """Every name up to SHOWN; past that the first SHOWN and where the rest are."""
+    if len(names) <= SHOWN:
+        return ", ".join(names)
+    return ", ".join(names[:SHOWN]) + f" and {len(names) - SHOWN} more (--json lists every layer's min_scale: null)"
