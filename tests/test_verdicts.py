@@ -123,3 +123,12 @@ def test_export_runs_from_the_command_line(tmp_path, capsys):
     assert "12 run records" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "out" / "precision=fp32" / "seed=0").iterdir()) == [
         "scalars.json", "summary.json"]
+
+
+def test_the_report_opens_with_a_forest_plot_and_reads_accuracy_in_points(tmp_path):
+    build([FIXTURE], tmp_path / "r", "md")
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert (tmp_path / "r" / "verdicts-forest.png").stat().st_size > 0
+    assert md.index("(verdicts-forest.png)") < md.index("| experiment | metric | arm |")
+    assert "(±0.5 pts)" in md and "±0.005" not in md
+    assert "needs ≈" in md  # the inconclusive arm says how many seeds it would take

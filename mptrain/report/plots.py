@@ -59,6 +59,12 @@ def _curves(group: pd.DataFrame, prefix: str, label: str, path: Path, log: bool,
         for tag, series in sorted(per_tag.items()):
             frame = pd.concat(series, axis=1).sort_index()
             name = arm + tag[len(prefix):].replace("_", " ")
+            if len(frame) == 1:  # one evaluation: a point with the seeds' range, not an empty axis
+                mean = frame.mean(axis=1)
+                err = [mean - frame.min(axis=1), frame.max(axis=1) - mean]
+                ax.errorbar(frame.index, mean, yerr=err, fmt="o", capsize=4, label=f"{name} (n={frame.shape[1]})")
+                drawn = True
+                continue
             line = ax.plot(frame.index, frame.mean(axis=1), label=f"{name} (n={frame.shape[1]})", marker=".")[0]
             if frame.shape[1] > 1:
                 ax.fill_between(frame.index, frame.min(axis=1), frame.max(axis=1), alpha=0.2, color=line.get_color())
@@ -76,15 +82,56 @@ def _curves(group: pd.DataFrame, prefix: str, label: str, path: Path, log: bool,
     return _save(fig, path)
 
 
+def forest(tables: dict, titles: dict, path: Path) -> Path | None:
+    """The answer at a glance: per experiment, each arm's paired Δ vs fp32 with its 95 % interval (thin) and the
+    90 % interval equivalence is judged on (thick), against the ±δ band; accuracy in points."""
+    from mptrain.report.tables import unit_of
+
+    shown = {k: t[~t["control"] & t["paired_delta"].notna()] for k, t in tables.items()}
+    shown = {k: t for k, t in shown.items() if len(t)}
+    if not shown:
+        return None
+    heights = [max(1.2, 0.45 * len(t) + 0.8) for t in shown.values()]
+    fig, axes = plt.subplots(len(shown), 1, figsize=(10, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (key, t) in zip(axes[:, 0], shown.items()):
+        metric = tables[key].attrs["metric"]
+        k, unit = unit_of(metric)
+        rows = list(range(len(t)))[::-1]
+        margin = t["margin"].dropna()
+        if len(margin):
+            ax.axvspan(-k * margin.iloc[0], k * margin.iloc[0], color="C2", alpha=0.12, label="±δ (equivalence)")
+        ax.axvline(0, color="k", linewidth=0.8)
+        for y, (_, r) in zip(rows, t.iterrows()):
+            color = {"worse": "C3", "better": "C0", "equivalent": "C2"}.get(r["verdict"], "0.4")
+            if pd.notna(r["ci_low"]):
+                ax.plot([k * r["ci_low"], k * r["ci_high"]], [y, y], color=color, linewidth=1.2)
+                ax.plot([k * r["tost_low"], k * r["tost_high"]], [y, y], color=color, linewidth=4, alpha=0.6)
+            ax.plot(k * r["paired_delta"], y, "o", color=color)
+        ax.set_yticks(rows, [f"{r['arm']}: {r['verdict']} (n={int(r['pairs'])})" for _, r in t.iterrows()],
+                      fontsize=8)
+        better = "higher" if tables[key].attrs["higher_is_better"] else "lower"
+        ax.set_xlabel(f"paired Δ {metric} vs fp32{' (points)' if unit else ''} ({better} is better)", fontsize=8)
+        ax.set_title(titles[key], fontsize=9, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_ylim(-0.7, len(t) - 0.3)
+    axes[0, 0].legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
 def speed_memory_bars(table: pd.DataFrame, path: Path) -> Path | None:
+    """Per arm, samples/s (the median run, with the runs' range as an error bar) and peak memory, values written."""
     if table["samples_per_s"].isna().all():
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, column, label in ((axes[0], "samples_per_s", "samples/s"), (axes[1], "peak_memory_mb", "peak memory (MB)")):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, column, label in ((axes[0], "samples_per_s", "samples/s"), (axes[1], "peak_memory_mb", "peak memory (MiB)")):
         colors = ["0.3" if c else "C0" for c in table["control"]]
-        ax.bar(table["arm"], table[column].fillna(0), color=colors)
+        values = table[column].fillna(0)
+        bars = ax.bar(range(len(table)), values, color=colors)
+        ax.bar_label(bars, labels=[f"{v:.4g}" for v in values], fontsize=7)
+        ax.set_xticks(range(len(table)), table["arm"], rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(label)
-        ax.tick_params(axis="x", rotation=35, labelsize=7)
+        ax.margins(y=0.15)
         ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 

@@ -41,11 +41,17 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
     plans = [f"{experiment_title(*key)}. " + plan_markdown(table.attrs["plan"], table.attrs["metric"]) + "\n"
              for key, table in tables.items() if table.attrs.get("plan")]
     lines[-2:-2] = plans  # the registered plans above the verdicts they judge
+    titles = {key: experiment_title(*key) for key in tables}
+    chart = plots.forest(tables, titles, out / "verdicts-forest.png")
+    if chart is not None:  # the answer at a glance, first
+        lines[-2:-2] = [f"![each arm's paired Δ vs fp32 with its 95 % (thin) and 90 % (thick) intervals against ±δ]"
+                        f"({chart.name})", ""]
     for (model, dataset, setting), table in tables.items():
         for _, r in table[~table["control"]].iterrows():
             better = "↑" if table.attrs["higher_is_better"] else "↓"
             lines.append(f"| [{experiment_title(model, dataset, setting)}](#{_anchor(model, dataset, setting)}) | "
-                         f"{table.attrs['metric']} {better} | {r['arm']} | {delta_with_ci(r)} | {verdict_cell(r)} |")
+                         f"{table.attrs['metric']} {better} | {r['arm']} | {delta_with_ci(r, table.attrs['metric'])} | "
+                         f"{verdict_cell(r, table.attrs['metric'])} |")
     lines += ["", "Below, per experiment: each row pools the seeds of one precision mode (plus its `precision.*` "
               "overrides); metric, speed and memory average the completed runs; fp32 is the control every Δ and "
               "ratio is taken against."]
@@ -111,7 +117,7 @@ def write_html(markdown_path: Path) -> Path:
     body = re.sub(r'src="([^"/]+\.png)"', inline, body)
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px}"
-             "img{max-width:100%;display:block;margin:1em 0}")  # fmt: skip
+             "img{width:100%;display:block;margin:1em 0}")  # fmt: skip
     path = markdown_path.with_suffix(".html")
     path.write_text(f'<!doctype html><html><head><meta charset="utf-8"><title>mptrain report</title>'
                     f"<style>{style}</style></head><body>{body}</body></html>\n")  # fmt: skip

@@ -123,7 +123,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     metric = table.attrs.get("metric", "metric")
     better = "higher" if table.attrs.get("higher_is_better", True) else "lower"
     head = ["mode", "runs", "status", f"{metric} (mean ± std, {better} is better)", "paired Δ vs fp32 (95 % CI)",
-            "verdict (±δ)", "samples/s", "speed-up", "peak memory (MB)", "memory ratio", "bytes / param", "skipped steps",
+            "verdict (±δ)", "samples/s", "speed-up", "peak memory (MiB)", "memory ratio", "bytes / param", "skipped steps",
             "final loss scale", "lost updates"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
@@ -131,9 +131,9 @@ def to_markdown(table: pd.DataFrame) -> str:
             f"**{r['arm']}** (control)" if r["control"] else r["arm"],
             str(r["runs"]),
             r["status"],
-            _pm(r["metric_mean"], r["metric_std"]),
-            delta_with_ci(r),
-            verdict_cell(r),
+            _pm(r["metric_mean"], r["metric_std"], metric),
+            delta_with_ci(r, metric),
+            verdict_cell(r, metric),
             speed_cell(r),
             _num(r["speedup_vs_fp32"], "{:.2f}×"),
             _num(r["peak_memory_mb"], "{:.1f}"),
@@ -191,19 +191,30 @@ def lost_cell(r) -> str:
     return cell
 
 
-def delta_with_ci(r) -> str:
-    """`+0.0012 [-0.0010, +0.0034] (n=5)`: the paired mean Δ and its interval over n seeds."""
+def unit_of(metric: str) -> tuple[float, str]:
+    """Accuracy reads in points, as the paper and README give it; other metrics in their own unit."""
+    return (100.0, " pts") if metric == "accuracy" else (1.0, "")
+
+
+def delta_with_ci(r, metric: str = "") -> str:
+    """`-0.07 pts [-0.59, +0.44] (n=5)`: the paired mean Δ and its 95 % interval over n seeds."""
     if r["control"] or _missing(r["paired_delta"]):
         return "-"
-    ci = "" if _missing(r["ci_low"]) else f" [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
-    return f"{r['paired_delta']:+.4f}{ci} (n={int(r['pairs'])})"
+    k, unit = unit_of(metric)
+    ci = "" if _missing(r["ci_low"]) else f" [{k * r['ci_low']:+.{_digits(k)}f}, {k * r['ci_high']:+.{_digits(k)}f}]"
+    return f"{k * r['paired_delta']:+.{_digits(k)}f}{unit}{ci} (n={int(r['pairs'])})"
 
 
-def verdict_cell(r) -> str:
-    """`**equivalent** (±0.005), differs: worse`; an inconclusive arm says how many seeds its spread needs."""
+def _digits(k: float) -> int:
+    return 2 if k == 100.0 else 4
+
+
+def verdict_cell(r, metric: str = "") -> str:
+    """`**equivalent** (±0.5 pts), differs: worse`; an inconclusive arm says how many seeds its spread needs."""
     if r["control"]:
         return "control"
-    margin = "" if _missing(r["margin"]) else f" (±{r['margin']:.4g})"
+    k, unit = unit_of(metric)
+    margin = "" if _missing(r["margin"]) else f" (±{k * r['margin']:.4g}{unit})"
     verdict = f"**{r['verdict']}**{margin}" if r["verdict"] in ("worse", "better", "equivalent") else r["verdict"] + margin
     if r.get("differs") and r["verdict"] == "equivalent":
         verdict += f", differs: {r['differs']}"
@@ -224,7 +235,10 @@ def _num(value, fmt: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
 
 
-def _pm(mean, std) -> str:
+def _pm(mean, std, metric: str = "") -> str:
     if isinstance(mean, float) and math.isnan(mean):
         return "-"
-    return f"{mean:.4f}" + ("" if isinstance(std, float) and math.isnan(std) else f" ± {std:.4f}")
+    k, unit = unit_of(metric)
+    digits = _digits(k)
+    return f"{k * mean:.{digits}f}" + ("" if isinstance(std, float) and math.isnan(std) else
+                                       f" ± {k * std:.{digits}f}") + unit
