@@ -223,18 +223,17 @@ class NumericsProbe:
         keys, values = list(taken), list(taken.values())
         totals: dict[str, list[float]] = {}
         scalars, histograms, forward = {}, {}, []
+        by_layer: dict[str, list[float]] = {}  # one TensorBoard tag per instrument: its per-layer values
         with open(self.path, "a") as out:
             for (kind, layer), v in zip(keys, values):
                 record = self.to_record(kind, layer, step, v)
-                out.write(json.dumps(record) + "\n")
-                scalars.update(_fraction_tags(record))  # fp8: numerics/underflow_frac/fp8/<layer>.<operand>
+                out.write(json.dumps(record) + "\n")  # every layer's figures, for the report and mptrain-numerics
+                for tag, value in _fraction_tags(record).items():
+                    by_layer.setdefault(tag.rpartition("/")[0], []).append(value)
                 if kind == "fp8":
                     continue  # per operand only: no "all" total
                 if kind == "forward":
                     forward.append(record)
-                    scalars[f"numerics/forward_amax/{layer}"] = record["amax"]
-                elif kind != "lost_update":
-                    histograms[f"numerics/grad_log2/{kind}/{layer}"] = record["log2_hist"]
                 merge = headroom.merge_lists if kind == "forward" else lambda a, b: [x + y for x, y in zip(a, b)]
                 totals[kind] = merge(totals[kind], v) if kind in totals else v
             if forward:
@@ -245,8 +244,11 @@ class NumericsProbe:
             scalars.update(_fraction_tags(record))
             if kind == "forward":
                 scalars["numerics/forward_amax/all"] = record["amax"]
+            elif kind != "lost_update":
+                histograms[f"numerics/grad_log2/{kind}/all"] = record["log2_hist"]
         tb.scalars(scalars, step)
         tb.histograms_raw(histograms, EXPONENTS.tolist(), step)
+        tb.histograms_raw(*_layer_histograms(by_layer), step)
 
     @staticmethod
     def to_record(kind: str, layer: str, step: int | None, v: list[float]) -> dict:
@@ -276,6 +278,25 @@ def _scale_in_effect(stepper):
         return float(stepper.grad_scaler._init_scale)  # GradScaler makes its scale lazily, at the first scale()
     scale = stepper.loss_scale
     return 1.0 if scale is None else scale.detach().clone()
+
+
+PERCENT_BINS = list(range(101))  # a share in percent (bin p holds [p, p+1) %), or headroom in whole bits
+
+
+def _layer_histograms(by_layer: dict[str, list[float]]) -> tuple[dict[str, list[float]], list[int]]:
+    """`numerics/by_layer/<instrument>/<kind>`: how many layers sit at each share, in percent bins (forward headroom:
+    in bits, 0 holding an overflow); each layer's own figure is in numerics.jsonl and the report."""
+    histograms = {}
+    for tag, values in by_layer.items():
+        bits = "headroom_bits" in tag
+        counts = [0.0] * len(PERCENT_BINS)
+        for v in values:
+            if not math.isfinite(v):
+                continue
+            index = min(max(int(math.floor(v if bits else 100 * v)), 0), len(PERCENT_BINS) - 1)
+            counts[index] += 1
+        histograms[tag.replace("numerics/", "numerics/by_layer/", 1)] = counts
+    return histograms, PERCENT_BINS
 
 
 def _fraction_tags(record: dict) -> dict[str, float]:
