@@ -221,3 +221,11 @@ def test_readme_mode_table_has_a_row_per_mode():
     rows = {line.split("|")[1].strip().split()[0].strip("`") for line in table.splitlines()[2:] if line.startswith("|")
             and not table.startswith("\n")}
     assert set(MODES) <= rows
+
+
+@pytest.mark.parametrize("override", ["seed=-1", "seed=4294967296"])
+def test_a_seed_numpy_would_refuse_is_one_line(compose_cfg, override):
+    from mptrain import schema
+
+    with pytest.raises(UserError, match=r"^seed must be an integer in \[0, 2\^32\)"):
+        schema.validate(compose_cfg(override))

@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from mptrain.errors import UserError
 from mptrain.schema import dataset, model, optim, plan, precision, telemetry, trainer
-from mptrain.schema.rules import check_fields, fail, help_lines, is_int  # noqa: F401 (re-exported)
+from mptrain.schema.rules import SEED, check_fields, fail, help_lines, is_int  # noqa: F401 (re-exported)
 
 GROUPS = {"dataset": dataset, "model": model, "optim": optim, "precision": precision, "trainer": trainer,
           "telemetry": telemetry}
@@ -119,8 +119,8 @@ def _unread_in(node, prefix: str, schema: type) -> None:
 def validate(cfg) -> None:
     """Ranges and cross-field rules of every group; the first failure raises the one-line UserError."""
     unread_keys(cfg)
-    if not is_int(cfg.get("seed")):
-        raise UserError(f"seed must be an integer (got {cfg.get('seed')!r}); e.g. seed=0")
+    if not SEED.ok(cfg.get("seed")):  # numpy would refuse it later, in a traceback
+        raise UserError(f"seed must be {SEED.text} (got {cfg.get('seed')!r}); e.g. seed=0")
     for module in GROUPS.values():
         module.check(cfg)
     plan.check(cfg)  # a root key, not a group: a reproduction preset's pre-registered plan

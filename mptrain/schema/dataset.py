@@ -11,6 +11,7 @@ from omegaconf import MISSING
 from mptrain.schema.rules import (
     NON_NEGATIVE,
     POSITIVE_INT,
+    SEED,
     Rule,
     check_fields,
     is_int,
@@ -52,7 +53,7 @@ class SyntheticImageConfig(ImageDataConfig):
     train_size: int = knob(2048, "training images", POSITIVE_INT)
     test_size: int = knob(512, "held-out images", POSITIVE_INT)
     noise: float = knob(1.0, "gaussian noise over the templates (larger: harder)", NON_NEGATIVE)
-    seed: int = knob(0, "the data's own seed (the same images whichever run seed trains)")
+    seed: int = knob(0, "the data's own seed (the same images whichever run seed trains)", SEED)
 
 
 @dataclass
@@ -84,7 +85,7 @@ class SyntheticTextConfig(TextStreamConfig):
                            Rule(lambda v: is_int(v) and 1 <= v <= 26, "an integer in [1, 26]"))
     branching: int = knob(3, "successors each letter may have", POSITIVE_INT)
     size: int = knob(20000, "characters generated", POSITIVE_INT)
-    seed: int = knob(0, "the source's own seed")
+    seed: int = knob(0, "the source's own seed", SEED)
 
 
 SCHEMAS = {"image_schema": ImageDataConfig, "synthetic_image_schema": SyntheticImageConfig,

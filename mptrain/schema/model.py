@@ -8,7 +8,7 @@ from typing import Any, Optional
 from omegaconf import MISSING
 
 from mptrain.errors import UserError
-from mptrain.schema.rules import HALF_OPEN_UNIT, POSITIVE, POSITIVE_INT, Rule, check_fields, is_int, knob, one_of
+from mptrain.schema.rules import HALF_OPEN_UNIT, POSITIVE, POSITIVE_INT, SEED, Rule, check_fields, is_int, knob, one_of
 
 RESNET_DEPTH = Rule(lambda v: is_int(v) and v >= 8 and (v - 2) % 6 == 0, "6n+2 with n >= 1 (20, 32, 44, 56, 110)")
 CELLS = ("lstm", "gru")
@@ -97,7 +97,7 @@ class DCGANConfig(ModelConfig):
     augment: bool = knob(False, "the GAN must learn the real images, not crops and flips of them")
     width: int = knob(32, "feature maps next to the image (ngf = ndf), x2 per layer inwards", POSITIVE_INT)
     latent: int = knob(100, "noise dimensions", POSITIVE_INT)
-    noise_seed: int = knob(0, "fixed noise for image grids and FID samples")
+    noise_seed: int = knob(0, "fixed noise for image grids and FID samples", SEED)
     fid: FidConfig = field(default_factory=FidConfig)
 
 

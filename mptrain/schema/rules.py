@@ -39,6 +39,7 @@ POSITIVE = Rule(lambda v: is_number(v) and v > 0, "a number > 0")
 NON_NEGATIVE = Rule(lambda v: is_number(v) and v >= 0, "a number >= 0")
 OPEN_UNIT = Rule(lambda v: is_number(v) and 0 < v < 1, "in (0, 1)")
 HALF_OPEN_UNIT = Rule(lambda v: is_number(v) and 0 <= v < 1, "in [0, 1)")
+SEED = Rule(lambda v: is_int(v) and 0 <= v < 2**32, "an integer in [0, 2^32) (NumPy's seed range)")
 ABOVE_ONE = Rule(lambda v: is_number(v) and v > 1, "a number > 1")
 
 
