@@ -132,7 +132,7 @@ class Trainer:
         return record
 
     def results(self) -> dict:
-        scales = {name: s.loss_scale for name, s in self.steppers.items() if s.loss_scale is not None}
+        scales = {name: s.current_scale for name, s in self.steppers.items() if s.current_scale is not None}
         samples_per_s, steps_per_s, spread = self.throughput.median_rates()
         return {
             "steps": self.step,
@@ -297,7 +297,7 @@ class Trainer:
         grads = nonfinite_grads(suspects)
         module = first_nonfinite_module(networks, self._replay)
         stepper = self.steppers[network] if network else next(iter(self.steppers.values()))
-        scale = float(stepper.loss_scale) if stepper.loss_scale is not None else None
+        scale = float(stepper.current_scale) if stepper.current_scale is not None else None
         event = self.overflows.record(step, network or "all", grads, module, scale)
         log.info("step %d: %s skipped: %s", step, event["network"], OverflowLog.describe(event))
         return event
@@ -319,7 +319,7 @@ class Trainer:
         if timing is None and not means:
             self.throughput.begin()
             return
-        scaled = any(s.scaler is not None or s.grad_scaler is not None for s in self.steppers.values())
+        scaled = any(s.scaler is not None for s in self.steppers.values())
         bad = {k: v for k, v in nonfinite.items() if v and k.split("/")[-1].startswith("loss")}
         if bad and not scaled:
             event = self._attribute_overflow(self.step, None)
@@ -333,9 +333,8 @@ class Trainer:
         self._check_buffers()
         for name, stepper in self.steppers.items():
             suffix = "" if len(self.steppers) == 1 else f"_{name}"
-            if stepper.loss_scale is not None:
-                values[f"amp/loss_scale{suffix}"] = float(stepper.loss_scale)
-            if stepper.scaler is not None or stepper.grad_scaler is not None:  # nothing is ever skipped without one
+            if stepper.scaler is not None:  # nothing is ever skipped without one
+                values[f"amp/loss_scale{suffix}"] = float(stepper.current_scale)
                 values[f"amp/skipped_steps{suffix}"] = stepper.skipped_steps
             values[f"optim/lr{suffix}"] = stepper.lr()
         self.tb.scalars(values, self.step)
@@ -355,12 +354,11 @@ class Trainer:
         """Per scaled network, the verdict on its loss-scale history (telemetry/scale_verdict.py)."""
         verdicts = {}
         for name, stepper in self.steppers.items():
-            if stepper.loss_scale is None:
+            if stepper.scaler is None:
                 continue
             events = self.overflows.history.get(name, []) + self.overflows.history.get("all", [])
-            dynamic = stepper.grad_scaler is not None or stepper.scaler.dynamic
-            verdicts[name] = scale_verdict(sorted(events, key=lambda e: e[0]), self.step, dynamic,
-                                           self.cfg.precision.growth_interval, float(stepper.loss_scale))
+            verdicts[name] = scale_verdict(sorted(events, key=lambda e: e[0]), self.step, stepper.scaler.dynamic,
+                                           self.cfg.precision.growth_interval, float(stepper.current_scale))
         return verdicts or None
 
     def _warn_if_mostly_skipped(self) -> None:

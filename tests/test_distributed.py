@@ -42,7 +42,7 @@ def _rank(rank: int, world: int, port: int, cfg_yaml: str, out: str, env: dict) 
     stepper = trainer.steppers["model"]
     masters = stepper.masters.master_params if stepper.masters else []
     torch.save({"weights": trainer.task.model.state_dict(), "masters": [m.detach() for m in masters],
-                "skipped": stepper.skipped_steps, "scale": float(stepper.loss_scale or 1),
+                "skipped": stepper.skipped_steps, "scale": float(stepper.current_scale or 1),
                 "loss": [v["train/loss"] for _, v in tb.points if "train/loss" in v]}, f"{out}/rank{rank}.pt")  # fmt: skip
     replicas.close()
 

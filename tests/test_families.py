@@ -156,8 +156,8 @@ def test_gan_scalers_skip_independently(compose_cfg, tmp_path):
     last_d.register_hook(lambda g: g * float("inf") if poison["on"] else g)
     before = {n: [p.detach().clone() for p in net.parameters()] for n, net in task.networks().items()}
     task.train_step(next(batches), steppers, precision)
-    assert steppers["d"].skipped_steps == 1 and float(steppers["d"].loss_scale) == 512.0  # halved, step skipped
-    assert steppers["g"].skipped_steps == 0 and float(steppers["g"].loss_scale) == 1024.0
+    assert steppers["d"].skipped_steps == 1 and float(steppers["d"].current_scale) == 512.0  # halved, step skipped
+    assert steppers["g"].skipped_steps == 0 and float(steppers["g"].current_scale) == 1024.0
     assert all(torch.equal(a, b) for a, b in zip(before["d"], task.d.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(before["g"], task.g.parameters()))
 

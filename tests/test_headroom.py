@@ -57,7 +57,7 @@ def test_the_probe_names_the_first_module_that_overflows_fp16(tmp_path):
     model.boost = _Boost()
 
     class Stepper:  # what capture() reads of a stepper
-        params, masters, loss_scale, grad_scaler = list(model.parameters()), None, None, None
+        params, masters, current_scale = list(model.parameters()), None, None
 
     probe = NumericsProbe(1, tmp_path)
     with probe.capture({"model": model}, {"model": Stepper()}):
@@ -95,7 +95,7 @@ def test_the_probe_records_each_linears_fp8_operands(tmp_path):
     model = _Planted()
 
     class Stepper:
-        params, masters, loss_scale, grad_scaler = list(model.parameters()), None, None, None
+        params, masters, current_scale = list(model.parameters()), None, None
 
     probe = NumericsProbe(1, tmp_path)
     with probe.capture({"model": model}, {"model": Stepper()}):

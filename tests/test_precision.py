@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mptrain.precision import MODES, Precision
+from mptrain.precision import MODES, GradScalerAdapter, Precision
 from mptrain.tasks.classification import ClassificationTask
 
 CPU = torch.device("cpu")
@@ -81,7 +81,7 @@ def test_overflow_skips_the_step_and_the_lr_schedule(compose_cfg):
     assert stepper.step() is False
     assert model.weight.item() == 1.0 and stepper.masters.master_params[0].item() == 1.0
     assert stepper.lr() == 0.5  # schedule not advanced
-    assert stepper.skipped_steps == 1 and float(stepper.loss_scale) == 2.0**15
+    assert stepper.skipped_steps == 1 and float(stepper.current_scale) == 2.0**15
     stepper.zero_grad()
     stepper.backward(model(torch.tensor([[1.0]])).float().sum())
     assert stepper.step() is True
@@ -92,11 +92,11 @@ def test_torch_amp_mode_counts_skipped_steps(compose_cfg):
     engine = _engine(compose_cfg, "amp")
     model = engine.prepare(_unit_weight_model())
     stepper = engine.stepper(model, _sgd(0.1))
-    assert stepper.grad_scaler is not None and stepper.scaler is None
+    assert isinstance(stepper.scaler, GradScalerAdapter)  # torch.amp.GradScaler behind the Scaler interface
     stepper.zero_grad()
     stepper.backward(model(torch.tensor([[float("inf")]])).float().sum())
     assert stepper.step() is False and stepper.skipped_steps == 1
-    assert model.weight.item() == 1.0 and float(stepper.loss_scale) == 2.0**15  # GradScaler backed off
+    assert model.weight.item() == 1.0 and float(stepper.current_scale) == 2.0**15  # GradScaler backed off
     stepper.zero_grad()
     stepper.backward(model(torch.tensor([[1.0]])).float().sum())
     assert stepper.step() is True
@@ -209,4 +209,4 @@ def test_stepper_state_round_trips_and_continues_identically(compose_cfg):
         task_b.train_step(batch, {"model": stepper_b}, engine)
     for a, b in zip(stepper_a.masters.master_params, stepper_b.masters.master_params):
         assert torch.equal(a, b)
-    assert float(stepper_a.loss_scale) == float(stepper_b.loss_scale) == 2.0**18  # grew twice, interval 2
+    assert float(stepper_a.current_scale) == float(stepper_b.current_scale) == 2.0**18  # grew twice, interval 2

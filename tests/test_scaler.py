@@ -83,3 +83,33 @@ def test_state_dict_round_trip_continues_identically():
     assert b.state_dict() == a.state_dict()
     assert _ours(b, PATTERN[11:]) == _ours(a, PATTERN[11:])
     assert b.skipped_steps == a.skipped_steps > 0
+
+
+def test_grad_scaler_behind_the_scaler_interface_follows_torchs_own_protocol():
+    """The adapter decides once and steps the optimizer itself; its scale and skips match GradScaler.step's."""
+    from mptrain.precision import GradScalerAdapter
+
+    def run(adapted: bool):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.SGD([w], lr=0.1)
+        gs = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=2)
+        adapter = GradScalerAdapter(gs)
+        scales = []
+        for poison in [False, True, False, False, False]:
+            opt.zero_grad()
+            loss = (w * (float("inf") if poison else 1.0)).sum()
+            (adapter.scale(loss) if adapted else gs.scale(loss)).backward()
+            if adapted:
+                overflow = bool(adapter.unscale_([w.grad], opt).item())
+                if not overflow:
+                    opt.step()
+                adapter.update(overflow)
+            else:
+                gs.step(opt)
+                gs.update()
+            scales.append(float(adapter.scale_tensor))
+        return scales, w.detach().clone(), adapter.skipped_steps
+
+    (ours, w_ours, skipped), (theirs, w_theirs, _) = run(True), run(False)
+    assert ours == theirs and torch.equal(w_ours, w_theirs) and skipped == 1

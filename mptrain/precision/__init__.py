@@ -22,11 +22,12 @@ from mptrain.precision import emulation
 from mptrain.precision.casting import cast_model
 from mptrain.precision.emulation import EmulatedFP16Kernels, emulates
 from mptrain.precision.modes import MODES, ModeSpec
-from mptrain.precision.scaler import LossScaleCollapsed, LossScaler
+from mptrain.precision.scaler import GradScalerAdapter, LossScaleCollapsed, LossScaler, Scaler
 from mptrain.precision.stepper import PrecisionStepper
 from mptrain.schema import typed
 
-__all__ = ["MODES", "ModeSpec", "LossScaler", "LossScaleCollapsed", "Precision", "PrecisionStepper"]
+__all__ = ["MODES", "ModeSpec", "GradScalerAdapter", "LossScaler", "LossScaleCollapsed", "Precision",
+           "PrecisionStepper", "Scaler"]
 
 
 class Precision:
@@ -99,15 +100,15 @@ class Precision:
     def stepper(self, model, make_optimizer, make_scheduler=None, max_grad_norm=None,
                 agree_on_overflow=None) -> PrecisionStepper:
         scale = self.cfg.loss_scale
-        scaler = grad_scaler = None
+        scaler = None
         if scale is not None and self.spec.name == "amp" and scale == "dynamic":
-            grad_scaler = torch.amp.GradScaler(
+            scaler = GradScalerAdapter(torch.amp.GradScaler(
                 self.device.type,
                 init_scale=self.cfg.init_scale,
                 growth_factor=self.cfg.growth_factor,
                 backoff_factor=self.cfg.backoff_factor,
                 growth_interval=self.cfg.growth_interval,
-            )
+            ))
         elif scale is not None:
             dynamic = scale == "dynamic"
             scaler = LossScaler(
@@ -127,7 +128,6 @@ class Precision:
             make_scheduler,
             master_weights=self.spec.master_weights,
             scaler=scaler,
-            grad_scaler=grad_scaler,
             max_grad_norm=max_grad_norm,
             agree_on_overflow=agree_on_overflow,
         )

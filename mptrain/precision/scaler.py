@@ -1,4 +1,4 @@
-"""Loss scaling (the paper's technique 2) for fp16 *and* fp32 gradients.
+"""Loss scaling (the paper's technique 2) for fp16 *and* fp32 gradients, behind one interface (`Scaler`).
 
 torch.amp.GradScaler refuses fp16 gradients, so the paper's fp16 modes need their
 own scaler. This one is built on the same fused primitives GradScaler uses
@@ -12,6 +12,7 @@ and a count of skipped steps. The only host sync is the caller's skip decision.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Protocol
 
 import torch
 
@@ -21,6 +22,29 @@ from mptrain.errors import Diverged
 class LossScaleCollapsed(Diverged):
     """The dynamic scale fell below its floor (gradients overflow even unscaled), or a static scale overflowed
     `max_consecutive_skips` steps in a row (no update is being applied)."""
+
+
+class Scaler(Protocol):
+    """What a stepper needs of a loss scaler (as timm gives NativeScaler and ApexScaler one interface): mptrain's
+    `LossScaler` and `GradScalerAdapter` (torch.amp.GradScaler, for precision=amp) both provide it."""
+
+    dynamic: bool
+    skipped_steps: int
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor: ...
+
+    def unscale_(self, grads: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Unscale in place; the found-inf flag as a device tensor (no host sync)."""
+
+    def update(self, found_inf: bool) -> None:
+        """Advance after the caller's skip decision (which rules, e.g. agreed across data-parallel ranks)."""
+
+    @property
+    def scale_tensor(self) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def group_by_device_and_dtype(tensors):
@@ -66,7 +90,7 @@ class LossScaler:
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self._scale.to(loss.dtype)
 
-    def unscale_(self, grads: list[torch.Tensor]) -> torch.Tensor:
+    def unscale_(self, grads: list[torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
         """Divide `grads` by the scale in place; return the found-inf flag (device tensor)."""
         self._found_inf.zero_()
         inv_scale = self._scale.double().reciprocal().float()
@@ -144,3 +168,49 @@ class LossScaler:
         self.consecutive_skips = state.get("consecutive_skips", 0)  # checkpoints before it was kept: 0
         for key in ("dynamic", "growth_factor", "backoff_factor", "growth_interval", "hysteresis", "min_scale"):
             setattr(self, key, state[key])
+
+
+class GradScalerAdapter:
+    """torch.amp.GradScaler behind the `Scaler` interface: the only place mptrain reads its private fields.
+
+    GradScaler.step would sync again for a decision the stepper already made once; so the stepper unscales,
+    decides, steps the optimizer itself, and `update` writes that decision into the flags GradScaler recorded
+    (so a decision agreed across ranks rules here too) before GradScaler updates its scale."""
+
+    dynamic = True
+
+    def __init__(self, grad_scaler: torch.amp.GradScaler):
+        self.grad_scaler = grad_scaler
+        self.skipped_steps = 0
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.grad_scaler.scale(loss)
+
+    def unscale_(self, grads: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        self._optimizer = optimizer
+        self.grad_scaler.unscale_(optimizer)
+        return sum(self._flags().values())
+
+    def update(self, found_inf: bool) -> None:
+        for flag in self._flags().values():
+            flag.fill_(float(found_inf))
+        self.grad_scaler.update()
+        self.skipped_steps += int(found_inf)
+
+    def _flags(self) -> dict:
+        return self.grad_scaler._found_inf_per_device(self._optimizer)
+
+    @property
+    def scale_tensor(self) -> torch.Tensor:
+        """The current scale (GradScaler makes it lazily, at the first scale(): its initial scale until then)."""
+        if self.grad_scaler._scale is None:
+            return torch.tensor(float(self.grad_scaler._init_scale))
+        return self.grad_scaler._scale
+
+    def state_dict(self) -> dict:
+        return {**self.grad_scaler.state_dict(), "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.grad_scaler.load_state_dict({k: v for k, v in state.items() if k != "skipped_steps"})

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mptrain.precision.master import MasterWeights
-from mptrain.precision.scaler import LossScaler
+from mptrain.precision.scaler import Scaler
 
 
 class PrecisionStepper:
@@ -26,8 +26,7 @@ class PrecisionStepper:
         make_scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
         *,
         master_weights: bool = False,
-        scaler: LossScaler | None = None,
-        grad_scaler: torch.amp.GradScaler | None = None,
+        scaler: Scaler | None = None,
         max_grad_norm: float | None = None,
         agree_on_overflow: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
@@ -43,11 +42,9 @@ class PrecisionStepper:
         self.params = params
         self.optimizer = make_optimizer(params)
         self.scheduler = make_scheduler(self.optimizer) if make_scheduler else None
-        self.scaler = scaler
-        self.grad_scaler = grad_scaler
+        self.scaler = scaler  # one optional loss scaler, whichever it is (mptrain's, or torch's GradScaler)
         self.max_grad_norm = max_grad_norm
         self.steps_applied = 0
-        self._torch_amp_skipped = 0
         # what a forward updates besides weights (BatchNorm's running statistics and batch count): kept from
         # before each scaled step's forward, restored when the step is skipped, so a skip leaves no trace
         self._buffers = list(model.buffers())
@@ -64,7 +61,7 @@ class PrecisionStepper:
     @property
     def keeps_buffers(self) -> bool:
         """Whether each step keeps its forward's buffers: only a scaled step can be skipped."""
-        return (self.scaler is not None or self.grad_scaler is not None) and bool(self._buffers)
+        return self.scaler is not None and bool(self._buffers)
 
     def keep_buffers(self) -> None:
         """The snapshot a skip restores: one foreach copy of the buffers (allocated on the first step)."""
@@ -79,21 +76,17 @@ class PrecisionStepper:
             torch._foreach_copy_(self._buffers, self._buffers_before)
 
     def backward(self, loss: torch.Tensor) -> None:
-        if self.grad_scaler is not None:
-            loss = self.grad_scaler.scale(loss)
-        elif self.scaler is not None:
+        if self.scaler is not None:
             loss = self.scaler.scale(loss)
         loss.backward()
 
     def step(self) -> bool:
         """Apply the update unless gradients overflowed; return whether it was applied."""
-        if self.grad_scaler is not None:
-            return self._step_torch_amp()
         grads = self.masters.grads_to_master() if self.masters else self._grads()
         for hook in self.grad_hooks:
             hook(grads)
         if self.scaler is not None:
-            found_inf = self.agree_on_overflow(self.scaler.unscale_(grads))
+            found_inf = self.agree_on_overflow(self.scaler.unscale_(grads, self.optimizer))
             overflow = bool(found_inf.item())  # the one host sync: skip or not
             self.scaler.update(overflow)
             if overflow:
@@ -103,25 +96,6 @@ class PrecisionStepper:
         self._update()
         if self.masters:
             self.masters.master_to_model()
-        return self._advance()
-
-    def _step_torch_amp(self) -> bool:
-        # GradScaler.step would sync again for the same decision: decide once, step ourselves;
-        # update() reads the inf flags unscale_ recorded
-        gs = self.grad_scaler
-        for hook in self.grad_hooks:
-            hook(self._grads())
-        gs.unscale_(self.optimizer)
-        found_inf = [self.agree_on_overflow(v) for v in gs._found_inf_per_device(self.optimizer).values()]
-        overflow = bool(sum(found_inf).item())
-        if not overflow:
-            self._clip(self._grads())
-            self._update()
-        gs.update()
-        if overflow:
-            self._torch_amp_skipped += 1
-            self._undo_forward()
-            return False
         return self._advance()
 
     def _update(self) -> None:
@@ -146,17 +120,13 @@ class PrecisionStepper:
 
     # -- what telemetry and checkpoints read ----------------------------------------------
     @property
-    def loss_scale(self) -> torch.Tensor | None:
-        """Current loss scale as a device tensor (None when unscaled)."""
-        if self.grad_scaler is not None:
-            return self.grad_scaler._scale  # private, but reading it avoids get_scale()'s sync
+    def current_scale(self) -> torch.Tensor | None:
+        """The loss scale in effect now, a device tensor (None when unscaled); `precision.loss_scale` is the policy."""
         return self.scaler.scale_tensor if self.scaler is not None else None
 
     @property
     def skipped_steps(self) -> int:
-        if self.scaler is not None:
-            return self.scaler.skipped_steps
-        return self._torch_amp_skipped
+        return self.scaler.skipped_steps if self.scaler is not None else 0
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -198,8 +168,6 @@ class PrecisionStepper:
             state["scheduler"] = self.scheduler.state_dict()
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
-        if self.grad_scaler is not None:
-            state["grad_scaler"] = self.grad_scaler.state_dict()
         return state
 
     @torch.no_grad()
@@ -212,9 +180,7 @@ class PrecisionStepper:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        if self.grad_scaler is not None:
-            self.grad_scaler.load_state_dict(state["grad_scaler"])
+            self.scaler.load_state_dict(state["scaler"] if "scaler" in state else state["grad_scaler"])
 
     def replan_schedule(self, make_scheduler: Callable) -> None:
         """A new LR schedule (e.g. for a longer run), advanced to where this stepper is: as many schedule steps

@@ -274,9 +274,7 @@ def _own_precision_weights(net: nn.Module, stepper) -> bool:
 
 def _scale_in_effect(stepper):
     """The loss scale this step's backward runs under (a copy: the scaler updates its own in place)."""
-    if stepper.grad_scaler is not None and stepper.grad_scaler._scale is None:
-        return float(stepper.grad_scaler._init_scale)  # GradScaler makes its scale lazily, at the first scale()
-    scale = stepper.loss_scale
+    scale = stepper.current_scale
     return 1.0 if scale is None else scale.detach().clone()
 
 
