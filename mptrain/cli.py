@@ -19,10 +19,10 @@ import hydra
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import OmegaConf
 
-from mptrain.paths import config_dir
+from mptrain.paths import claim_run_dir, config_dir
 from mptrain.schema import describe_composition_error
 
-__all__ = ["config_dir", "main", "sweep_dirname"]
+__all__ = ["claim_run_dir", "config_dir", "main", "sweep_dirname"]
 
 MAX_DIRNAME = 120  # file systems stop at 255 bytes a name; keep sweep folders readable well below
 EXCLUDED_FROM_DIRNAME = {"seed"}  # seeds of one setting sit side by side under it
@@ -42,23 +42,6 @@ def sweep_dirname(overrides) -> str:
 
 
 OmegaConf.register_new_resolver("mptrain_sweep_dirname", sweep_dirname, replace=True)
-
-
-CLAIMED: set[str] = set()  # run folders this process made (a refused config removes its own, never another's)
-
-
-def claim_run_dir(parent: str, stamp: str) -> str:
-    """A run folder of its own: `parent/stamp`, or `stamp_2`, `stamp_3`, ... when a run started in the same second
-    has it (created here, atomically, so two runs never share one and neither overwrites the other)."""
-    for n in range(1, 10_000):
-        candidate = Path(parent, stamp if n == 1 else f"{stamp}_{n}")
-        try:
-            candidate.mkdir(parents=True, exist_ok=False)
-        except FileExistsError:
-            continue
-        CLAIMED.add(str(candidate.resolve()))
-        return str(candidate)
-    raise FileExistsError(f"{parent}/{stamp}: 10,000 runs started in this second")
 
 
 # cached: one config object resolves hydra.run.dir to one folder however often it is read

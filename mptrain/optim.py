@@ -12,9 +12,7 @@ from torch.optim import lr_scheduler
 
 from mptrain.errors import UserError
 from mptrain.precision import rounding
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "step", "none")
+from mptrain.schema.optim import OPTIMIZERS, SCHEDULES  # the one list of names (torch-free)
 
 
 def _param_groups(params: list[nn.Parameter], cfg) -> list[dict]:

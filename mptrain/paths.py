@@ -1,4 +1,4 @@
-"""Where mptrain's config tree is: one small, torch-free module every console script imports."""
+"""Where mptrain's config tree and run folders are: one small, torch-free module every console script imports."""
 
 from __future__ import annotations
 
@@ -17,3 +17,20 @@ def config_dir() -> str:
 def group_options(group: str) -> list[str]:
     """The options of a config group: its YAML files (the schemas in Hydra's ConfigStore are not options)."""
     return sorted(p.stem for p in Path(config_dir(), group).glob("*.yaml"))
+
+
+CLAIMED: set[str] = set()  # run folders this process made (a refused config removes its own, never another's)
+
+
+def claim_run_dir(parent: str, stamp: str) -> str:
+    """A run folder of its own: `parent/stamp`, or `stamp_2`, `stamp_3`, ... when a run started in the same second
+    has it (created here, atomically, so two runs never share one and neither overwrites the other)."""
+    for n in range(1, 10_000):
+        candidate = Path(parent, stamp if n == 1 else f"{stamp}_{n}")
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            continue
+        CLAIMED.add(str(candidate.resolve()))
+        return str(candidate)
+    raise FileExistsError(f"{parent}/{stamp}: 10,000 runs started in this second")

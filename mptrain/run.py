@@ -93,7 +93,7 @@ def resume_command(overrides: list[str], run_dir: Path) -> str:
 
 
 def _claimed_here(run_dir: Path) -> bool:
-    from mptrain.cli import CLAIMED
+    from mptrain.paths import CLAIMED
 
     return str(Path(run_dir).resolve()) in CLAIMED
 

@@ -210,3 +210,10 @@ def test_stepper_state_round_trips_and_continues_identically(compose_cfg):
     for a, b in zip(stepper_a.masters.master_params, stepper_b.masters.master_params):
         assert torch.equal(a, b)
     assert float(stepper_a.current_scale) == float(stepper_b.current_scale) == 2.0**18  # grew twice, interval 2
+
+
+def test_the_fp16_arithmetic_list_is_the_modes_with_an_fp16_dtype():
+    from mptrain.schema.precision import FP16_ARITHMETIC
+
+    with_fp16 = {name for name, spec in MODES.items() if torch.float16 in (spec.param_dtype, spec.autocast_dtype)}
+    assert with_fp16 == set(FP16_ARITHMETIC)

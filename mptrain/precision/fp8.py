@@ -20,8 +20,6 @@ from torch import nn
 
 from mptrain.errors import UserError
 
-RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao's names
-
 
 def has_fp8_units(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)

@@ -24,6 +24,7 @@ from mptrain.schema.rules import (
 # the one list of mode names (torch-free: the CLI, bench and report read it without importing torch)
 MODES = ("fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16", "bf16_pure", "bf16_sr", "bf16_kahan", "fp8")
 CPU_FP16 = ("auto", "emulate", "native")
+FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao's float8 recipe names
 ACCUMULATE = ("fp32", "fp16")  # precision.accumulate and precision.reductions
 FP16_ARITHMETIC = ("fp16_naive", "fp16_master", "mixed", "amp")  # the modes with FP16 products
 LOSS_SCALE = Rule(lambda v: v == "dynamic" or (is_number(v) and 0 < v < math.inf), "dynamic, null or a finite number > 0")
@@ -63,7 +64,7 @@ class PrecisionConfig:
                                    "(every partial sum rounded to FP16; emulated CPU kernels only)",
                            one_of(*ACCUMULATE), example="fp32")
     fp8_recipe: str = knob("tensorwise", "precision=fp8: torchao's float8 recipe, tensorwise | rowwise | "
-                                         "rowwise_with_gw_hp", one_of("tensorwise", "rowwise", "rowwise_with_gw_hp"))
+                                         "rowwise_with_gw_hp", one_of(*FP8_RECIPES))
 
 
 SCHEMAS = {"precision_schema": PrecisionConfig}
