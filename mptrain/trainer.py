@@ -28,7 +28,7 @@ from mptrain.telemetry.memory import PeakMemory
 from mptrain.telemetry.meters import MeanMeter
 from mptrain.telemetry.numerics import NumericsProbe
 from mptrain.telemetry.overflow import OverflowLog, first_nonfinite_module, nonfinite_grads
-from mptrain.telemetry.scale_verdict import scale_verdict
+from mptrain.telemetry.scale_history import scale_verdict
 from mptrain.telemetry.summary import format_value
 from mptrain.telemetry.tensorboard import TensorBoardLogger
 from mptrain.telemetry.throughput import Throughput
@@ -351,7 +351,7 @@ class Trainer:
 
     # -- helpers -------------------------------------------------------------------------
     def _scale_verdicts(self) -> dict | None:
-        """Per scaled network, the verdict on its loss-scale history (telemetry/scale_verdict.py)."""
+        """Per scaled network, the verdict on its loss-scale history (telemetry/scale_history.py)."""
         verdicts = {}
         for name, stepper in self.steppers.items():
             if stepper.scaler is None:

@@ -245,7 +245,7 @@ def _runs(arm: str, metrics: list[float], status: str = "completed"):
     ([30.5, 30.7, 30.4, 30.5, 30.6], False, 0.3, "worse"),  # perplexity up by 0.5 > 1 % of 30: lower is better
 ])
 def test_each_verdict_from_constructed_runs(arm, higher, margin, verdict):
-    from mptrain.report.verdict import paired_verdict
+    from mptrain.report.paired_verdict import paired_verdict
 
     control = _runs("fp32", [0.900, 0.901, 0.900, 0.900, 0.901] if higher else [30.0, 30.1, 29.9, 30.0, 30.1])
     result = paired_verdict(_runs("x", arm), control, higher, margin)  # pairs: the seeds both arms have

@@ -14,7 +14,7 @@ from scipy import stats
 
 from mptrain.report.cli import build, main
 from mptrain.report.export import export_runs
-from mptrain.report.verdict import paired_verdict, seeds_needed
+from mptrain.report.paired_verdict import paired_verdict, seeds_needed
 
 FIXTURE = Path(__file__).parent / "fixtures" / "records"
 EXPECTED = Path(__file__).parent / "fixtures" / "records_comparison.csv"

@@ -51,9 +51,9 @@ def parse_args(argv):
 
 def build(dirs: list[Path], out: Path, fmt: str, margin_specs: list[str] | None = None,
           metric: str = "primary") -> list[Path]:
+    from mptrain.report.paired_verdict import parse_margins
     from mptrain.report.render import write_html, write_machine, write_markdown
     from mptrain.report.runs import load_runs
-    from mptrain.report.verdict import parse_margins
 
     margins = parse_margins(margin_specs)
     runs = load_runs(dirs, metric)

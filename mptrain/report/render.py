@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 
 from mptrain.report import plots
+from mptrain.report.paired_verdict import CONFIDENCE
 from mptrain.report.runs import forward_amax
 from mptrain.report.tables import comparison, delta_with_ci, headroom_markdown, plan_markdown, to_markdown, verdict_cell
-from mptrain.report.verdict import CONFIDENCE
 
 
 def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: dict | None = None) -> Path:

@@ -12,8 +12,8 @@ import math
 
 import pandas as pd
 
+from mptrain.report.paired_verdict import VERDICT_COLUMNS, margin_for, paired_verdict
 from mptrain.report.runs import CONTROL
-from mptrain.report.verdict import VERDICT_COLUMNS, margin_for, paired_verdict
 
 COLUMNS = ["arm", "control", "runs", "status", "metric_mean", "metric_std", "delta_vs_fp32", *VERDICT_COLUMNS,
            "verdict_note", "exploratory", "samples_per_s", "speed_spread", "speedup_vs_fp32", "peak_memory_mb", "memory_ratio_vs_fp32",

@@ -74,7 +74,7 @@ def _kernels(s: dict) -> str:
 
 
 def describe(verdict: dict) -> str:
-    from mptrain.telemetry.scale_verdict import describe as words
+    from mptrain.telemetry.scale_history import describe as words
 
     return words(verdict)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cli_helpers import mptrain, read_summary
-from mptrain.telemetry.scale_verdict import scale_verdict
+from mptrain.telemetry.scale_history import scale_verdict
 
 DESCENT = [(1, 65536.0, "model.fc.weight"), (2, 32768.0, "model.fc.weight"), (3, 16384.0, "model.fc.weight")]
 
@@ -50,7 +50,7 @@ def test_a_run_overflowing_in_one_named_layer_gets_trouble_naming_it(tmp_path):
 def test_verdicts_for_runs_made_before_the_verdict_existed(tmp_path, capsys):
     import json
 
-    from mptrain.scripts.scale_verdicts import main
+    from mptrain.scripts.backfill_scale_history import main
 
     run = tmp_path / "mixed" / "seed=0"
     run.mkdir(parents=True)

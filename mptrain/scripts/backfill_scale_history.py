@@ -1,7 +1,7 @@
-"""The loss-scale verdict (telemetry/scale_verdict.py) for runs made before summary.json carried it, from the
+"""The loss-scale verdict (telemetry/scale_history.py) for runs made before summary.json carried it, from the
 overflow events they kept (exact when every skip was kept: at most telemetry.overflow_events, 20 by default).
 
-    python -m mptrain.scripts.scale_verdicts <run or sweep dir>... > verdicts.md
+    python -m mptrain.scripts.backfill_scale_history <run or sweep dir>... > verdicts.md
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from mptrain.telemetry.scale_verdict import describe, scale_verdict
+from mptrain.telemetry.scale_history import describe, scale_verdict
 
 
 def main(dirs: list[str]) -> int:
