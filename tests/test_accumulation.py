@@ -258,6 +258,7 @@ def test_on_cuda_the_setting_is_refused_in_one_line():
         Precision({"mode": "mixed", "accumulate": "fp16"}, torch.device("cuda"))
 
 
+@pytest.mark.e2e
 def test_fp16_accumulation_trains_and_says_so_in_the_summary(tmp_path):
     from cli_helpers import TINY, mptrain, read_summary
 
@@ -271,6 +272,7 @@ def test_fp16_accumulation_trains_and_says_so_in_the_summary(tmp_path):
     assert summary["env"]["git_commit"] and "torch" in summary["env"]["packages"]
 
 
+@pytest.mark.e2e
 def test_fp16_reductions_train_a_resnet_end_to_end(tmp_path):
     from cli_helpers import TINY, mptrain, read_summary
 

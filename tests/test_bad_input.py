@@ -140,6 +140,7 @@ AT_COMPOSITION = {"lr-word", "batch-float", "flag-word", "devices-word", "split-
                   "unknown-option", "bad-grammar"}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case, args, says", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gets_one_line_and_exit_2(saved, tmp_path, case, args, says):
     inputs, cwd = tmp_path / "inputs", tmp_path / "cwd"
@@ -162,6 +163,7 @@ def test_bad_input_gets_one_line_and_exit_2(saved, tmp_path, case, args, says):
         assert read_summary(cwd / "run")["status"] == "failed"
 
 
+@pytest.mark.e2e
 def test_torchrun_with_a_sweep_is_one_line_and_writes_nothing(tmp_path):
     out = mptrain("-m", "precision=fp32,amp", cwd=tmp_path, env={"WORLD_SIZE": "2", "RANK": "0"})
     assert out.returncode == 2 and out.stderr.strip().startswith("mptrain: error: torchrun runs one job")

@@ -20,6 +20,7 @@ def bench(*args, cwd):
     return subprocess.run([*BENCH, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.e2e
 def test_bench_measures_ours_and_the_bare_loop_and_derives_the_ratios(tmp_path):
     out = bench(*SMALL, "--modes", "fp32,bf16,mixed", "--batch-sizes", "8,16", *QUICK, "--out", str(tmp_path / "b"),
                 cwd=tmp_path)  # fmt: skip
@@ -51,6 +52,7 @@ def test_bench_measures_ours_and_the_bare_loop_and_derives_the_ratios(tmp_path):
     assert "| fp32 | 8 |" in path.with_suffix(".md").read_text() and "buffer snapshot" in path.with_suffix(".md").read_text()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args, says", [
     (["--modes", "fp64"], "--modes"),
     (["--batch-sizes", "0"], "--batch-sizes"),

@@ -34,6 +34,7 @@ LM = ["debug=tiny_lm", "model=transformer", "model.heads=2", "model.width=32", "
       f"trainer.max_steps={2 * N}", f"trainer.checkpoint_every={N}", "trainer.log_every=1", "trainer.eval_every=3"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["fp32", pytest.param("mixed", marks=pytest.mark.slow),
                                   pytest.param("fp16_naive", marks=pytest.mark.slow),
                                   pytest.param("bf16_sr", marks=pytest.mark.slow),  # torchao's AdamW state
@@ -64,6 +65,7 @@ def test_resume_after_sigkill_continues_bit_identically(tmp_path, mode):
     assert min(loss_b) == N + 1 and all(loss_a[step] == value for step, value in loss_b.items())  # same metrics, step by step
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_language_model_resumes_its_hidden_state_mid_epoch(tmp_path):
     args = ["model=lstm_lm", "dataset=synthetic_text", "model.width=8", "dataset.batch_size=4", "dataset.bptt=8",
@@ -93,6 +95,7 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint_whole(tmp_path, monkey
     assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILENAME]  # no temp file left behind
 
 
+@pytest.mark.e2e
 def test_sigterm_saves_a_checkpoint_and_records_interrupted(tmp_path):
     run = tmp_path / "run"
     done = sigterm_once_training(*TINY, "trainer.max_steps=100000", "trainer.log_every=1", f"hydra.run.dir={run}",
@@ -103,6 +106,7 @@ def test_sigterm_saves_a_checkpoint_and_records_interrupted(tmp_path):
     assert _load(run)["step"] == summary["steps"] > 0
 
 
+@pytest.mark.e2e
 def test_sigterm_stops_a_whole_sweep_not_just_its_job(tmp_path):
     done = sigterm_once_training("-m", "seed=0,1,2", *TINY, "trainer.max_steps=100000", "trainer.log_every=1",
                                  f"hydra.sweep.dir={tmp_path / 'sweep'}", watch=tmp_path / "sweep", cwd=tmp_path)
@@ -111,6 +115,7 @@ def test_sigterm_stops_a_whole_sweep_not_just_its_job(tmp_path):
     assert len(summaries) == 1 and read_summary(summaries[0].parent)["status"] == "interrupted"  # no next job started
 
 
+@pytest.mark.e2e
 def test_resuming_for_a_longer_run_is_refused_or_replans_the_schedule(tmp_path):
     """A finished 4-step cosine run resumed with trainer.max_steps=8: refused in one line (its schedule would
     climb back up), or with trainer.replan_schedule=true rebuilt for 8 steps: the LR then equals, step for step,

@@ -17,6 +17,7 @@ TAGS = {
 }
 
 
+@pytest.mark.e2e
 def test_cfg_job_prints_the_composed_config(tmp_path):
     out = mptrain("--cfg", "job", "precision=mixed", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -26,6 +27,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert list(tmp_path.iterdir()) == []  # printing a config writes nothing
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("override, group", [("model=nope", "model"), ("precision=fp4", "precision"),
                                               ("dataset=imagenet", "dataset"), ("optim=lion", "optim")])
 def test_unknown_choice_lists_the_options(tmp_path, override, group):
@@ -39,6 +41,7 @@ def test_unknown_choice_lists_the_options(tmp_path, override, group):
     assert "Traceback" not in out.stderr + out.stdout and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_cuda_requested_without_cuda_is_one_line(tmp_path):
     import torch
 
@@ -49,6 +52,7 @@ def test_cuda_requested_without_cuda_is_one_line(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.e2e
 def test_run_dir_holds_hydra_tb_and_a_complete_summary(tmp_path):
     run = tmp_path / "run"
     out = mptrain("precision=mixed", "precision.cpu_fp16=native", *TINY, "trainer.max_steps=6", f"hydra.run.dir={run}",
@@ -70,6 +74,7 @@ def test_run_dir_holds_hydra_tb_and_a_complete_summary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("mode, extra, message", [
     ("fp32", [], "non-finite loss at step 2 (no loss scaler to skip it)"),
     ("mixed", ["precision.min_scale=256"], "below precision.min_scale=256"),
@@ -85,6 +90,7 @@ def test_divergence_stops_with_status_and_step(tmp_path, mode, extra, message):
     assert summary["status"] == "diverged" and "step" in summary["error"]
 
 
+@pytest.mark.e2e
 def test_missing_data_is_one_line_with_the_fixes(tmp_path):
     run = tmp_path / "run"
     out = mptrain("dataset=mnist", f"dataset.root={tmp_path / 'data'}", "dataset.download=false",

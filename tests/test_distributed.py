@@ -91,6 +91,7 @@ def test_two_ranks_of_batch_b_train_as_one_process_of_batch_2b(compose_cfg, tmp_
         torch.testing.assert_close(two[0]["weights"][name], weight, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_cli_trainer_devices_2_runs_ddp_and_rank_0_reports(tmp_path):
     run_dir = tmp_path / "run"
     done = mptrain(*TINY, "model=resnet", "trainer.device=cpu", "trainer.devices=2", "precision=amp",
@@ -105,6 +106,7 @@ def test_cli_trainer_devices_2_runs_ddp_and_rank_0_reports(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the other rank wrote nothing anywhere
 
 
+@pytest.mark.e2e
 def test_cli_refuses_a_gan_on_two_devices(tmp_path):
     done = mptrain("model=dcgan", "dataset=synthetic", "dataset.image_size=16", "model.width=4", "model.fid.enabled=false",
                    "trainer.device=cpu", "trainer.devices=2", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}",
@@ -114,6 +116,7 @@ def test_cli_refuses_a_gan_on_two_devices(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_torchrun_starts_the_ranks_and_only_rank_0_writes(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mptrain"]
@@ -129,6 +132,7 @@ def test_torchrun_starts_the_ranks_and_only_rank_0_writes(tmp_path):
     assert summary["status"] == "completed" and summary["env"]["world_size"] == 2 and summary["steps"] == 4
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_checkpoints_every_rank_and_records_interrupted(tmp_path):
     run = tmp_path / "run"
@@ -141,6 +145,7 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_and_records_interrupted(
     assert state["step"] == summary["steps"] > 0 and state["world_size"] == 2
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_sweep_of_ddp_jobs_through_submitit(tmp_path):
     """hydra/launcher=submitit_local: the Slurm launcher's code path, with submitit's local executor."""

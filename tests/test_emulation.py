@@ -79,6 +79,7 @@ def test_lstm_under_autocast_is_emulated_too():
     assert mode.calls == 1 and out.dtype == torch.float16
 
 
+@pytest.mark.e2e
 def test_emulated_run_through_the_cli(tmp_path):
     run = tmp_path / "run"
     out = mptrain("precision=mixed", *TINY, "trainer.max_steps=3", f"hydra.run.dir={run}", cwd=tmp_path)  # default: auto
@@ -90,6 +91,7 @@ def test_emulated_run_through_the_cli(tmp_path):
         assert "fp16 kernels      emulated" in out.stdout
 
 
+@pytest.mark.e2e
 def test_unknown_cpu_fp16_value_gets_one_line(tmp_path):
     out = mptrain("precision=mixed", "precision.cpu_fp16=fast", *TINY, "trainer.max_steps=1",
                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip

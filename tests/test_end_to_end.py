@@ -44,10 +44,12 @@ def _check_runs(runs: list[Path], steps: int) -> None:
         assert run.name == "seed=0" and run.parent.name.startswith(f"dataset=synthetic,precision={mode},")
 
 
+@pytest.mark.e2e
 def test_sweep_runs_every_mode_tiny(tmp_path):
     _check_runs(_sweep(tmp_path, *TINY, "trainer.max_steps=4"), steps=4)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sweep_runs_every_mode_resnet20(tmp_path):
     """The issue's command: ResNet-20 on the default synthetic shapes, 20 steps in each mode.
@@ -56,6 +58,7 @@ def test_sweep_runs_every_mode_resnet20(tmp_path):
     _check_runs(_sweep(tmp_path, "dataset=synthetic", "trainer.max_steps=20", timeout=2400), steps=20)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist (make data)")
 def test_real_fashion_mnist_run(tmp_path):
     run = tmp_path / "run"
@@ -68,6 +71,7 @@ def test_real_fashion_mnist_run(tmp_path):
     assert not (tmp_path / "none").exists()  # found in the Debian folder; nothing downloaded or created
 
 
+@pytest.mark.e2e
 def test_wheel_carries_the_config_tree_and_runs_from_anywhere(tmp_path):
     """A non-editable wheel must find conf/ inside the package, from any directory."""
     build = subprocess.run(
@@ -97,6 +101,7 @@ def test_wheel_carries_the_config_tree_and_runs_from_anywhere(tmp_path):
     assert str(site / "mptrain" / "conf") in out.stdout and "mode: mixed" in out.stdout
 
 
+@pytest.mark.e2e
 def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     sweep = tmp_path / "sweep"
     out = mptrain("-m", "optim.lr=-1,0.05", *TINY, "trainer.max_steps=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)

@@ -26,6 +26,7 @@ def _image_tags(tb_dir: Path) -> list[str]:
     return acc.Tags()["images"]
 
 
+@pytest.mark.e2e
 def test_language_model_run_logs_perplexity_bpc_and_saves_the_vocabulary(tmp_path):
     run = tmp_path / "run"
     out = mptrain("model=lstm_lm", "precision=mixed", *TINY_TEXT, "trainer.max_steps=6", "trainer.eval_every=2",
@@ -41,6 +42,7 @@ def test_language_model_run_logs_perplexity_bpc_and_saves_the_vocabulary(tmp_pat
     assert '"<unk>"' in vocab and '"sha256"' in vocab
 
 
+@pytest.mark.e2e
 def test_gan_run_logs_both_scalers_images_and_a_named_fid(tmp_path):
     run = tmp_path / "run"
     out = mptrain("model=dcgan", "precision=mixed", *TINY_IMAGES, "trainer.max_steps=4", "model.width=4",
@@ -59,6 +61,7 @@ def test_gan_run_logs_both_scalers_images_and_a_named_fid(tmp_path):
     assert "gan/samples" in _image_tags(run / "tb")
 
 
+@pytest.mark.e2e
 def test_sequence_classifier_reads_images_row_by_row(tmp_path):
     run = tmp_path / "run"
     out = mptrain("model=lstm_classifier", "precision=bf16", *TINY_IMAGES, "model.width=8", "trainer.max_steps=4",
@@ -68,6 +71,7 @@ def test_sequence_classifier_reads_images_row_by_row(tmp_path):
     assert s["primary_metric"] == "accuracy" and s["family"] == "rnn" and 0 <= s["final"]["accuracy"] <= 1
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args, message", [
     (["model=resnet", "dataset=synthetic_text"], "model=resnet reads image data but dataset=synthetic_text is text"),
     (["model=lstm_lm", "dataset=synthetic"], "model=lstm_lm reads text data but dataset=synthetic is image"),
@@ -92,6 +96,7 @@ def _sweep(tmp_path: Path, name: str, *overrides: str) -> list[dict]:
     return [read_summary(p.parent) for p in sweep.rglob("summary.json")]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.skipif(not (JARGON.exists() and FASHION_MNIST.is_dir()),
                     reason="needs Debian's jargon-text and dataset-fashion-mnist (make data)")
@@ -120,6 +125,7 @@ def test_every_family_in_every_mode_on_real_data(tmp_path):
     assert all(s["status"] == "completed" and s["steps"] == 10 for s in fixed), [s.get("error") for s in fixed]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_transformer_trains_in_every_mode_and_reports(tmp_path):
     """The transformer through the CLI in all six modes at tiny size (fp16_naive with an eps FP16 can hold),

@@ -33,12 +33,14 @@ def _check(run_dir: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess, 
     return out, json.loads((tmp_path / "c.json").read_text())
 
 
+@pytest.mark.e2e
 def test_a_safe_model_passes(bf16_run, tmp_path):
     out, result = _check(bf16_run, tmp_path)
     assert result["overflowing"] == [] and result["keep_fp32"] == [] and "safe in FP16" in out.stdout
     assert result["layers"] and all(r["amax"] < 65504 for r in result["layers"])
 
 
+@pytest.mark.e2e
 def test_the_planted_overflow_is_found_and_kept_in_fp32(bf16_run, tmp_path):
     planted = tmp_path / "planted"
     planted.mkdir()
@@ -56,6 +58,7 @@ def test_the_planted_overflow_is_found_and_kept_in_fp32(bf16_run, tmp_path):
     assert "keep in FP32" in out.stdout and "model.blocks.0.mlp.2" in out.stdout
 
 
+@pytest.mark.e2e
 def test_a_folder_without_a_checkpoint_is_one_line(tmp_path):
     out = subprocess.run([NUMERICS, "--checkpoint", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1

@@ -11,6 +11,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "mptrain" / "scripts" / "gpu_check.sh"
 
 
+@pytest.mark.e2e
 def test_the_gpu_script_is_valid_bash_and_names_every_promised_measurement():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
     text = SCRIPT.read_text()
@@ -19,6 +20,7 @@ def test_the_gpu_script_is_valid_bash_and_names_every_promised_measurement():
         assert promised in text
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal without CUDA")
 def test_without_cuda_the_gpu_script_stops_at_once_with_exit_2():
     out = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=120,

@@ -16,6 +16,7 @@ QUICK = ["model=mlp", "dataset=synthetic", "model.depth=2", "model.width=8", "da
          "dataset.test_size=32", "dataset.batch_size=16", "trainer.max_steps=2"]
 
 
+@pytest.mark.e2e
 def test_runs_started_together_get_folders_of_their_own(tmp_path):
     """Two runs in the same second used to share runs/<...>/<second>/ and the second overwrote the first."""
     procs = [subprocess.Popen([MPTRAIN, *QUICK, f"seed={seed}"], cwd=tmp_path, stdout=subprocess.PIPE,
@@ -51,12 +52,14 @@ def test_a_key_nothing_reads_is_refused(compose_cfg, override, says):
     assert str(refused.value).startswith(says) and "\n" not in str(refused.value)
 
 
+@pytest.mark.e2e
 def test_a_refused_config_leaves_no_run_folder(tmp_path):
     out = mptrain("+trainer.max_step=5", cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("mptrain: error: trainer.max_step")
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.e2e
 def test_help_lists_options_not_schemas_and_a_schema_choice_is_one_line(tmp_path):
     out = subprocess.run([MPTRAIN, "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0 and "model: alexnet, dcgan" in out.stdout and "_schema" not in out.stdout
@@ -67,6 +70,7 @@ def test_help_lists_options_not_schemas_and_a_schema_choice_is_one_line(tmp_path
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.e2e
 def test_numerics_lists_choices_and_suggests_a_close_one(tmp_path):
     done = subprocess.run([NUMERICS, "model=lstm"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
@@ -92,6 +96,7 @@ EVERY_FAMILY = {
 CHECKED = [(f, "mixed") for f in EVERY_FAMILY] + [("lstm_lm", "fp32"), ("lstm_classifier", "fp32")]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family, mode", CHECKED)
 def test_every_familys_checkpoint_goes_through_the_fp16_check(tmp_path, family, mode):
     """`mptrain-numerics --checkpoint` crashed on every LSTM LM checkpoint (an FP16 cast re-entered the emulated
@@ -162,6 +167,7 @@ def test_a_loss_scale_reads_as_a_power_of_two():
         {"final_loss_scale": {"g": 32768.0, "d": 1024.0}})
 
 
+@pytest.mark.e2e
 def test_an_fp32_run_logs_no_skipped_steps_and_the_log_line_shows_the_scale(tmp_path):
     from cli_helpers import scalar_tags
 
@@ -174,6 +180,7 @@ def test_an_fp32_run_logs_no_skipped_steps_and_the_log_line_shows_the_scale(tmp_
     assert "amp/skipped_steps" in scalar_tags(tmp_path / "b" / "tb")
 
 
+@pytest.mark.e2e
 def test_the_interrupt_line_is_the_whole_resume_command_and_the_report_sees_one_run(tmp_path):
     """The SIGTERM hint said `trainer.resume=<dir>`, which, followed literally, was refused (the overrides were not
     reapplied), left a stray folder, and the resumed part went to a new folder the report filed apart."""

@@ -115,6 +115,7 @@ class _Recorder:
         self.histograms.update(histograms)
 
 
+@pytest.mark.e2e
 def test_numerics_through_the_cli_and_nothing_when_off(tmp_path):
     on, off = tmp_path / "on", tmp_path / "off"
     for run, extra in ((on, ["telemetry.numerics.every=2"]), (off, [])):

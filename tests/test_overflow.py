@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -51,6 +52,7 @@ def test_a_backward_overflow_names_the_gradients(compose_cfg):
     assert OverflowLog.describe(event) == "forward finite, gradients overflowed in backward, first model.0.weight"
 
 
+@pytest.mark.e2e
 def test_divergence_message_names_the_first_layer_and_events_are_kept(tmp_path):
     run = tmp_path / "run"
     out = mptrain("precision=mixed", *TINY, "trainer.max_steps=12", "optim.lr=1e30", "precision.min_scale=256",

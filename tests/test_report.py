@@ -57,6 +57,7 @@ def test_sweep_names_folders_by_overrides_and_records_the_failure(sweep):
     assert len(bad) == 1 and bad[0]["status"] == "failed" and "train_size" in bad[0]["error"]
 
 
+@pytest.mark.e2e
 def test_report_numbers_equal_the_summaries(sweep, tmp_path):
     out = report(str(sweep), "--format", "json", "--out", str(tmp_path / "r"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -82,6 +83,7 @@ def test_report_numbers_equal_the_summaries(sweep, tmp_path):
     assert len(data["runs"]) == 7 and "failed" in {r["status"] for r in data["runs"]}
 
 
+@pytest.mark.e2e
 def test_report_markdown_html_and_plots(sweep, tmp_path):
     target = tmp_path / "sweep"
     shutil.copytree(sweep, target)
@@ -103,6 +105,7 @@ def test_report_markdown_html_and_plots(sweep, tmp_path):
     assert csv.returncode == 0 and (folder / "comparison.csv").is_file() and not (folder / "report.md").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("make, says", [
     (lambda p: p.mkdir(), "no runs under"),
     (lambda p: None, "is not a directory"),
@@ -135,6 +138,7 @@ def test_presets_compose_and_sweep_what_they_say(preset, swept):
     assert any(f"mptrain -m +experiment={preset}" in line for line in header)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_ablation_cnn_preset_then_report(tmp_path):
     """The judged path: the preset at small sizes, then the report, from the installed commands."""
@@ -150,6 +154,7 @@ def test_ablation_cnn_preset_then_report(tmp_path):
         assert f"| {mode} | 3 |" in text, mode
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed (make test installs it)")
 def test_report_html_renders_in_headless_chromium(sweep, tmp_path):
@@ -193,6 +198,7 @@ T_975 = {1: 12.706204736, 2: 4.302652730, 4: 2.776445105}  # Student t quantiles
 T_95 = {1: 6.313751515}
 
 
+@pytest.mark.e2e
 def test_verdicts_recomputed_by_hand_from_the_summaries(sweep, tmp_path):
     out = report(str(sweep / "ok"), "--format", "json", "--out", str(tmp_path / "r"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -212,6 +218,7 @@ def test_verdicts_recomputed_by_hand_from_the_summaries(sweep, tmp_path):
     assert rows["fp32"]["verdict"] == "control"
 
 
+@pytest.mark.e2e
 def test_train_loss_verdicts_read_the_last_tenth_of_the_logged_losses(sweep, tmp_path):
     out = report(str(sweep / "ok"), "--metric", "train_loss", "--format", "json", "--out", str(tmp_path / "r"),
                  cwd=tmp_path)
@@ -256,6 +263,7 @@ def test_each_verdict_from_constructed_runs(arm, higher, margin, verdict):
         assert result["ci_low"] == pytest.approx(statistics.mean(deltas) - half)
 
 
+@pytest.mark.e2e
 def test_report_opens_with_the_answer_and_short_run_ids(sweep, tmp_path):
     out = report(str(sweep / "ok"), "--out", str(tmp_path / "r"), "--margin", "2", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -284,6 +292,7 @@ def test_forward_headroom_table_rows_and_bits():
     assert "| `m.a` | inf (non-finite) |" in headroom_markdown({"fp16_naive": {"m.a": math.inf}})  # a diverged run
 
 
+@pytest.mark.e2e
 def test_exported_runs_regenerate_the_tables(sweep, tmp_path):
     """`--export-runs`: compact records (no TensorBoard files) from which the report's tables come out the same."""
     out = report(str(sweep / "ok"), "--export-runs", str(tmp_path / "records"), cwd=tmp_path)

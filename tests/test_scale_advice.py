@@ -54,6 +54,7 @@ def _numerics(*args, cwd):
                           cwd=cwd, timeout=600)  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_numerics_command_scans_a_tiny_model_and_writes_json(tmp_path):
     out = _numerics("model.depth=8", "dataset=synthetic", "dataset.batch_size=8", "--steps", "2",
                     "--json", str(tmp_path / "scan.json"), cwd=tmp_path)  # fmt: skip
@@ -66,6 +67,7 @@ def test_numerics_command_scans_a_tiny_model_and_writes_json(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.json"]  # no Hydra output folders
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args, says", [
     (["--steps", "0"], "--steps"),
     (["--coverage", "1.5"], "--coverage"),
@@ -81,6 +83,7 @@ def test_numerics_command_bad_input_gets_one_line(tmp_path, args, says):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_recommended_scale_keeps_the_underflowing_mlps_gradients_in_fp16(tmp_path):
     """On the deep plain MLP (real Fashion-MNIST), unscaled FP16 flushes a few percent of the weight

@@ -32,6 +32,7 @@ def test_each_verdict_from_a_constructed_history(events, dynamic, final, verdict
         assert v["descent_skips"] >= 3  # the scale coming down at the start is not held against it
 
 
+@pytest.mark.e2e
 def test_a_run_overflowing_in_one_named_layer_gets_trouble_naming_it(tmp_path):
     """A tiny MLP whose output layer's gradients overflow at a static 2^24 every few steps (lr tiny so the
     weights barely move): the verdict names that layer."""

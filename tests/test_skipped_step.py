@@ -76,6 +76,7 @@ def test_statistics_that_stop_being_finite_get_one_warning(compose_cfg, tmp_path
     assert "running_mean" in trainer.warnings[0] or "running_var" in trainer.warnings[0]
 
 
+@pytest.mark.e2e
 def test_a_static_scale_that_always_overflows_stops_as_diverged(tmp_path):
     from cli_helpers import mptrain, read_summary
 

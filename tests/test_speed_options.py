@@ -96,6 +96,7 @@ def test_a_wrong_gradient_in_the_fast_layout_refuses_the_run_naming_the_layer(co
     _train(compose_cfg(*TINY_RESNET))  # the contiguous layout is untouched by the fault: it still trains
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 dispatch is x86 only")
 def test_on_an_avx2_only_cpu_the_command_refuses_channels_last_with_one_line(tmp_path):
     """This CPU limited to AVX2 (torch's and oneDNN's dispatch), through the real command: where the shortcut's
