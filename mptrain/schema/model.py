@@ -101,12 +101,29 @@ class DCGANConfig(ModelConfig):
     fid: FidConfig = field(default_factory=FidConfig)
 
 
+NET = Rule(lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) for k in v)),
+           "a mapping: _target_ (a class or factory function) and its keyword arguments")
+
+
+@dataclass
+class CustomModelConfig(ModelConfig):
+    """Your own network: `model=custom model.net._target_=my_pkg.nets.MyNet` (mptrain/models/custom.py)."""
+
+    family: str = knob("custom", "how reports group it")
+    task: str = knob("classification", "classification | language_model: the Task that trains it",
+                     one_of("classification", "language_model"))
+    augment: bool = knob(False, "let the dataset augment")
+    net: Any = knob(None, "the network: _target_ (a class or factory) and its arguments; num_classes, "
+                          "in_channels, image_size, vocab_size come from the dataset where the constructor names them",
+                    NET)
+
+
 SCHEMAS = {"resnet_schema": ResNetConfig, "resnet50_schema": ResNet50Config, "classic_cnn_schema": ClassicCnnConfig,
            "mlp_schema": MLPConfig, "lstm_classifier_schema": RecurrentConfig, "lstm_lm_schema": LanguageModelConfig,
-           "dcgan_schema": DCGANConfig, "transformer_schema": TransformerConfig}
+           "dcgan_schema": DCGANConfig, "transformer_schema": TransformerConfig, "custom_schema": CustomModelConfig}
 BY_NAME = {"resnet": ResNetConfig, "resnet50": ResNet50Config, "vgg": ClassicCnnConfig, "alexnet": ClassicCnnConfig,
            "mlp": MLPConfig, "lstm_classifier": RecurrentConfig, "lstm_lm": LanguageModelConfig,
-           "dcgan": DCGANConfig, "transformer": TransformerConfig}
+           "dcgan": DCGANConfig, "transformer": TransformerConfig, "custom": CustomModelConfig}
 
 
 def check(cfg) -> None:

@@ -1,0 +1,98 @@
+"""Your own network through `model=custom`: a test-local package, trained like a built-in family."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cli_helpers import mptrain, read_summary
+from mptrain.data import DataSpec
+from mptrain.data.text import TextSpec
+from mptrain.errors import UserError
+from mptrain.models import build_model
+
+PACKAGE = '''
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    """A small CNN in a user's own package: BatchNorm by its own name, the class count from the dataset."""
+
+    def __init__(self, in_channels, num_classes, hidden=8):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(in_channels, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def tiny_lm(vocab_size, width=16):
+    return nn.Sequential(nn.Embedding(vocab_size, width), nn.LayerNorm(width), nn.Linear(width, vocab_size))
+
+
+def wrong_shape(num_classes):
+    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes + 1))
+
+
+def raises(num_classes):
+    raise ValueError("no weights for you")
+'''
+IMAGES = DataSpec("synthetic", in_channels=3, image_size=8, num_classes=4)
+
+
+@pytest.fixture
+def package(tmp_path, monkeypatch):
+    (tmp_path / "user_nets").mkdir()
+    (tmp_path / "user_nets" / "__init__.py").write_text(textwrap.dedent(PACKAGE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("user_nets", None)
+
+
+def _cfg(target, task="classification", **net):
+    return OmegaConf.create({"name": "custom", "task": task, "net": {"_target_": target, **net}})
+
+
+def test_the_dataset_reaches_the_constructor_by_name(package):
+    model = build_model(_cfg("user_nets.Net", hidden=5), IMAGES)
+    assert model(torch.zeros(3, 3, 8, 8)).shape == (3, 4) and model.body[0].out_channels == 5
+
+
+def test_a_language_model_from_a_factory_function(package):
+    model = build_model(_cfg("user_nets.tiny_lm", task="language_model"), TextSpec("synthetic_text", 11, "char"))
+    logits, state = model(torch.zeros(2, 5, dtype=torch.long))
+    assert logits.shape == (2, 5, 11) and state is None and model.initial_state(2, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("target, says", [
+    ("user_nets.Missing", "model.net._target_=user_nets.Missing cannot be imported"),
+    ("no_such_pkg.Net", "model.net._target_=no_such_pkg.Net cannot be imported"),
+    ("user_nets.raises", "model.net._target_=user_nets.raises raised ValueError when built (no weights for you)"),
+    ("user_nets.wrong_shape", "model.net._target_=user_nets.wrong_shape returns (2, 5) for a batch of shape "
+                              "(2, 3, 8, 8); a classification network must return (2, 4)"),
+])
+def test_each_bad_network_is_one_line(package, target, says):
+    with pytest.raises(UserError) as refused:
+        build_model(_cfg(target), IMAGES)
+    assert str(refused.value).startswith(says) and "\n" not in str(refused.value)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("mode", ["fp32", "mixed", "bf16"])
+def test_a_users_network_trains_like_a_built_in_family(package, tmp_path, mode):
+    run = tmp_path / "run"
+    out = mptrain("model=custom", "model.net._target_=user_nets.Net", "+model.net.hidden=6", f"precision={mode}",
+                  "dataset=synthetic", "dataset.image_size=8", "dataset.train_size=64", "dataset.test_size=32",
+                  "dataset.batch_size=16", "trainer.max_steps=3", "telemetry.numerics.every=3",
+                  f"hydra.run.dir={run}", cwd=tmp_path, env={"PYTHONPATH": str(package)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = read_summary(run)
+    assert summary["status"] == "completed" and summary["model"] == "custom" and summary["family"] == "custom"
+    assert summary["final"]["accuracy"] is not None and (run / "numerics.jsonl").is_file()
+    if mode == "mixed":  # FP16 weights, BatchNorm kept FP32 by type whatever the user called it
+        assert summary["final_loss_scale"] == 65536.0 and summary["bytes_per_parameter"]["model"]["masters"] > 0
