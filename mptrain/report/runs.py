@@ -42,6 +42,11 @@ def arm_label(summary: dict) -> str:
         extra = [o for o in extra if not o.startswith("loss_scale=")]
         if scale is not None:
             extra.insert(0, f"loss_scale={scale:g}" if isinstance(scale, (int, float)) else f"loss_scale={scale}")
+    arithmetic = summary.get("arithmetic") or {}  # a preset (mixed_accum16) switches sec. 3.3 off unseen in overrides
+    for key, value in (("accumulate", "fp16"), ("accumulate_block", arithmetic.get("accumulate_block")),
+                       ("reductions", "fp16")):
+        if arithmetic.get(key) == value and value is not None and f"{key}={value}" not in extra:
+            extra.append(f"{key}={value}")
     return " ".join([summary.get("precision") or "?", *extra])
 
 
