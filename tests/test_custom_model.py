@@ -96,3 +96,22 @@ def test_a_users_network_trains_like_a_built_in_family(package, tmp_path, mode):
     assert summary["final"]["accuracy"] is not None and (run / "numerics.jsonl").is_file()
     if mode == "mixed":  # FP16 weights, BatchNorm kept FP32 by type whatever the user called it
         assert summary["final_loss_scale"] == 65536.0 and summary["bytes_per_parameter"]["model"]["masters"] > 0
+
+
+def test_a_torchvision_model_by_name_takes_the_datasets_channels_and_classes():
+    gray = DataSpec("fashion_mnist", in_channels=1, image_size=28, num_classes=10)
+    model = build_model(OmegaConf.create({"name": "torchvision", "arch": "resnet18"}), gray)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10) and model.conv1.in_channels == 1
+    with pytest.raises(UserError, match=r"^model.arch=resnet19 is not a torchvision classification model; did you mean "
+                                        r"resnet18"):
+        build_model(OmegaConf.create({"name": "torchvision", "arch": "resnet19"}), gray)
+
+
+@pytest.mark.e2e
+def test_torchvision_resnet18_trains_under_mixed(tmp_path):
+    run = tmp_path / "run"
+    out = mptrain("model=torchvision", "model.arch=resnet18", "precision=mixed", "dataset=synthetic",
+                  "dataset.image_size=16", "dataset.channels=1", "dataset.train_size=32", "dataset.test_size=16",
+                  "dataset.batch_size=8", "trainer.max_steps=2", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert read_summary(run)["status"] == "completed"

@@ -8,7 +8,7 @@ from torch import nn
 
 from mptrain.errors import UserError
 from mptrain.models.cnn import build_alexnet, build_resnet, build_resnet50, build_vgg
-from mptrain.models.custom import build_custom
+from mptrain.models.custom import build_custom, build_torchvision
 from mptrain.models.gan import build_dcgan
 from mptrain.models.mlp import build_mlp
 from mptrain.models.rnn import build_lstm_classifier, build_lstm_lm
@@ -29,6 +29,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "dcgan": build_dcgan,
     "transformer": build_transformer,
     "custom": build_custom,  # any network: model.net._target_ (models/custom.py)
+    "torchvision": build_torchvision,  # any torchvision classifier by name: model.arch
 }
 
 

@@ -104,3 +104,36 @@ def _accepts(builder, name: str) -> bool:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def build_torchvision(cfg, spec) -> nn.Module:
+    """`model=torchvision model.arch=<name>`: any torchvision classification model by name, no pretrained weights
+    (nothing is downloaded), its class count the dataset's and its first convolution made for the dataset's
+    channels (said once)."""
+    import difflib
+    import logging
+
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if cfg.arch not in names:
+        close = difflib.get_close_matches(str(cfg.arch), names, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UserError(f"model.arch={cfg.arch} is not a torchvision classification model; {hint}all: "
+                        "python -c 'import torchvision; print(torchvision.models.list_models(module=torchvision.models))'")
+    model = torchvision.models.get_model(cfg.arch, weights=None, num_classes=spec.num_classes)
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and first.in_channels != spec.in_channels:
+        _replace(model, first, nn.Conv2d(spec.in_channels, first.out_channels, first.kernel_size, first.stride,
+                                         first.padding, first.dilation, first.groups, first.bias is not None))
+        logging.getLogger("mptrain").info("model.arch=%s: its first convolution takes %d channel(s) (the dataset's)"
+                                          " instead of %d", cfg.arch, spec.in_channels, first.in_channels)
+    return check_output(model, f"torchvision.models.{cfg.arch}", "classification", spec)
+
+
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if child is old:
+                setattr(parent, name, new)
+                return

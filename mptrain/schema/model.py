@@ -118,12 +118,23 @@ class CustomModelConfig(ModelConfig):
                     NET)
 
 
+@dataclass
+class TorchvisionConfig(ModelConfig):
+    """Any torchvision classification model by name: `model=torchvision model.arch=resnet18`."""
+
+    family: str = knob("cnn", "how reports group it")
+    arch: str = knob("resnet18", "torchvision.models name (list_models()); no pretrained weights",
+                     Rule(lambda v: isinstance(v, str) and v != "", "a torchvision model name"), example="resnet18")
+
+
 SCHEMAS = {"resnet_schema": ResNetConfig, "resnet50_schema": ResNet50Config, "classic_cnn_schema": ClassicCnnConfig,
            "mlp_schema": MLPConfig, "lstm_classifier_schema": RecurrentConfig, "lstm_lm_schema": LanguageModelConfig,
-           "dcgan_schema": DCGANConfig, "transformer_schema": TransformerConfig, "custom_schema": CustomModelConfig}
+           "dcgan_schema": DCGANConfig, "transformer_schema": TransformerConfig, "custom_schema": CustomModelConfig,
+           "torchvision_schema": TorchvisionConfig}
 BY_NAME = {"resnet": ResNetConfig, "resnet50": ResNet50Config, "vgg": ClassicCnnConfig, "alexnet": ClassicCnnConfig,
            "mlp": MLPConfig, "lstm_classifier": RecurrentConfig, "lstm_lm": LanguageModelConfig,
-           "dcgan": DCGANConfig, "transformer": TransformerConfig, "custom": CustomModelConfig}
+           "dcgan": DCGANConfig, "transformer": TransformerConfig, "custom": CustomModelConfig,
+           "torchvision": TorchvisionConfig}
 
 
 def check(cfg) -> None:
