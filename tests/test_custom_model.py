@@ -115,3 +115,17 @@ def test_torchvision_resnet18_trains_under_mixed(tmp_path):
                   "dataset.batch_size=8", "trainer.max_steps=2", f"hydra.run.dir={run}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert read_summary(run)["status"] == "completed"
+
+
+def test_the_python_api_trains_a_users_network_and_returns_the_summary(package, tmp_path, monkeypatch):
+    import mptrain
+
+    monkeypatch.chdir(tmp_path)
+    summary = mptrain.train(["model=custom", "model.net._target_=user_nets.Net", "precision=mixed",
+                             "dataset=synthetic", "dataset.image_size=8", "dataset.train_size=32",
+                             "dataset.test_size=16", "dataset.batch_size=16", "trainer.max_steps=2"])
+    assert summary["status"] == "completed" and summary["model"] == "custom" and summary["precision"] == "mixed"
+    run = next((tmp_path / "runs").glob("custom-synthetic-mixed/*"))
+    assert (run / ".hydra" / "overrides.yaml").is_file() and (run / "summary.json").is_file()
+    with pytest.raises(mptrain.UserError, match=r"^trainer.max_step is not a key of trainer"):
+        mptrain.train(["model=mlp", "+trainer.max_step=3"])
