@@ -129,3 +129,46 @@ def test_the_python_api_trains_a_users_network_and_returns_the_summary(package, 
     assert (run / ".hydra" / "overrides.yaml").is_file() and (run / "summary.json").is_file()
     with pytest.raises(mptrain.UserError, match=r"^trainer.max_step is not a key of trainer"):
         mptrain.train(["model=mlp", "+trainer.max_step=3"])
+
+
+def _write_images(root, classes=("cats", "dogs"), per_class=10, size=(20, 24)):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(*size, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+
+
+def test_image_folder_splits_by_the_stated_rule_and_resizes(tmp_path):
+    from mptrain.data import build_data
+
+    _write_images(tmp_path / "imgs")
+    cfg = {"name": "image_folder", "path": str(tmp_path / "imgs"), "image_size": 16, "batch_size": 4,
+           "valid_fraction": 0.2}
+    data = build_data(cfg, torch.device("cpu"), seed=0)
+    assert data.spec.num_classes == 2 and data.spec.in_channels == 3 and data.spec.image_size == 16
+    assert (data.train_size, data.test_size) == (16, 4)  # per class: 2 of 10 held out
+    again = build_data(cfg, torch.device("cpu"), seed=5)  # the run seed does not move the split
+    assert torch.equal(data.test.images, again.test.images)
+    gray = build_data({**cfg, "channels": 1}, torch.device("cpu"), seed=0)
+    assert gray.spec.in_channels == 1
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda root: None, "is not a folder"),
+    (lambda root: root.mkdir(), "Couldn't find any class folder"),
+    (lambda root: (_write_images(root), (root / "cats" / "bad.png").write_text("not an image")),
+     "bad.png cannot be read as an image"),
+    (lambda root: _write_images(root, classes=("only",)), "holds 1 class folder(s)"),
+])
+def test_image_folder_mistakes_are_one_line(tmp_path, make, says):
+    from mptrain.data import build_data
+
+    root = tmp_path / "imgs"
+    make(root)
+    with pytest.raises(UserError) as refused:
+        build_data({"name": "image_folder", "path": str(root), "image_size": 16}, torch.device("cpu"), seed=0)
+    assert says in str(refused.value) and "\n" not in str(refused.value)

@@ -212,9 +212,19 @@ def load_synthetic(cfg, root: Path, device: torch.device) -> ImageSet:
     return ImageSet(*sample(train_size), *sample(test_size), num_classes=num_classes)
 
 
+def load_image_folder(cfg, root: Path, device: torch.device) -> ImageSet:
+    """Your own images, one sub-folder per class (data/image_folder.py: the split rule and the resizing)."""
+    from mptrain.data.image_folder import read_image_folder
+
+    *tensors, num_classes, mean, std = read_image_folder(cfg, device)
+    return ImageSet(*tensors, num_classes=num_classes, mean=mean, std=std, crop_padding=max(1, cfg.image_size // 8),
+                    flip=True)
+
+
 SOURCES: dict[str, Callable[..., ImageSet]] = {
     "fashion_mnist": load_fashion_mnist,
     "mnist": load_mnist,
     "cifar10": load_cifar10,
     "synthetic": load_synthetic,
+    "image_folder": load_image_folder,
 }

@@ -10,6 +10,7 @@ from omegaconf import MISSING
 
 from mptrain.schema.rules import (
     NON_NEGATIVE,
+    OPEN_UNIT,
     POSITIVE_INT,
     SEED,
     Rule,
@@ -23,7 +24,7 @@ from mptrain.schema.rules import (
 
 DEFAULT_ROOT = "~/.cache/mptrain/data"
 JARGON = "/usr/share/doc/jargon-text/jargon.txt.gz"
-IMAGE_SETS = ("fashion_mnist", "mnist", "cifar10", "synthetic")
+IMAGE_SETS = ("fashion_mnist", "mnist", "cifar10", "synthetic", "image_folder")
 TEXT_SETS = ("text", "synthetic_text")
 SPLIT = list_of(Rule(lambda v: is_number(v) and v > 0, "> 0"), length=3, extra=lambda v: math.isclose(sum(v), 1.0),
                 text="three positive fractions summing to 1")
@@ -31,7 +32,8 @@ SPLIT = list_of(Rule(lambda v: is_number(v) and v > 0, "> 0"), length=3, extra=l
 
 @dataclass
 class DatasetConfig:
-    name: str = knob(MISSING, "images: fashion_mnist | mnist | cifar10 | synthetic; text: text | synthetic_text",
+    name: str = knob(MISSING, "images: fashion_mnist | mnist | cifar10 | synthetic | image_folder; text: text | "
+                              "synthetic_text",
                      one_of(*IMAGE_SETS, *TEXT_SETS), example="fashion_mnist")
     batch_size: int = knob(128, "samples (images, or text streams) per optimizer step and rank", POSITIVE_INT)
     eval_batch_size: int = knob(512, "samples per evaluation batch", POSITIVE_INT)
@@ -54,6 +56,18 @@ class SyntheticImageConfig(ImageDataConfig):
     test_size: int = knob(512, "held-out images", POSITIVE_INT)
     noise: float = knob(1.0, "gaussian noise over the templates (larger: harder)", NON_NEGATIVE)
     seed: int = knob(0, "the data's own seed (the same images whichever run seed trains)", SEED)
+
+
+@dataclass
+class ImageFolderConfig(ImageDataConfig):
+    """Your own images: one sub-folder per class (mptrain/data/image_folder.py says the split rule)."""
+
+    path: str = knob(MISSING, "a folder with one sub-folder of images per class (or train/ and val/ inside it)",
+                     Rule(lambda v: isinstance(v, str) and v.strip() != "", "a folder"), example="~/data/flowers")
+    image_size: int = knob(32, "images resized (shorter side) and centre-cropped to this square", POSITIVE_INT)
+    channels: int = knob(3, "3 (RGB) or 1 (grayscale)", one_of(1, 3))
+    valid_fraction: float = knob(0.1, "without train/ and val/: each class's share held out", OPEN_UNIT)
+    seed: int = knob(0, "the split's own seed (the same split whichever run seed trains)", SEED)
 
 
 @dataclass
@@ -89,9 +103,11 @@ class SyntheticTextConfig(TextStreamConfig):
 
 
 SCHEMAS = {"image_schema": ImageDataConfig, "synthetic_image_schema": SyntheticImageConfig,
+           "image_folder_schema": ImageFolderConfig,
            "text_schema": TextDataConfig, "synthetic_text_schema": SyntheticTextConfig}
 BY_NAME = {"fashion_mnist": ImageDataConfig, "mnist": ImageDataConfig, "cifar10": ImageDataConfig,
-           "synthetic": SyntheticImageConfig, "text": TextDataConfig, "synthetic_text": SyntheticTextConfig}
+           "synthetic": SyntheticImageConfig, "image_folder": ImageFolderConfig, "text": TextDataConfig,
+           "synthetic_text": SyntheticTextConfig}
 
 
 def check(cfg) -> None:
