@@ -62,7 +62,7 @@ def help_text() -> str:
     groups = sorted(p.name for p in Path(config_dir()).iterdir() if p.is_dir() and p.name != "hydra")
     lines = [__doc__.strip(), "", "Config groups (group=option):"]
     lines += [f"  {g}: {', '.join(group_options(g))}" for g in groups]
-    lines += ["", "Any key: group.key=value (mptrain --cfg job prints the composed config; README's Configuration "
+    lines += ["", "Any key: group.key=value (mptrain --cfg job prints the composed config; docs/configuration.md "
               "lists every key). Hydra's own flags: mptrain --hydra-help."]
     return "\n".join(lines)
 

@@ -209,25 +209,31 @@ def test_the_interrupt_line_is_the_whole_resume_command_and_the_report_sees_one_
 
 @pytest.mark.parametrize("group", ["model", "dataset", "precision", "optim"])
 def test_readme_config_groups_table_lists_every_option(group):
-    """README's groups table listed 6 of the 12 precision options: it names every option of every group now."""
+    """The groups table (README's, now docs/configuration.md's) listed 6 of the 12 precision options: it names every
+    option of every group now."""
     import re
 
     from mptrain.paths import group_options
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith(f"| `{group}` |"))
     named = set(re.findall(r"`([a-z0-9_]+)`", row))
     assert set(group_options(group)) <= named, set(group_options(group)) - named
 
 
-def test_readme_mode_table_has_a_row_per_mode():
+@pytest.mark.parametrize("page", ["README.md", "docs/modes.md"])
+def test_the_mode_tables_have_a_row_per_mode_and_agree(page):
     from mptrain.schema.precision import MODES
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme[readme.index("| mode | weights held |"):]
-    rows = {line.split("|")[1].strip().split()[0].strip("`") for line in table.splitlines()[2:] if line.startswith("|")
-            and not table.startswith("\n")}
-    assert set(MODES) <= rows
+    root = Path(__file__).resolve().parents[1]
+
+    def table(path):
+        text = (root / path).read_text()
+        return text[text.index("| mode | weights held |"):].split("\n\n")[0]
+
+    rows = {line.split("|")[1].strip().split()[0].strip("`") for line in table(page).splitlines()[2:]}
+    assert rows == set(MODES)
+    assert table("README.md") == table("docs/modes.md")
 
 
 @pytest.mark.parametrize("override", ["seed=-1", "seed=4294967296"])
@@ -236,3 +242,27 @@ def test_a_seed_numpy_would_refuse_is_one_line(compose_cfg, override):
 
     with pytest.raises(UserError, match=r"^seed must be an integer in \[0, 2\^32\)"):
         schema.validate(compose_cfg(override))
+
+
+@pytest.mark.e2e
+def test_the_docs_build_strictly(tmp_path):
+    """docs/ with MkDocs (Material), --strict: a broken link, or a page missing from the nav, fails."""
+    mkdocs = Path(sys.executable).with_name("mkdocs")
+    if not mkdocs.exists():
+        pytest.skip("the docs extra is not installed (make test installs it)")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([str(mkdocs), "build", "--strict", "-d", str(tmp_path / "site")], cwd=root,
+                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                              "NO_MKDOCS_2_WARNING": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "site" / "configuration" / "index.html").is_file()
+
+
+def test_readme_is_a_front_page_and_links_only_what_exists():
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    for target in re.findall(r"\]\(([^)#:]+)\)", readme):
+        assert (root / target).exists(), target

@@ -117,11 +117,11 @@ def test_each_group_keeps_its_schema_in_the_config_store():
         assert set(module.SCHEMAS) <= stored, group
 
 
-def test_readme_configuration_table_is_the_schemas():
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- config-table -->\n(.*?)\n<!-- /config-table -->", readme, re.S)
-    assert block, "README.md lacks the <!-- config-table --> block (python -m mptrain.schema writes it)"
-    assert block.group(1).strip() == schema.markdown_table().strip(), "run: python -m mptrain.schema --readme"
+def test_docs_configuration_table_is_the_schemas():
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    block = re.search(r"<!-- config-table -->\n(.*?)\n<!-- /config-table -->", page, re.S)
+    assert block, "docs/configuration.md lacks the <!-- config-table --> block (python -m mptrain.schema writes it)"
+    assert block.group(1).strip() == schema.markdown_table().strip(), "run: python -m mptrain.schema --docs"
 
 
 def test_a_partial_library_config_takes_the_schema_defaults():

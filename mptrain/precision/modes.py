@@ -1,4 +1,4 @@
-"""The precision modes, resolved in one place (README's mode table).
+"""The precision modes, resolved in one place (README's and docs/modes.md's mode table).
 
 | mode        | weights held      | forward/backward  | update            | default scale |
 | fp32        | fp32              | fp32              | fp32              | none          |

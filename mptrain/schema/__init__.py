@@ -188,7 +188,7 @@ def _first_line(error: Exception) -> str:
 
 
 def markdown_table() -> str:
-    """README's configuration table: each key of each schema where it is declared, its default, the options it
+    """docs/configuration.md's table: each key of each schema where it is declared, its default, the options it
     applies to and its meaning."""
     rows = ["| key | default | options | meaning |", "|---|---|---|---|"]
     for group, module in GROUPS.items():

@@ -1,4 +1,4 @@
-"""`python -m mptrain.schema`: print the configuration table; `--readme` rewrites README.md's copy of it
+"""`python -m mptrain.schema`: print the configuration table; `--docs` rewrites docs/configuration.md's copy of it
 (between `<!-- config-table -->` and `<!-- /config-table -->`), which a test keeps equal to the schemas."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ BLOCK = re.compile(r"(<!-- config-table -->\n).*?(<!-- /config-table -->)", re.S
 
 def main(argv: list[str]) -> int:
     table = markdown_table()
-    if "--readme" not in argv:
+    if not {"--docs", "--readme"} & set(argv):  # --readme: the table's old home, kept as a name
         print(table)
         return 0
-    readme = Path(__file__).resolve().parents[2] / "README.md"
+    readme = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
     text = readme.read_text()
     if not BLOCK.search(text):
         print(f"mptrain: error: {readme} has no <!-- config-table --> block to rewrite", file=sys.stderr)

@@ -16,7 +16,7 @@ CELLS = ("lstm", "gru")
 
 @dataclass
 class ModelConfig:
-    name: str = knob(MISSING, "the architecture (README: Model families)", example="resnet")
+    name: str = knob(MISSING, "the architecture (docs/families.md)", example="resnet")
     family: str = knob("cnn", "cnn | rnn | gan | mlp | transformer: how reports group it")
     task: str = knob("classification", "classification | language_model | gan: the Task that trains it",
                      one_of("classification", "language_model", "gan"))

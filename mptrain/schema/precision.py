@@ -33,7 +33,7 @@ LOSS_SCALE = Rule(lambda v: v == "dynamic" or (is_number(v) and 0 < v < math.inf
 @dataclass
 class PrecisionConfig:
     mode: str = knob(MISSING, "fp32 | fp16_naive | fp16_master | mixed | amp | bf16 | bf16_pure | bf16_sr | "
-                              "bf16_kahan | fp8 (README: Precision modes)",
+                              "bf16_kahan | fp8 (docs/modes.md)",
                      one_of(*MODES), example="mixed")
     loss_scale: Any = knob(None, "null: no scaling; dynamic: NVIDIA's recipe; a number: a static scale (skip on "
                                  "overflow)", LOSS_SCALE, example="dynamic")

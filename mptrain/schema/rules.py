@@ -154,7 +154,7 @@ def check_fields(node, schema: type, prefix: str) -> None:
 
 
 def help_lines(schema: type, prefix: str):
-    """(key, default, meaning) per field, nested schemas flattened: the README's configuration table."""
+    """(key, default, meaning) per field, nested schemas flattened: docs/configuration.md's table."""
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
         if dataclasses.is_dataclass(hints[f.name]):
