@@ -266,3 +266,29 @@ def test_readme_is_a_front_page_and_links_only_what_exists():
     assert len(readme.splitlines()) <= 250
     for target in re.findall(r"\]\(([^)#:]+)\)", readme):
         assert (root / target).exists(), target
+
+
+def _readme_commands() -> list[str]:
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("make ")]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("command", _readme_commands())
+def test_every_readme_command_is_accepted_as_shown(tmp_path, command):
+    """Each `mptrain` line of README composes and validates exactly as written (`--cfg job`: no training); each
+    other console script exists and answers --help. `make run` / `make test` are what CI itself runs."""
+    import shlex
+
+    words = [w for w in shlex.split(command.replace("PYTHONPATH=. ", "")) if w not in ("-m", "--multirun")]
+    script = str(Path(sys.executable).with_name(words[0]))
+    args = [*words[1:], "--cfg", "job"] if words[0] == "mptrain" else ["--help"]
+    env = {**__import__("os").environ, "HOME": str(tmp_path)}
+    args = [__import__("os").path.expandvars(a.replace("$HOME", str(tmp_path))) for a in args]  # as the shell would
+    done = subprocess.run([script, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, f"{command}: {done.stderr[-1500:]}"
+    assert not (tmp_path / "runs").exists()

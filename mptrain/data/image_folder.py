@@ -23,7 +23,7 @@ def read_image_folder(cfg, device: torch.device):
     path = Path(str(cfg.path)).expanduser()
     if not path.is_dir():
         raise UserError(f"dataset.path={cfg.path} is not a folder; give a folder with one sub-folder of images per "
-                        "class (e.g. dataset.path=~/data/flowers)")
+                        "class (e.g. dataset.path=$HOME/data/flowers)")
     held_out = next((path / n for n in HELD_OUT_NAMES if (path / n).is_dir()), None)
     if (path / "train").is_dir() and held_out is not None:
         train_x, train_y, classes = _read(path / "train", cfg)
