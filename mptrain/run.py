@@ -181,6 +181,7 @@ def _train(cfg, run_dir: Path, stop: StopRequest, replicas: Replicas) -> dict:
     from mptrain.telemetry.env import environment
     from mptrain.telemetry.numerics import NumericsProbe
     from mptrain.telemetry.tensorboard import NullLogger, TensorBoardLogger
+    from mptrain.testing import install_faults
 
     if replicas.enabled and cfg.trainer.devices not in (1, replicas.world_size):
         raise UserError(f"trainer.devices={cfg.trainer.devices} under torchrun, which started "
@@ -198,6 +199,7 @@ def _train(cfg, run_dir: Path, stop: StopRequest, replicas: Replicas) -> dict:
         resume = _checkpoint_to_resume(cfg, run_dir, device, replicas)
         trainer = build_trainer(cfg, device, run_dir, tb, numerics, record["warnings"], replicas,
                                 checkpoint_path=run_dir / checkpoint.FILENAME, stop=stop)
+        install_faults(trainer)  # the test suite's fault injection (mptrain/testing.py): nothing unless its env asks
         if resume is not None:
             path, state = resume
             checkpoint.restore(trainer, state)

@@ -1,4 +1,5 @@
-"""Fault injection for the test suite, read from the environment; the trainer calls `install_faults` once.
+"""Fault injection for the test suite, read from the environment; a run (run.py) calls `install_faults` once, on
+the trainer it built: the Trainer itself never reads the environment.
 
     MPTRAIN_FAULT_OVERFLOW=<rank>:<step>      that rank's gradients become inf at that step (after backward and
                                               DDP's all-reduce, so only that rank sees it before the overflow vote)

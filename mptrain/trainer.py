@@ -23,24 +23,18 @@ from mptrain.precision import LossScaleCollapsed, Precision
 from mptrain.replicas import Replicas
 from mptrain.signals import StopRequest
 from mptrain.tasks import Task
-from mptrain.telemetry import health
+from mptrain.telemetry import health, run_results, window
 from mptrain.telemetry.memory import PeakMemory
 from mptrain.telemetry.meters import MeanMeter
 from mptrain.telemetry.numerics import NumericsProbe
-from mptrain.telemetry.overflow import OverflowLog, first_nonfinite_module, nonfinite_grads
-from mptrain.telemetry.scale_history import scale_verdict
-from mptrain.telemetry.summary import format_value
+from mptrain.telemetry.overflow import OverflowLog, attribute_overflow, cause_of
 from mptrain.telemetry.tensorboard import TensorBoardLogger
 from mptrain.telemetry.throughput import Throughput
-from mptrain.testing import install_faults
+from mptrain.telemetry.window import tag
 
 log = logging.getLogger(__name__)
 MEMORY_STEPS = 3  # the first steps (and every logging step) are measured for peak memory
 
-
-def tag(split: str, key: str) -> str:
-    """TensorBoard tag of a task metric: `train/loss`, or the key itself when it names its own group."""
-    return key if "/" in key else f"{split}/{key}"
 
 
 class Trainer:
@@ -75,7 +69,6 @@ class Trainer:
             for name, net in task.networks().items()
         }
         self.after_checkpoint: list = []  # called with the step once a checkpoint is on disk
-        install_faults(self)  # test-only fault injection (mptrain/testing.py); nothing unless asked
         self.throughput = Throughput(device, t.perf_warmup_steps)
         self.memory = PeakMemory(device)
         self.train_meter = MeanMeter()
@@ -110,7 +103,8 @@ class Trainer:
                     break
             if self.checkpoint_path and t.checkpoint_every and self.replicas.is_main:
                 self.save_checkpoint()  # the final state
-            self._warn_if_mostly_skipped()
+            for warning in run_results.mostly_skipped(self):
+                self._warn(warning)
         finally:
             bar.close()
         return self.results()
@@ -132,33 +126,8 @@ class Trainer:
         return record
 
     def results(self) -> dict:
-        scales = {name: s.current_scale for name, s in self.steppers.items() if s.current_scale is not None}
-        samples_per_s, steps_per_s, spread = self.throughput.median_rates()
-        return {
-            "steps": self.step,
-            "epochs": self.step / self.steps_per_epoch,
-            "final": self.history[-1] if self.history else None,
-            "best": self.best,
-            "history": self.history,
-            "batch_size": self.data.train.batch_size,
-            "samples_per_s": samples_per_s,  # the median logging window after warm-up
-            "samples_per_s_quartiles": spread,
-            "steps_per_s": steps_per_s,
-            "peak_memory_bytes": self.memory.read(),
-            "peak_memory_method": self.memory.method,
-            "skipped_steps": sum(s.skipped_steps for s in self.steppers.values()),
-            "skipped_steps_by_network": self._named_only({n: s.skipped_steps for n, s in self.steppers.items()}),
-            "final_loss_scale": self._single_or_named({n: float(v) for n, v in scales.items()}),
-            "overflow_events": list(self.overflows.events),
-            "loss_scale_verdict": self._scale_verdicts(),
-            "bytes_per_parameter": {name: s.bytes_per_parameter() for name, s in self.steppers.items()},
-            "fp16_kernels": self.precision.fp16_kernels,
-            "fp8": self.precision.fp8_report,
-            "cpu_fp16": self.precision.cpu_fp16,
-            "arithmetic": self.precision.arithmetic,
-            "speed_options_check": self.speed_options_check,
-            **self.task.describe(),
-        }
+        """What the run measured, for summary.json (telemetry/run_results.py)."""
+        return run_results.collect(self)
 
     # -- the loop ------------------------------------------------------------------------
     def _train_epoch(self, epoch: int, bar, evaluate: bool) -> None:
@@ -183,7 +152,7 @@ class Trainer:
             done = self.step >= self.total_steps
             logged = self.step % self.cfg.trainer.log_every == 0 or done
             if logged:
-                self._log_window(bar)
+                window.close(self, bar)
             elif self.throughput.at_warmup_boundary:
                 self.throughput.end()
                 self.throughput.begin()
@@ -192,7 +161,7 @@ class Trainer:
             eval_every = self.cfg.trainer.eval_every
             if evaluate and eval_every and self.step % eval_every == 0:
                 if not logged:
-                    self._log_window(bar)
+                    window.close(self, bar)
                 self.evaluate(epoch + 1)  # between two timing windows: not counted as training time
                 for net in self.task.networks().values():
                     net.train()
@@ -202,14 +171,14 @@ class Trainer:
             stop = self._stop_requested(logged)
             if stop or (self.checkpoint_path and checkpoint_every and self.step % checkpoint_every == 0):
                 if not logged:  # a checkpoint holds no half-filled logging window
-                    self._log_window(bar)
+                    window.close(self, bar)
                 if self.replicas.is_main:
                     self.save_checkpoint()
                 if self.stop.signal:
                     raise Interrupted(f"{self.stop.signal} at step {self.step}; checkpoint saved in "
                                       f"{self.checkpoint_path.parent}")
                 self.throughput.begin()
-        self._log_window(bar)
+        window.close(self, bar)
 
     def _stop_requested(self, logged: bool) -> bool:
         """Whether a signal asked to stop. Data-parallel ranks decide together, at logging steps only
@@ -280,94 +249,17 @@ class Trainer:
                 stack.enter_context(self.precision.kernels())
                 metrics = self.task.train_step(batch, self.steppers, self.precision)
         except LossScaleCollapsed as e:
-            event = self._attribute_overflow(self.step + 1, None)
+            event = attribute_overflow(self, self.step + 1, None)
             self.step += 1  # the step ran (and was skipped): counted, as the scaler counted it
-            raise Diverged(f"step {self.step}: {e}{self._cause(event)}") from None
+            raise Diverged(f"step {self.step}: {e}{cause_of(event)}") from None
         if probe:
             self.numerics.flush(self.tb, self.step + 1)
         for name, stepper in self.steppers.items():
             if stepper.skipped_steps > skipped[name]:
-                self._attribute_overflow(self.step + 1, name)
+                attribute_overflow(self, self.step + 1, name)
         return metrics
 
-    def _attribute_overflow(self, step: int, network: str | None) -> dict | None:
-        """Name the gradients and the first layer behind a skipped step (runs only when one happens)."""
-        networks = self.task.networks()
-        suspects = networks if network is None else {network: networks[network]}
-        grads = nonfinite_grads(suspects)
-        module = first_nonfinite_module(networks, self._replay)
-        stepper = self.steppers[network] if network else next(iter(self.steppers.values()))
-        scale = float(stepper.current_scale) if stepper.current_scale is not None else None
-        event = self.overflows.record(step, network or "all", grads, module, scale)
-        log.info("step %d: %s skipped: %s", step, event["network"], OverflowLog.describe(event))
-        return event
-
-    def _replay(self) -> None:
-        with self.precision.kernels():
-            self.task.replay_forward(self.last_batch, self.precision)
-
-    @staticmethod
-    def _cause(event: dict | None) -> str:
-        cause = OverflowLog.describe(event)
-        return f" ({cause})" if cause else ""
-
-    def _log_window(self, bar) -> None:
-        """Close the timing window and write one TensorBoard point (one host sync)."""
-        timing = self.throughput.end()
-        means, nonfinite = self.train_meter.read(self.replicas.sum if self.replicas.enabled else None)
-        self.train_meter.reset()
-        if timing is None and not means:
-            self.throughput.begin()
-            return
-        scaled = any(s.scaler is not None for s in self.steppers.values())
-        bad = {k: v for k, v in nonfinite.items() if v and k.split("/")[-1].startswith("loss")}
-        if bad and not scaled:
-            event = self._attribute_overflow(self.step, None)
-            what = f"non-finite {', '.join(bad)} at step {self.step} (no loss scaler to skip it)"
-            raise Diverged(what + self._cause(event))
-        means.update(self.task.derived_metrics(means))
-        values = {tag("train", k): v for k, v in means.items()}
-        if timing is not None:
-            values["perf/samples_per_s"], values["perf/step_time_ms"] = timing
-        values["memory/peak_bytes"] = self.memory.read()
-        self._check_buffers()
-        for name, stepper in self.steppers.items():
-            suffix = "" if len(self.steppers) == 1 else f"_{name}"
-            if stepper.scaler is not None:  # nothing is ever skipped without one
-                values[f"amp/loss_scale{suffix}"] = float(stepper.current_scale)
-                values[f"amp/skipped_steps{suffix}"] = stepper.skipped_steps
-            values[f"optim/lr{suffix}"] = stepper.lr()
-        self.tb.scalars(values, self.step)
-        if bar.disable:  # no terminal: a log line instead of the bar
-            shown = [tag("train", k) for k in means] + ["perf/samples_per_s"]
-            shown += [k for k in values if k.startswith("amp/loss_scale")]
-            log.info("step %d/%d: %s", self.step, self.total_steps,
-                     ", ".join(f"{k.split('/')[1]} {format_value(k, values[k])}" for k in shown if k in values))
-        elif "train/loss" in values:
-            bar.set_postfix(loss=f"{values['train/loss']:.4g}", refresh=False)
-        if self.step - self.last_media_step >= self.cfg.trainer.media_every:
-            self._log_media()
-        self.throughput.begin()
-
     # -- helpers -------------------------------------------------------------------------
-    def _scale_verdicts(self) -> dict | None:
-        """Per scaled network, the verdict on its loss-scale history (telemetry/scale_history.py)."""
-        verdicts = {}
-        for name, stepper in self.steppers.items():
-            if stepper.scaler is None:
-                continue
-            events = self.overflows.history.get(name, []) + self.overflows.history.get("all", [])
-            verdicts[name] = scale_verdict(sorted(events, key=lambda e: e[0]), self.step, stepper.scaler.dynamic,
-                                           self.cfg.precision.growth_interval, float(stepper.current_scale))
-        return verdicts or None
-
-    def _warn_if_mostly_skipped(self) -> None:
-        """A run that applied few of its updates did not train as asked, though it completed: say so."""
-        for name, stepper in self.steppers.items():
-            warning = health.mostly_skipped(name, stepper.skipped_steps, self.step)
-            if warning:
-                self._warn(warning)
-
     def _check_buffers(self) -> None:
         """Warn once when a running statistic (BatchNorm's mean or variance) stops being finite. At logging
         steps only: one host sync."""
@@ -400,14 +292,3 @@ class Trainer:
         if old is None or not math.isfinite(old):
             return True
         return new > old if self.task.higher_is_better else new < old
-
-    @staticmethod
-    def _named_only(values: dict):
-        return values if len(values) > 1 else None
-
-    @staticmethod
-    def _single_or_named(values: dict):
-        if not values:
-            return None
-        return next(iter(values.values())) if len(values) == 1 else values
-

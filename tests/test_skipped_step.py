@@ -93,5 +93,7 @@ def test_a_completed_run_that_skipped_often_says_so(compose_cfg, tmp_path):
     trainer = _trainer(compose_cfg, tmp_path, "mixed")
     trainer.steppers["model"].scaler.skipped_steps = 2
     trainer.step = 8
-    trainer._warn_if_mostly_skipped()
-    assert len(trainer.warnings) == 1 and "2 of 8 steps (25.0 %) of model were skipped" in trainer.warnings[0]
+    from mptrain.telemetry.run_results import mostly_skipped
+
+    warnings = mostly_skipped(trainer)
+    assert len(warnings) == 1 and "2 of 8 steps (25.0 %) of model were skipped" in warnings[0]

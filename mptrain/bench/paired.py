@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from mptrain.bench.measure import RecordingLogger, bare_loop
+from mptrain.telemetry import window
 from mptrain.telemetry.throughput import synchronize
 
 WARMUP_PAIRS = 3
@@ -45,13 +46,13 @@ def paired_overhead(cfg, cfg_fp32, device, kind: str, pairs: int, kernels=None) 
             snapshots.append(_snapshot_seconds(trainer, device))
     trainer.throughput.begin()
     start = time.perf_counter()
-    trainer._log_window(_NoBar())
-    window = time.perf_counter() - start
+    window.close(trainer, _NoBar())
+    window_s = time.perf_counter() - start
     o, b = statistics.median(ours), statistics.median(theirs)
     every = cfg.trainer.log_every
     snapshot = statistics.median(snapshots) if snapshots and snapshots[0] is not None else None
-    return {"pairs": pairs, "ours_step_ms": 1e3 * o, "bare_step_ms": 1e3 * b, "log_window_ms": 1e3 * window,
-            "log_every": every, "overhead": (o + window / every) / b - 1,
+    return {"pairs": pairs, "ours_step_ms": 1e3 * o, "bare_step_ms": 1e3 * b, "log_window_ms": 1e3 * window_s,
+            "log_every": every, "overhead": (o + window_s / every) / b - 1,
             "buffer_snapshot_ms": None if snapshot is None else 1e3 * snapshot,
             "buffer_snapshot_share": None if snapshot is None else snapshot / o}  # fmt: skip
 
@@ -71,7 +72,7 @@ def _snapshot_seconds(trainer, device) -> float | None:
 
 
 class _NoBar:
-    """What `_log_window` expects of a progress bar, showing nothing."""
+    """What the logging window (telemetry/window.py) expects of a progress bar, showing nothing."""
 
     disable = True
 

@@ -14,10 +14,13 @@ diverges), the trainer asks:
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import deque
 
 import torch
 from torch import nn
+
+log = logging.getLogger("mptrain.trainer")
 
 MAX_NAMED = 8  # gradient names kept per event
 
@@ -111,3 +114,26 @@ class OverflowLog:
             return f"forward finite, gradients overflowed in backward, first {event['nonfinite_grads'][0]}" + (
                 f" (+{more} more)" if more else "")
         return ""
+
+
+def attribute_overflow(trainer, step: int, network: str | None) -> dict | None:
+    """Name the gradients and the first layer behind a skipped step (runs only when one happens)."""
+    networks = trainer.task.networks()
+    suspects = networks if network is None else {network: networks[network]}
+    grads = nonfinite_grads(suspects)
+    module = first_nonfinite_module(networks, lambda: _replay(trainer))
+    stepper = trainer.steppers[network] if network else next(iter(trainer.steppers.values()))
+    scale = float(stepper.current_scale) if stepper.current_scale is not None else None
+    event = trainer.overflows.record(step, network or "all", grads, module, scale)
+    log.info("step %d: %s skipped: %s", step, event["network"], OverflowLog.describe(event))
+    return event
+
+
+def _replay(trainer) -> None:
+    with trainer.precision.kernels():
+        trainer.task.replay_forward(trainer.last_batch, trainer.precision)
+
+
+def cause_of(event: dict | None) -> str:
+    cause = OverflowLog.describe(event)
+    return f" ({cause})" if cause else ""

@@ -1,0 +1,65 @@
+"""What a run measured, assembled for summary.json once it ends (however it ends): throughput, memory, loss
+scales and their verdicts (scale_history.py), bytes per parameter, and the run-end warnings."""
+
+from __future__ import annotations
+
+from mptrain.telemetry import health
+from mptrain.telemetry.scale_history import scale_verdict
+
+
+def collect(trainer) -> dict:
+    """What the run measured, for summary.json (the trainer's results())."""
+    scales = {name: s.current_scale for name, s in trainer.steppers.items() if s.current_scale is not None}
+    samples_per_s, steps_per_s, spread = trainer.throughput.median_rates()
+    return {
+        "steps": trainer.step,
+        "epochs": trainer.step / trainer.steps_per_epoch,
+        "final": trainer.history[-1] if trainer.history else None,
+        "best": trainer.best,
+        "history": trainer.history,
+        "batch_size": trainer.data.train.batch_size,
+        "samples_per_s": samples_per_s,  # the median logging window after warm-up
+        "samples_per_s_quartiles": spread,
+        "steps_per_s": steps_per_s,
+        "peak_memory_bytes": trainer.memory.read(),
+        "peak_memory_method": trainer.memory.method,
+        "skipped_steps": sum(s.skipped_steps for s in trainer.steppers.values()),
+        "skipped_steps_by_network": _named_only({n: s.skipped_steps for n, s in trainer.steppers.items()}),
+        "final_loss_scale": _single_or_named({n: float(v) for n, v in scales.items()}),
+        "overflow_events": list(trainer.overflows.events),
+        "loss_scale_verdict": scale_verdicts(trainer),
+        "bytes_per_parameter": {name: s.bytes_per_parameter() for name, s in trainer.steppers.items()},
+        "fp16_kernels": trainer.precision.fp16_kernels,
+        "fp8": trainer.precision.fp8_report,
+        "cpu_fp16": trainer.precision.cpu_fp16,
+        "arithmetic": trainer.precision.arithmetic,
+        "speed_options_check": trainer.speed_options_check,
+        **trainer.task.describe(),
+    }
+
+
+def scale_verdicts(trainer) -> dict | None:
+    """Per scaled network, the verdict on its loss-scale history (telemetry/scale_history.py)."""
+    verdicts = {}
+    for name, stepper in trainer.steppers.items():
+        if stepper.scaler is None:
+            continue
+        events = trainer.overflows.history.get(name, []) + trainer.overflows.history.get("all", [])
+        verdicts[name] = scale_verdict(sorted(events, key=lambda e: e[0]), trainer.step, stepper.scaler.dynamic,
+                                       trainer.cfg.precision.growth_interval, float(stepper.current_scale))
+    return verdicts or None
+
+def mostly_skipped(trainer) -> list[str]:
+    """A run that applied few of its updates did not train as asked, though it completed: say so."""
+    found = (health.mostly_skipped(name, stepper.skipped_steps, trainer.step)
+             for name, stepper in trainer.steppers.items())
+    return [warning for warning in found if warning]
+
+
+def _named_only(values: dict):
+    return values if len(values) > 1 else None
+
+def _single_or_named(values: dict):
+    if not values:
+        return None
+    return next(iter(values.values())) if len(values) == 1 else values
