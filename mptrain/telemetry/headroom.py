@@ -22,8 +22,11 @@ def headroom_stats(output: torch.Tensor) -> torch.Tensor:
     """[count, amax, counts above limit / w per limit and w] of one output, on its device (no host sync)."""
     magnitude = torch.nan_to_num(output.detach().float().abs(), nan=math.inf, posinf=math.inf).flatten()
     thresholds = torch.tensor([limit / w for limit in LIMITS.values() for w in WITHIN], device=magnitude.device)
-    above = (magnitude.unsqueeze(1) > thresholds).sum(0).float() if magnitude.numel() <= 1 << 22 else \
-        torch.stack([(magnitude > t).sum().float() for t in thresholds])  # fmt: skip
+    # one boolean mask per threshold, counted as it is (count_nonzero): a [numel, thresholds] mask, or .sum()'s cast
+    # to int64, allocated and paged in 12-96 bytes per element per call: the system time that made
+    # `mptrain-numerics --checkpoint` take 115 s for 8 batches of ResNet-20, 82 s of it system time (18 s after;
+    # 2-core AMD EPYC, batches of 512)
+    above = torch.stack([torch.count_nonzero(magnitude > t) for t in thresholds]).float()
     count = torch.tensor([float(magnitude.numel())], device=magnitude.device)
     amax = magnitude.max().view(1) if magnitude.numel() else torch.zeros(1, device=magnitude.device)
     return torch.cat([count, amax, above])
