@@ -34,10 +34,12 @@ def _rank(rank: int, world: int, port: int, cfg_yaml: str, out: str, env: dict) 
     from mptrain.bench.measure import RecordingLogger
     from mptrain.build import build_trainer
     from mptrain.replicas import join
+    from mptrain.testing import install_faults
 
     replicas = join("cpu")
     tb = RecordingLogger()
     trainer = build_trainer(OmegaConf.create(cfg_yaml), torch.device("cpu"), Path(out), tb, None, [], replicas)
+    install_faults(trainer)  # as a run does (run.py): the env's fault, if any
     trainer.fit(evaluate=False)
     stepper = trainer.steppers["model"]
     masters = stepper.masters.master_params if stepper.masters else []
