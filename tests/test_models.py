@@ -98,7 +98,7 @@ def test_model_yamls_name_registered_models_and_tasks(compose_cfg):
     for path in files:
         cfg = compose_cfg(f"model={path.stem}").model
         assert cfg.name == path.stem and cfg.name in MODELS
-        assert cfg.family in ("cnn", "rnn", "gan", "mlp", "transformer") and cfg.task in TASKS
+        assert cfg.family in ("cnn", "rnn", "gan", "mlp", "transformer", "custom") and cfg.task in TASKS
 
 
 def test_mlp_is_plain_and_its_gradients_shrink_with_depth():

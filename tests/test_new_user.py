@@ -62,7 +62,7 @@ def test_a_refused_config_leaves_no_run_folder(tmp_path):
 @pytest.mark.e2e
 def test_help_lists_options_not_schemas_and_a_schema_choice_is_one_line(tmp_path):
     out = subprocess.run([MPTRAIN, "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert out.returncode == 0 and "model: alexnet, dcgan" in out.stdout and "_schema" not in out.stdout
+    assert out.returncode == 0 and "model: alexnet, custom, dcgan" in out.stdout and "_schema" not in out.stdout
     for cmd in ([MPTRAIN, "model=resnet_schema"], [NUMERICS, "model=resnet_schema"]):
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
         assert done.returncode == 2 and "Traceback" not in done.stderr

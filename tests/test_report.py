@@ -271,7 +271,7 @@ def test_report_opens_with_the_answer_and_short_run_ids(sweep, tmp_path):
     first_section = md.index("\n## ")
     assert md[first_section:].startswith("\n## The answer")
     assert "| experiment | metric | arm | paired Δ vs fp32 (95 % CI) | verdict (±δ) |" in md
-    assert "(±0.02)" in md  # --margin 2: two accuracy points
+    assert "(±2 pts)" in md  # --margin 2: two accuracy points, read in points
     assert "`bf16-s0`" in md and "`fp16-naive-s1`" in md  # run ids, not 120-character folders
     bad = report(str(sweep / "ok"), "--margin", "-1", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--margin '-1'" in bad.stderr

@@ -190,7 +190,8 @@ class GradScalerAdapter:
     def unscale_(self, grads: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> torch.Tensor:
         self._optimizer = optimizer
         self.grad_scaler.unscale_(optimizer)
-        return sum(self._flags().values())
+        flags = list(self._flags().values())
+        return sum(flags[1:], flags[0]) if flags else torch.zeros((), device=self.scale_tensor.device)
 
     def update(self, found_inf: bool) -> None:
         for flag in self._flags().values():

@@ -58,12 +58,15 @@ class SyntheticImageConfig(ImageDataConfig):
     seed: int = knob(0, "the data's own seed (the same images whichever run seed trains)", SEED)
 
 
+FOLDER = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a folder")
+
+
 @dataclass
 class ImageFolderConfig(ImageDataConfig):
     """Your own images: one sub-folder per class (mptrain/data/image_folder.py says the split rule)."""
 
     path: str = knob(MISSING, "a folder with one sub-folder of images per class (or train/ and val/ inside it)",
-                     Rule(lambda v: isinstance(v, str) and v.strip() != "", "a folder"), example="data/flowers")
+                     FOLDER, example="data/flowers")
     image_size: int = knob(32, "images resized (shorter side) and centre-cropped to this square", POSITIVE_INT)
     channels: int = knob(3, "3 (RGB) or 1 (grayscale)", one_of(1, 3))
     valid_fraction: float = knob(0.1, "without train/ and val/: each class's share held out", OPEN_UNIT)

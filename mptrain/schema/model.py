@@ -118,13 +118,16 @@ class CustomModelConfig(ModelConfig):
                     NET)
 
 
+ARCH = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a torchvision model name")
+
+
 @dataclass
 class TorchvisionConfig(ModelConfig):
     """Any torchvision classification model by name: `model=torchvision model.arch=resnet18`."""
 
     family: str = knob("cnn", "how reports group it")
-    arch: str = knob("resnet18", "torchvision.models name (list_models()); no pretrained weights",
-                     Rule(lambda v: isinstance(v, str) and v != "", "a torchvision model name"), example="resnet18")
+    arch: str = knob("resnet18", "torchvision.models name (list_models()); no pretrained weights", ARCH,
+                     example="resnet18")
 
 
 SCHEMAS = {"resnet_schema": ResNetConfig, "resnet50_schema": ResNet50Config, "classic_cnn_schema": ClassicCnnConfig,

@@ -49,6 +49,7 @@ def scale_verdicts(trainer) -> dict | None:
                                        trainer.cfg.precision.growth_interval, float(stepper.current_scale))
     return verdicts or None
 
+
 def mostly_skipped(trainer) -> list[str]:
     """A run that applied few of its updates did not train as asked, though it completed: say so."""
     found = (health.mostly_skipped(name, stepper.skipped_steps, trainer.step)
