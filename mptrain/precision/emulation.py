@@ -126,9 +126,7 @@ def _is_cpu_float(t) -> bool:
 
 def _blocked(func, args, kwargs, block: int):
     """A HEAVY kernel with FP16 accumulation in blocks of `block` terms."""
-    if func is aten.mm.default:
-        return accumulation.matmul(args[0], args[1], block)
-    if func is aten.bmm.default:
+    if func in (aten.mm.default, aten.bmm.default):
         return accumulation.matmul(args[0], args[1], block)
     if func in (aten.addmm.default, aten.baddbmm.default):
         bias, a, b = args[:3]
