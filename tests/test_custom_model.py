@@ -100,21 +100,106 @@ def test_a_users_network_trains_like_a_built_in_family(package, tmp_path, mode):
 
 def test_a_torchvision_model_by_name_takes_the_datasets_channels_and_classes():
     gray = DataSpec("fashion_mnist", in_channels=1, image_size=28, num_classes=10)
-    model = build_model(OmegaConf.create({"name": "torchvision", "arch": "resnet18"}), gray)
+    model = build_model(OmegaConf.create({"registry": "torchvision", "name": "resnet18"}), gray)
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10) and model.conv1.in_channels == 1
-    with pytest.raises(UserError, match=r"^model.arch=resnet19 is not a torchvision classification model; did you mean "
+    with pytest.raises(UserError, match=r"^model.name=resnet19 is not a torchvision classification model; did you mean "
                                         r"resnet18"):
-        build_model(OmegaConf.create({"name": "torchvision", "arch": "resnet19"}), gray)
+        build_model(OmegaConf.create({"registry": "torchvision", "name": "resnet19"}), gray)
 
 
 @pytest.mark.e2e
 def test_torchvision_resnet18_trains_under_mixed(tmp_path):
     run = tmp_path / "run"
-    out = mptrain("model=torchvision", "model.arch=resnet18", "precision=mixed", "dataset=synthetic",
+    out = mptrain("model=torchvision", "model.name=resnet18", "precision=mixed", "dataset=synthetic",
                   "dataset.image_size=16", "dataset.channels=1", "dataset.train_size=32", "dataset.test_size=16",
                   "dataset.batch_size=8", "trainer.max_steps=2", f"hydra.run.dir={run}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert read_summary(run)["status"] == "completed"
+    summary = read_summary(run)
+    assert summary["status"] == "completed" and summary["model"] == "resnet18" and summary["family"] == "cnn"
+
+
+def test_a_timm_model_by_name_and_its_close_matches(tmp_path, monkeypatch):
+    pytest.importorskip("timm")
+    import mptrain
+
+    gray = DataSpec("fashion_mnist", in_channels=1, image_size=28, num_classes=10)
+    assert build_model(OmegaConf.create({"registry": "timm", "name": "resnet18"}), gray)(
+        torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(UserError, match=r"^model.name=resnet19 is not a timm model; did you mean resnet18"):
+        build_model(OmegaConf.create({"registry": "timm", "name": "resnet19"}), gray)
+    monkeypatch.chdir(tmp_path)
+    summary = mptrain.train(["model=timm", "model.name=resnet18", "precision=mixed", "dataset=synthetic",
+                             "dataset.image_size=16", "dataset.train_size=32", "dataset.test_size=16",
+                             "dataset.batch_size=8", "trainer.max_steps=2", "trainer.progress=false"])
+    assert summary["status"] == "completed" and summary["model"] == "resnet18"
+    assert summary["bytes_per_parameter"]["model"]["masters"] > 0
+
+
+def test_a_missing_extra_names_what_to_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_timm(name, *args, **kwargs):
+        if name == "timm":
+            raise ImportError("No module named 'timm'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "timm", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_timm)
+    monkeypatch.setattr("importlib.import_module", lambda name: no_timm(name))
+    with pytest.raises(UserError, match=r"^model=timm needs the timm package: pip install 'mptrain\[timm\]'"):
+        build_model(OmegaConf.create({"registry": "timm", "name": "resnet18"}), IMAGES)
+
+
+GPT2 = ["model=hf_causal_lm", "model.config=gpt2", "+model.overrides.n_layer=2", "+model.overrides.n_embd=32",
+        "+model.overrides.n_head=2", "dataset=synthetic_text", "dataset.batch_size=4", "trainer.max_steps=2",
+        "trainer.progress=false"]
+
+
+@pytest.mark.parametrize("mode", ["mixed", "fp16_master", "bf16"])
+def test_a_two_layer_gpt2_from_its_config_trains_in_every_kind_of_mode(mode, tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    import mptrain
+
+    monkeypatch.chdir(tmp_path)
+    summary = mptrain.train([*GPT2, f"precision={mode}"])
+    assert summary["status"] == "completed" and summary["model"] == "gpt2" and summary["family"] == "transformer"
+    assert summary["final"]["perplexity"] is not None
+
+
+def test_a_causal_lm_config_checks_its_fields_and_keeps_its_own_norms_fp32():
+    pytest.importorskip("transformers")
+    from mptrain.precision.casting import cast_model
+
+    text = TextSpec("synthetic_text", vocab_size=40, level="char")
+    with pytest.raises(UserError, match=r"^model.overrides.n_layers is not a field of GPT2Config; did you mean n_layer"):
+        build_model(OmegaConf.create({"registry": "hf_causal_lm", "config": "gpt2", "overrides": {"n_layers": 2}}),
+                    text)
+    with pytest.raises(UserError, match=r"^model.config=gtp2 is not a transformers model type; did you mean gpt2"):
+        build_model(OmegaConf.create({"registry": "hf_causal_lm", "config": "gtp2"}), text)
+    llama = build_model(OmegaConf.create({"registry": "hf_causal_lm", "config": "llama", "overrides": {
+        "num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
+        "num_key_value_heads": 2}}), text)
+    cast_model(llama, torch.float16, keep_norm_fp32=True)
+    norms = [m for m in llama.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert norms and all(m.weight.dtype == torch.float32 for m in norms)
+    assert llama.net.lm_head.weight.dtype == torch.float16
+    logits, _ = llama(torch.zeros(2, 3, dtype=torch.long))
+    assert logits.shape == (2, 3, 40) and logits.dtype == torch.float16
+
+
+def test_gpt2s_conv1d_layers_become_the_same_linear_products():
+    transformers = pytest.importorskip("transformers")
+    from mptrain.models.registries import _conv1d_to_linear
+
+    conv = transformers.pytorch_utils.Conv1D(6, 4)
+    torch.nn.init.normal_(conv.weight)
+    holder = torch.nn.Sequential(conv)
+    x = torch.randn(3, 4)
+    want = holder(x)
+    assert _conv1d_to_linear(holder, transformers) == 1 and isinstance(holder[0], torch.nn.Linear)
+    torch.testing.assert_close(holder(x), want)
 
 
 def test_the_python_api_trains_a_users_network_and_returns_the_summary(package, tmp_path, monkeypatch):

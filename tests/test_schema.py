@@ -24,7 +24,7 @@ BAD = {
     rules.POSITIVE_INT: ["0", "-3"], rules.COUNT: ["-1"], rules.POSITIVE: ["0", "-0.5"],
     rules.NON_NEGATIVE: ["-1.0"], rules.OPEN_UNIT: ["0", "1.5"], rules.HALF_OPEN_UNIT: ["1.0", "-0.1"],
     rules.ABOVE_ONE: ["1.0"], rules.SEED: ["-1", "4294967296"], schema.trainer.RESUME: ["' '"],
-    schema.dataset.FOLDER: ["' '"], schema.model.ARCH: ["' '"],
+    schema.dataset.FOLDER: ["' '"], schema.model.NAMED: ["' '"],
 }  # fmt: skip
 BY_TYPE = {int: ["abc", "2.5"], float: ["abc"], bool: ["maybe"], str: []}
 

@@ -33,7 +33,7 @@ def read_image_folder(cfg, device: torch.device):
                             "split must have the same class folders")
     else:
         images, labels, classes = _read(path, cfg)
-        train_idx, test_idx = _split(labels, cfg.valid_fraction, cfg.seed)
+        train_idx, test_idx = split_per_class(labels, cfg.valid_fraction, cfg.seed)
         train_x, train_y, test_x, test_y = images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
     if len(classes) < 2:
         raise UserError(f"dataset.path={cfg.path} holds {len(classes)} class folder(s); a classifier needs two or more")
@@ -65,7 +65,7 @@ def _read(folder: Path, cfg):
     return torch.stack(images).float().div_(255), torch.tensor(labels), found.classes
 
 
-def _split(labels: torch.Tensor, fraction: float, seed: int):
+def split_per_class(labels: torch.Tensor, fraction: float, seed: int):
     """Per class: shuffle its indices with `seed`, hold out the last `fraction` (at least one)."""
     generator = torch.Generator().manual_seed(seed)
     train, test = [], []

@@ -221,10 +221,20 @@ def load_image_folder(cfg, root: Path, device: torch.device) -> ImageSet:
                     flip=True)
 
 
+def load_custom(cfg, root: Path, device: torch.device) -> ImageSet:
+    """A torch Dataset of your own (data/custom.py: what an item is, the split and the class count)."""
+    from mptrain.data.custom import read_custom_dataset
+
+    *tensors, num_classes, mean, std = read_custom_dataset(cfg, device)
+    size = tensors[0].shape[-1]
+    return ImageSet(*tensors, num_classes=num_classes, mean=mean, std=std, crop_padding=max(1, size // 8), flip=True)
+
+
 SOURCES: dict[str, Callable[..., ImageSet]] = {
     "fashion_mnist": load_fashion_mnist,
     "mnist": load_mnist,
     "cifar10": load_cifar10,
     "synthetic": load_synthetic,
     "image_folder": load_image_folder,
+    "custom": load_custom,
 }

@@ -1,4 +1,4 @@
-"""Model registry: ``build_model(model_cfg, spec)`` picks a builder by ``model.name``."""
+"""Model registry: ``build_model(model_cfg, spec)`` picks a builder by ``model.registry`` or ``model.name``."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from torch import nn
 
 from mptrain.errors import UserError
 from mptrain.models.cnn import build_alexnet, build_resnet, build_resnet50, build_vgg
-from mptrain.models.custom import build_custom, build_torchvision
+from mptrain.models.custom import build_custom
 from mptrain.models.gan import build_dcgan
 from mptrain.models.mlp import build_mlp
+from mptrain.models.registries import build_hf_causal_lm, build_timm, build_torchvision
 from mptrain.models.rnn import build_lstm_classifier, build_lstm_lm
 from mptrain.models.transformer import build_transformer
 from mptrain.schema import typed
+from mptrain.schema.model import schema_key
 
 # A builder takes (model config, data spec) and returns the module(s) its task trains:
 # classifiers give (B, num_classes) logits, the LM (B, T, vocab) logits and a state,
@@ -29,17 +31,22 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "dcgan": build_dcgan,
     "transformer": build_transformer,
     "custom": build_custom,  # any network: model.net._target_ (models/custom.py)
-    "torchvision": build_torchvision,  # any torchvision classifier by name: model.arch
+    # by name from a library's registry, picked by model.registry (model.name is then the library's name for it)
+    "torchvision": build_torchvision,
+    "timm": build_timm,
+    "hf_causal_lm": build_hf_causal_lm,
 }
+
 
 
 def build_model(model_cfg, spec) -> nn.Module:
     """Build the model named by ``model_cfg.name`` for data described by ``spec``; keys the config leaves out
     take their schema's defaults (mptrain/schema/model.py), and each value is checked against its rule."""
     model_cfg = typed("model", model_cfg)
-    if model_cfg.name not in MODELS:
-        raise UserError(f"unknown model.name={model_cfg.name!r}; choose one of: {', '.join(sorted(MODELS))}")
-    return MODELS[model_cfg.name](model_cfg, spec)
+    key = schema_key(model_cfg)
+    if key not in MODELS:
+        raise UserError(f"unknown model.name={key!r}; choose one of: {', '.join(sorted(MODELS))}")
+    return MODELS[key](model_cfg, spec)
 
 
 __all__ = ["MODELS", "build_model"]

@@ -47,11 +47,11 @@ def build_custom(cfg, spec) -> nn.Module:
                         f" check its arguments (model.net.<name>=..., +model.net.<name>=... for a new one)") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"model.net._target_={target} returned {type(model).__name__}, not a torch.nn.Module")
-    return check_output(model, target, cfg.task, spec)
+    return check_output(model, f"model.net._target_={target}", cfg.task, spec)
 
 
-def check_output(model: nn.Module, target: str, task: str, spec) -> nn.Module:
-    """One FP32 forward on a batch of two; a wrong output shape for the task is one line."""
+def check_output(model: nn.Module, label: str, task: str, spec) -> nn.Module:
+    """One FP32 forward on a batch of two; a wrong output shape for the task is one line naming `label`."""
     language = task == "language_model"
     x = torch.zeros(2, 4, dtype=torch.long) if language else \
         torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)  # fmt: skip
@@ -62,7 +62,7 @@ def check_output(model: nn.Module, target: str, task: str, spec) -> nn.Module:
         with torch.no_grad():
             out = model(x)
     except Exception as e:
-        raise UserError(f"model.net._target_={target} fails on a batch of shape {tuple(x.shape)} "
+        raise UserError(f"{label} fails on a batch of shape {tuple(x.shape)} "
                         f"({type(e).__name__}: {_first_line(e)}); a {task} network takes "
                         f"{'(B, T) token ids' if language else '(B, C, H, W) images'}") from None
     finally:
@@ -71,7 +71,7 @@ def check_output(model: nn.Module, target: str, task: str, spec) -> nn.Module:
     out = out[0] if isinstance(out, (tuple, list)) else out
     if not torch.is_tensor(out) or tuple(out.shape) != want:
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise UserError(f"model.net._target_={target} returns {shape} for a batch of shape {tuple(x.shape)}; a "
+        raise UserError(f"{label} returns {shape} for a batch of shape {tuple(x.shape)}; a "
                         f"{task} network must return {want} (num_classes/vocab_size from the dataset: name a "
                         "constructor parameter num_classes or vocab_size to receive it)")
     return StatelessLanguageModel(model) if language else model
@@ -104,36 +104,3 @@ def _accepts(builder, name: str) -> bool:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
-
-
-def build_torchvision(cfg, spec) -> nn.Module:
-    """`model=torchvision model.arch=<name>`: any torchvision classification model by name, no pretrained weights
-    (nothing is downloaded), its class count the dataset's and its first convolution made for the dataset's
-    channels (said once)."""
-    import difflib
-    import logging
-
-    import torchvision
-
-    names = torchvision.models.list_models(module=torchvision.models)
-    if cfg.arch not in names:
-        close = difflib.get_close_matches(str(cfg.arch), names, n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise UserError(f"model.arch={cfg.arch} is not a torchvision classification model; {hint}all: "
-                        "python -c 'import torchvision; print(torchvision.models.list_models(module=torchvision.models))'")
-    model = torchvision.models.get_model(cfg.arch, weights=None, num_classes=spec.num_classes)
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first is not None and first.in_channels != spec.in_channels:
-        _replace(model, first, nn.Conv2d(spec.in_channels, first.out_channels, first.kernel_size, first.stride,
-                                         first.padding, first.dilation, first.groups, first.bias is not None))
-        logging.getLogger("mptrain").info("model.arch=%s: its first convolution takes %d channel(s) (the dataset's)"
-                                          " instead of %d", cfg.arch, spec.in_channels, first.in_channels)
-    return check_output(model, f"torchvision.models.{cfg.arch}", "classification", spec)
-
-
-def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if child is old:
-                setattr(parent, name, new)
-                return

@@ -6,8 +6,9 @@ older name, and false in either turns it off). BatchNorm's weights and running s
 stay FP32, and torch's batch_norm, given an FP16 input with FP32 parameters, computes the
 statistics in FP32 and returns FP16 (the paper's rule: reductions accumulate in FP32), on
 the CPU as with cuDNN; its saved activations stay FP16, so this costs no memory. LayerNorm
-and GroupNorm have no mixed-dtype kernel: their input is cast to FP32 and their output back
-to FP16 (apex O2's way), so they normalise in FP32 and hand FP16 on.
+GroupNorm and RMSNorm (a library's own norm classes too: found by type, whatever the model calls
+the layers) have no mixed-dtype kernel: their input is cast to FP32 and their output back to
+FP16 (apex O2's way), so they normalise in FP32 and hand FP16 on.
 """
 
 from __future__ import annotations
@@ -47,7 +48,18 @@ class CastOutput:
         return _cast_floating(output, self.dtype)
 
 
-FP32_NORMS = (nn.LayerNorm, nn.GroupNorm)  # no mixed-dtype kernel: FP32 in, FP32 math, storage dtype out
+FP32_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)  # no mixed-dtype kernel: FP32 in, FP32 math, storage out
+
+
+def is_fp32_norm(module: nn.Module) -> bool:
+    """A LayerNorm/GroupNorm/RMSNorm by type, or a library's own norm class (Hugging Face's LlamaRMSNorm, timm's
+    RmsNorm: plain Modules named ...Norm holding their own parameters, no children), BatchNorm aside."""
+    if isinstance(module, _BatchNorm):
+        return False
+    if isinstance(module, FP32_NORMS):
+        return True
+    return (type(module).__name__.lower().endswith("norm") and next(module.children(), None) is None
+            and next(module.parameters(recurse=False), None) is not None)
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype, keep_norm_fp32: bool) -> nn.Module:
@@ -59,7 +71,7 @@ def cast_model(model: nn.Module, dtype: torch.dtype, keep_norm_fp32: bool) -> nn
         for module in model.modules():
             if isinstance(module, _BatchNorm):
                 module.float()
-            elif isinstance(module, FP32_NORMS):
+            elif is_fp32_norm(module):
                 module.float()
                 module.register_forward_pre_hook(CastInputs(torch.float32))
                 module.register_forward_hook(CastOutput(dtype))

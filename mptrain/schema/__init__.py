@@ -47,7 +47,7 @@ def schema_of(group: str, node) -> type:
     by_name = getattr(module, "BY_NAME", None)
     if by_name is None:
         return next(iter(module.SCHEMAS.values()))
-    key = node.get("name")
+    key = module.schema_key(node) if hasattr(module, "schema_key") else node.get("name")
     if key not in by_name:
         raise UserError(f"unknown {group}.name={key!r}; choose one of {', '.join(by_name)}")
     return by_name[key]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
@@ -24,7 +24,7 @@ from mptrain.schema.rules import (
 
 DEFAULT_ROOT = "~/.cache/mptrain/data"
 JARGON = "/usr/share/doc/jargon-text/jargon.txt.gz"
-IMAGE_SETS = ("fashion_mnist", "mnist", "cifar10", "synthetic", "image_folder")
+IMAGE_SETS = ("fashion_mnist", "mnist", "cifar10", "synthetic", "image_folder", "custom")
 TEXT_SETS = ("text", "synthetic_text")
 SPLIT = list_of(Rule(lambda v: is_number(v) and v > 0, "> 0"), length=3, extra=lambda v: math.isclose(sum(v), 1.0),
                 text="three positive fractions summing to 1")
@@ -32,7 +32,7 @@ SPLIT = list_of(Rule(lambda v: is_number(v) and v > 0, "> 0"), length=3, extra=l
 
 @dataclass
 class DatasetConfig:
-    name: str = knob(MISSING, "images: fashion_mnist | mnist | cifar10 | synthetic | image_folder; text: text | "
+    name: str = knob(MISSING, "images: fashion_mnist | mnist | cifar10 | synthetic | image_folder | custom; text: text | "
                               "synthetic_text",
                      one_of(*IMAGE_SETS, *TEXT_SETS), example="fashion_mnist")
     batch_size: int = knob(128, "samples (images, or text streams) per optimizer step and rank", POSITIVE_INT)
@@ -73,6 +73,23 @@ class ImageFolderConfig(ImageDataConfig):
     seed: int = knob(0, "the split's own seed (the same split whichever run seed trains)", SEED)
 
 
+DATASET_TARGET = Rule(lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) for k in v)),
+                      "a mapping: _target_ (a Dataset class or factory) and its keyword arguments")
+
+
+@dataclass
+class CustomDataConfig(ImageDataConfig):
+    """A torch Dataset of your own giving (image, label) (mptrain/data/custom.py says the rules)."""
+
+    augment: bool = knob(False, "random crop and horizontal flip (off: your Dataset's own transforms rule)")
+    train: Any = knob(None, "the training Dataset: _target_ and its arguments", DATASET_TARGET)
+    test: Any = knob(None, "the held-out Dataset (null: hold out valid_fraction of train)", DATASET_TARGET)
+    valid_fraction: float = knob(0.1, "without dataset.test: each class's share of train held out", OPEN_UNIT)
+    seed: int = knob(0, "the split's own seed", SEED)
+    num_classes: Optional[int] = knob(None, "null: the Dataset's classes attribute, else the largest label + 1",
+                                      POSITIVE_INT, example=10)
+
+
 @dataclass
 class TextStreamConfig(DatasetConfig):  # what every text source shares: tokens, splits, streams
     level: str = knob("char", "char (reports bits per character) | word", one_of("char", "word"))
@@ -106,10 +123,11 @@ class SyntheticTextConfig(TextStreamConfig):
 
 
 SCHEMAS = {"image_schema": ImageDataConfig, "synthetic_image_schema": SyntheticImageConfig,
-           "image_folder_schema": ImageFolderConfig,
+           "image_folder_schema": ImageFolderConfig, "custom_data_schema": CustomDataConfig,
            "text_schema": TextDataConfig, "synthetic_text_schema": SyntheticTextConfig}
 BY_NAME = {"fashion_mnist": ImageDataConfig, "mnist": ImageDataConfig, "cifar10": ImageDataConfig,
-           "synthetic": SyntheticImageConfig, "image_folder": ImageFolderConfig, "text": TextDataConfig,
+           "synthetic": SyntheticImageConfig, "image_folder": ImageFolderConfig, "custom": CustomDataConfig,
+           "text": TextDataConfig,
            "synthetic_text": SyntheticTextConfig}
 
 

@@ -118,30 +118,77 @@ class CustomModelConfig(ModelConfig):
                     NET)
 
 
-ARCH = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a torchvision model name")
+REGISTRIES = ("torchvision", "timm", "hf_causal_lm")
+NAMED = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a name in the library's registry")
+KWARGS = Rule(lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) for k in v)),
+              "a mapping of keyword arguments")
 
 
 @dataclass
-class TorchvisionConfig(ModelConfig):
-    """Any torchvision classification model by name: `model=torchvision model.arch=resnet18`."""
+class RegistryModelConfig(ModelConfig):
+    """A model by name from a library's registry (mptrain/models/registries.py): `registry` picks the library and
+    the builder, `name` is the library's name for the network (and the run's model label)."""
 
-    family: str = knob("cnn", "how reports group it")
-    arch: str = knob("resnet18", "torchvision.models name (list_models()); no pretrained weights", ARCH,
+    registry: str = knob("torchvision", "torchvision | timm | hf_causal_lm: the library whose registry builds it",
+                         one_of(*REGISTRIES))
+
+
+@dataclass
+class TorchvisionConfig(RegistryModelConfig):
+    """Any torchvision classification model by name: `model=torchvision model.name=resnet18`."""
+
+    name: str = knob("resnet18", "torchvision.models name (list_models()); no pretrained weights", NAMED,
                      example="resnet18")
+    family: str = knob("cnn", "how reports group it")
+
+
+@dataclass
+class TimmConfig(RegistryModelConfig):
+    """Any timm model by name: `model=timm model.name=resnet18` (the timm extra)."""
+
+    registry: str = knob("timm", "the library whose registry builds it", one_of("timm"))
+    name: str = knob("resnet18", "timm model name (timm.list_models()); no pretrained weights", NAMED,
+                     example="convnext_atto")
+    family: str = knob("cnn", "how reports group it")
+    kwargs: Any = knob(None, "more keyword arguments for timm.create_model (drop_rate, ...)", KWARGS)
+
+
+@dataclass
+class HFCausalLMConfig(RegistryModelConfig):
+    """A Hugging Face causal LM from its config class, random weights: `model=hf_causal_lm model.config=gpt2`."""
+
+    registry: str = knob("hf_causal_lm", "the library whose registry builds it", one_of("hf_causal_lm"))
+    name: str = knob("${.config}", "the run's model label (the config's model type)")
+    family: str = knob("transformer", "how reports group it")
+    task: str = knob("language_model", "the Task that trains it", one_of("language_model"))
+    augment: bool = knob(False, "let the dataset augment")
+    config: str = knob("gpt2", "a transformers model type (CONFIG_MAPPING: gpt2, llama, gpt_neox, ...)", NAMED)
+    overrides: Any = knob(None, "fields of that config class (n_layer, n_embd, ...); vocab_size is mptrain's",
+                          KWARGS)
+
+
+def schema_key(node) -> str:
+    """What picks a model's schema and builder: a registry family's `registry`, else the family's `name`."""
+    registry = node.get("registry")
+    if registry is not None and registry not in REGISTRIES:
+        raise UserError(f"model.registry must be one of {', '.join(REGISTRIES)} (got {registry!r}); "
+                        "e.g. model.registry=timm")
+    return registry or node.get("name")
 
 
 SCHEMAS = {"resnet_schema": ResNetConfig, "resnet50_schema": ResNet50Config, "classic_cnn_schema": ClassicCnnConfig,
            "mlp_schema": MLPConfig, "lstm_classifier_schema": RecurrentConfig, "lstm_lm_schema": LanguageModelConfig,
            "dcgan_schema": DCGANConfig, "transformer_schema": TransformerConfig, "custom_schema": CustomModelConfig,
-           "torchvision_schema": TorchvisionConfig}
+           "torchvision_schema": TorchvisionConfig, "timm_schema": TimmConfig,
+           "hf_causal_lm_schema": HFCausalLMConfig}
 BY_NAME = {"resnet": ResNetConfig, "resnet50": ResNet50Config, "vgg": ClassicCnnConfig, "alexnet": ClassicCnnConfig,
            "mlp": MLPConfig, "lstm_classifier": RecurrentConfig, "lstm_lm": LanguageModelConfig,
            "dcgan": DCGANConfig, "transformer": TransformerConfig, "custom": CustomModelConfig,
-           "torchvision": TorchvisionConfig}
+           "torchvision": TorchvisionConfig, "timm": TimmConfig, "hf_causal_lm": HFCausalLMConfig}
 
 
 def check(cfg) -> None:
-    schema = BY_NAME.get(cfg.model.name)
+    schema = BY_NAME.get(schema_key(cfg.model))
     if schema is None:
-        raise UserError(f"unknown model.name={cfg.model.name!r}; choose one of {', '.join(BY_NAME)}")
+        raise UserError(f"unknown model.name={schema_key(cfg.model)!r}; choose one of {', '.join(BY_NAME)}")
     check_fields(cfg.model, schema, "model")
