@@ -2,17 +2,19 @@
 
     import mptrain
     summary = mptrain.train(["model=mlp", "precision=mixed", "trainer.max_steps=100"])
+    result = mptrain.study(model="mlp", precisions=["fp32", "mixed", "bf16"], seeds=3, steps=200)
+    answer = mptrain.check(my_model, (inputs, targets))
 """
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """`mptrain.train` and `mptrain.UserError`, imported on first use: `import mptrain` stays light."""
-    if name == "train":
-        from mptrain.api import train
+    """`mptrain.train`, `study`, `check` and `UserError`, imported on first use: `import mptrain` stays light."""
+    if name in ("train", "study", "check"):
+        from mptrain import api
 
-        return train
+        return getattr(api, name)
     if name == "UserError":
         from mptrain.errors import UserError
 
@@ -20,4 +22,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'mptrain' has no attribute {name!r}")
 
 
-__all__ = ["UserError", "train"]
+__all__ = ["UserError", "check", "study", "train"]

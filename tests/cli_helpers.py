@@ -27,10 +27,12 @@ TINY = [
 ]
 
 
-def mptrain(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def mptrain(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None,
+            script: str = "mptrain") -> subprocess.CompletedProcess:
+    """`script` (mptrain, or another of its console scripts) with these arguments, as a user runs it."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(
-        [MPTRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+        [str(Path(MPTRAIN).with_name(script)), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
     )
 
 
