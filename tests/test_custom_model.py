@@ -257,3 +257,14 @@ def test_image_folder_mistakes_are_one_line(tmp_path, make, says):
     with pytest.raises(UserError) as refused:
         build_data({"name": "image_folder", "path": str(root), "image_size": 16}, torch.device("cpu"), seed=0)
     assert says in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_registry_model_built_for_one_input_size_says_how_to_fit_it():
+    pytest.importorskip("timm")
+    cifar = DataSpec("cifar10", in_channels=3, image_size=32, num_classes=10)
+    with pytest.raises(UserError, match=r"^model.name=vit_tiny_patch16_224 \(timm\) fails on a batch of shape "
+                                        r"\(2, 3, 32, 32\) .*\+model.kwargs.img_size=32"):
+        build_model(OmegaConf.create({"registry": "timm", "name": "vit_tiny_patch16_224"}), cifar)
+    vit = build_model(OmegaConf.create({"registry": "timm", "name": "vit_tiny_patch16_224",
+                                        "kwargs": {"img_size": 32}}), cifar)
+    assert vit(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

@@ -15,6 +15,7 @@ import torch
 
 from mptrain.data.image_folder import split_per_class
 from mptrain.errors import UserError
+from mptrain.models.custom import first_line
 
 MAX_ITEMS = 1_000_000  # read whole into memory: past this, subsample with your Dataset's own arguments
 
@@ -54,9 +55,8 @@ def _instantiate(node, key: str):
         dataset = instantiate(node)
     except Exception as e:
         cause = e.__cause__ or e
-        text = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
-        raise UserError(f"{key}._target_={target} could not be built ({type(cause).__name__}: {text}); check the "
-                        f"dotted path and its arguments (+{key}.<name>=...)") from None
+        raise UserError(f"{key}._target_={target} could not be built ({type(cause).__name__}: {first_line(cause)}); "
+                        f"check the dotted path and its arguments (+{key}.<name>=...)") from None
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise UserError(f"{key}._target_={target} gave a {type(dataset).__name__}, not a map-style Dataset "
                         "(__len__ and __getitem__)")

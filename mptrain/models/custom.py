@@ -33,7 +33,7 @@ def build_custom(cfg, spec) -> nn.Module:
     try:
         builder = get_object(str(target))
     except Exception as e:  # ImportError, AttributeError, ValueError: Hydra words them differently
-        raise UserError(f"model.net._target_={target} cannot be imported ({_first_line(e.__cause__ or e)}); check the "
+        raise UserError(f"model.net._target_={target} cannot be imported ({first_line(e.__cause__ or e)}); check the "
                         "dotted path, "
                         "and put its package on PYTHONPATH or install it in the venv") from None
     given = set(OmegaConf.to_container(net))
@@ -43,14 +43,14 @@ def build_custom(cfg, spec) -> nn.Module:
         model = instantiate(net, **supplied)
     except Exception as e:
         cause = e.__cause__ or e
-        raise UserError(f"model.net._target_={target} raised {type(cause).__name__} when built ({_first_line(cause)});"
+        raise UserError(f"model.net._target_={target} raised {type(cause).__name__} when built ({first_line(cause)});"
                         f" check its arguments (model.net.<name>=..., +model.net.<name>=... for a new one)") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"model.net._target_={target} returned {type(model).__name__}, not a torch.nn.Module")
     return check_output(model, f"model.net._target_={target}", cfg.task, spec)
 
 
-def check_output(model: nn.Module, label: str, task: str, spec) -> nn.Module:
+def check_output(model: nn.Module, label: str, task: str, spec, hint: str = "") -> nn.Module:
     """One FP32 forward on a batch of two; a wrong output shape for the task is one line naming `label`."""
     language = task == "language_model"
     x = torch.zeros(2, 4, dtype=torch.long) if language else \
@@ -63,8 +63,8 @@ def check_output(model: nn.Module, label: str, task: str, spec) -> nn.Module:
             out = model(x)
     except Exception as e:
         raise UserError(f"{label} fails on a batch of shape {tuple(x.shape)} "
-                        f"({type(e).__name__}: {_first_line(e)}); a {task} network takes "
-                        f"{'(B, T) token ids' if language else '(B, C, H, W) images'}") from None
+                        f"({type(e).__name__}: {first_line(e)}); a {task} network takes "
+                        f"{'(B, T) token ids' if language else '(B, C, H, W) images'}{hint}") from None
     finally:
         model.train(training)
     out = getattr(out, "logits", out)  # a Hugging Face output
@@ -101,6 +101,6 @@ def _accepts(builder, name: str) -> bool:
     return name in params
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mptrain.errors import UserError
-from mptrain.models.custom import check_output
+from mptrain.models.custom import check_output, first_line
 
 log = logging.getLogger("mptrain")
 
@@ -39,19 +39,26 @@ def build_torchvision(cfg, spec) -> nn.Module:
     """`model=torchvision model.name=<name>`: any torchvision classification model, its class count the
     dataset's and its first convolution made for the dataset's channels."""
     import torchvision
+    from omegaconf import OmegaConf
 
     names = torchvision.models.list_models(module=torchvision.models)
     if cfg.name not in names:
         raise _unknown("model.name", cfg.name, names, "a torchvision classification model",
                        "python -c 'import torchvision; print(torchvision.models.list_models(module=torchvision.models))'")
-    model = torchvision.models.get_model(cfg.name, weights=None, num_classes=spec.num_classes)
+    kwargs = OmegaConf.to_container(cfg.kwargs) if cfg.kwargs else {}
+    try:
+        model = torchvision.models.get_model(cfg.name, weights=None, num_classes=spec.num_classes, **kwargs)
+    except Exception as e:
+        raise UserError(f"torchvision.models.get_model({cfg.name!r}) raised {type(e).__name__} ({first_line(e)}); "
+                        "check model.kwargs") from None
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first is not None and first.in_channels != spec.in_channels:
         _replace(model, first, nn.Conv2d(spec.in_channels, first.out_channels, first.kernel_size, first.stride,
                                          first.padding, first.dilation, first.groups, first.bias is not None))
         log.info("model.name=%s: its first convolution takes %d channel(s) (the dataset's) instead of %d",
                  cfg.name, spec.in_channels, first.in_channels)
-    return check_output(model, f"model.name={cfg.name} (torchvision)", "classification", spec)
+    return check_output(model, f"model.name={cfg.name} (torchvision)", "classification", spec,
+                        hint=f"; built for one input size? +model.kwargs.image_size={spec.image_size}")
 
 
 def build_timm(cfg, spec) -> nn.Module:
@@ -68,10 +75,11 @@ def build_timm(cfg, spec) -> nn.Module:
         model = timm.create_model(cfg.name, pretrained=False, num_classes=spec.num_classes,
                                   in_chans=spec.in_channels, **kwargs)
     except Exception as e:
-        raise UserError(f"timm.create_model({cfg.name!r}) raised {type(e).__name__} "
-                        f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
+        raise UserError(f"timm.create_model({cfg.name!r}) raised {type(e).__name__} ({first_line(e)}); "
                         "check model.kwargs and the dataset's image size (dataset.image_size)") from None
-    return check_output(model, f"model.name={cfg.name} (timm)", "classification", spec)
+    return check_output(model, f"model.name={cfg.name} (timm)", "classification", spec,
+                        hint=f"; built for one input size? +model.kwargs.img_size={spec.image_size}, or a larger "
+                             "dataset.image_size")
 
 
 def build_hf_causal_lm(cfg, spec) -> nn.Module:
@@ -100,8 +108,7 @@ def build_hf_causal_lm(cfg, spec) -> nn.Module:
         model = transformers.AutoModelForCausalLM.from_config(config)
     except Exception as e:
         raise UserError(f"AutoModelForCausalLM.from_config({config_class.__name__}) raised {type(e).__name__} "
-                        f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); check model.overrides"
-                        ) from None
+                        f"({first_line(e)}); check model.overrides") from None
     converted = _conv1d_to_linear(model, transformers)
     if converted:
         log.info("model.config=%s: %d transformers Conv1D layers became nn.Linear (the same product, "

@@ -131,6 +131,7 @@ class RegistryModelConfig(ModelConfig):
 
     registry: str = knob("torchvision", "torchvision | timm | hf_causal_lm: the library whose registry builds it",
                          one_of(*REGISTRIES))
+    kwargs: Any = knob(None, "more keyword arguments for the library's builder (get_model, create_model)", KWARGS)
 
 
 @dataclass
@@ -150,7 +151,6 @@ class TimmConfig(RegistryModelConfig):
     name: str = knob("resnet18", "timm model name (timm.list_models()); no pretrained weights", NAMED,
                      example="convnext_atto")
     family: str = knob("cnn", "how reports group it")
-    kwargs: Any = knob(None, "more keyword arguments for timm.create_model (drop_rate, ...)", KWARGS)
 
 
 @dataclass
