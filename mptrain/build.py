@@ -37,14 +37,16 @@ def build_trainer(cfg, device, run_dir: Path, tb, numerics=None, warnings: list[
     Among data-parallel `replicas`, each trains on its shard through a DDP wrapper."""
     import torch
 
+    from mptrain import checkpoint
     from mptrain.data import build_data
+    from mptrain.optim import build_optimizer, build_scheduler
     from mptrain.precision import Precision
     from mptrain.precision.pitfalls import find_pitfalls
     from mptrain.replicas import Replicas
     from mptrain.speed_check import speed_options, verify_speed_options
     from mptrain.tasks import build_task
     from mptrain.telemetry.summary import write_json_atomic
-    from mptrain.trainer import Trainer
+    from mptrain.trainer import Trainer, planned_steps
 
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -72,8 +74,20 @@ def build_trainer(cfg, device, run_dir: Path, tb, numerics=None, warnings: list[
     options = speed_options(cfg.trainer)
     checked = verify_speed_options(task, next(iter(data.train)), precision, options, replicas) if options else None
     warnings = warnings if warnings is not None else []
-    trainer = Trainer(cfg, task, data, precision, device, tb, numerics, replicas, checkpoint_path=checkpoint_path,
-                      stop=stop, speed_options_check=checked, warnings=warnings)
+    total_steps = planned_steps(cfg.trainer, len(data.train))
+
+    def make_scheduler(optimizer, steps: int = total_steps):
+        return build_scheduler(cfg.optim, optimizer, steps)
+
+    steppers = {name: precision.stepper(net, lambda params: build_optimizer(cfg.optim, params,
+                                                                            update=precision.spec.update),
+                                        make_scheduler, max_grad_norm=cfg.optim.max_grad_norm,
+                                        agree_on_overflow=replicas.agree_on_overflow)
+                for name, net in task.networks().items()}  # fmt: skip
+    trainer = Trainer(cfg.trainer, task, data, precision, steppers, device, tb, numerics, replicas,
+                      make_scheduler=make_scheduler, overflow_events=cfg.telemetry.overflow_events,
+                      identity=checkpoint.identity(cfg), checkpoint_path=checkpoint_path, stop=stop,
+                      speed_options_check=checked, warnings=warnings)
     for warning in precision.notes + find_pitfalls(precision, task.networks(), trainer.steppers):
         log.warning(warning)
         warnings.append(warning)

@@ -12,6 +12,7 @@ precision mode, model or dataset differs from the run's config is refused.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 from mptrain.errors import UserError
+
+log = logging.getLogger("mptrain.trainer")
 
 FILENAME = "checkpoint.pt"
 FORMAT = 1
@@ -97,12 +100,44 @@ def load(path: Path, cfg, device: torch.device, world_size: int = 1) -> dict:
 
 
 def capture(trainer) -> dict:
-    """The trainer's state with what checks a resume (identity, world size) and the RNG streams."""
-    return {"identity": identity(trainer.cfg), "world_size": trainer.replicas.world_size, **trainer.state_dict(),
-            "rng": rng_state()}
+    """Everything continuing bit-identically needs: weights, steppers (optimizer, masters, loss scaler, schedule),
+    the task's carried state, the data position, history, the RNG streams; and what checks a resume (identity,
+    world size)."""
+    return {
+        "identity": trainer.identity, "world_size": trainer.replicas.world_size,
+        "step": trainer.step, "epoch": trainer.epoch, "batch_in_epoch": trainer.batch_in_epoch,
+        "networks": {name: net.state_dict() for name, net in trainer.task.networks().items()},
+        "steppers": {name: stepper.state_dict() for name, stepper in trainer.steppers.items()},
+        "task": trainer.task.state_dict(),
+        "history": trainer.history, "best": trainer.best, "last_media_step": trainer.last_media_step,
+        "overflow_events": list(trainer.overflows.events), "total_steps": trainer.total_steps,
+        "overflow_history": {net: [list(e) for e in events] for net, events in trainer.overflows.history.items()},
+        "rng": rng_state(),
+    }  # fmt: skip
 
 
 def restore(trainer, state: dict) -> None:
-    """Put a freshly built Trainer where the checkpoint left off."""
-    trainer.load_state_dict(state)
+    """Put a freshly built Trainer where the checkpoint left off (weights first, then the steppers' masters over
+    them); a run planned for another length rebuilds its LR schedule only when trainer.replan_schedule says so."""
+    for name, net in trainer.task.networks().items():
+        net.load_state_dict(state["networks"][name])
+    for name, stepper in trainer.steppers.items():
+        stepper.load_state_dict(state["steppers"][name])
+    trainer.step, trainer.epoch, trainer.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    trainer.history, trainer.best = state["history"], state["best"]
+    trainer.last_media_step = state["last_media_step"]
+    trainer.overflows.events.extend(state["overflow_events"])
+    for net, events in state.get("overflow_history", {}).items():  # checkpoints before it was kept: none
+        trainer.overflows.history[net] = [tuple(e) for e in events]
+    trainer.resumed_task_state = state["task"]  # loaded when its pass starts (an LM's hidden state)
+    planned, total = state.get("total_steps", trainer.total_steps), trainer.total_steps
+    if planned != total:  # the LR schedule was built for the checkpoint's length
+        if not trainer.cfg.replan_schedule:
+            raise UserError(f"the checkpoint's run was planned for {planned} steps and this one for {total}: its LR "
+                            "schedule would continue past its end (a cosine climbs back up); set "
+                            f"trainer.replan_schedule=true to rebuild the schedule for {total} steps from step "
+                            f"{trainer.step}, or resume with the same length")
+        for stepper in trainer.steppers.values():
+            stepper.replan_schedule(lambda opt: trainer.make_scheduler(opt, total))
+        log.info("LR schedule rebuilt for %d steps (was %d) from step %d", total, planned, trainer.step)
     set_rng_state(state["rng"])

@@ -4,7 +4,7 @@ existing part of mptrain, not a new engine:
 
 1. the FP32 numerics scan of `mptrain-numerics` (K steps): the static loss scale FP16 needs (or that none fits),
    the first module whose output overflows FP16, the Linear layers FP8's per-tensor scaling would starve;
-2. one run per precision mode and seed, as `mptrain precision=<mode> seed=<s>` makes it (`mptrain.train`), in
+2. one run per precision mode and seed, as `mptrain precision=<mode> seed=<s>` makes it (`mptrain.train`'s in-process run), in
    `<out>/runs/<mode>/seed=<s>`;
 3. `mptrain-report` over those runs: the paired-seed verdicts against fp32, in `<out>/report/`.
 """
@@ -38,8 +38,8 @@ def run_study(overrides: Sequence[str] = (), modes: Sequence[str] = DEFAULT_MODE
               steps: int | None = None, numerics_steps: int = 20, out: str | Path | None = None,
               announce=print) -> StudyResult:
     """The study of the model the overrides pick (the command line's and the Python API's one path)."""
-    from mptrain.api import train
     from mptrain.console import compose
+    from mptrain.inprocess import run_overrides
     from mptrain.numerics_cli import analyse, compose_scan, scan
     from mptrain.paths import group_options
     from mptrain.report.cli import build
@@ -73,7 +73,7 @@ def run_study(overrides: Sequence[str] = (), modes: Sequence[str] = DEFAULT_MODE
     for mode in modes:
         for seed in range(seeds):
             announce(f"2/3 run: precision={mode} seed={seed}")
-            train([*overrides, *length, f"precision={mode}", f"seed={seed}", "trainer.progress=false",
+            run_overrides([*overrides, *length, f"precision={mode}", f"seed={seed}", "trainer.progress=false",
                    f"hydra.run.dir='{out / 'runs' / mode / f'seed={seed}'}'"])
     announce("3/3 report")
     import logging

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mptrain.errors import Diverged, Interrupted, UserError
-from mptrain.optim import build_optimizer, build_scheduler
+from mptrain.errors import Diverged, Interrupted
 from mptrain.precision import LossScaleCollapsed, Precision
 from mptrain.replicas import Replicas
 from mptrain.signals import StopRequest
@@ -37,18 +36,27 @@ MEMORY_STEPS = 3  # the first steps (and every logging step) are measured for pe
 
 
 
+def planned_steps(cfg, steps_per_epoch: int) -> int:
+    """The run's length from the trainer section: max_steps, else whole epochs."""
+    return cfg.max_steps or cfg.epochs * steps_per_epoch
+
+
 class Trainer:
-    def __init__(self, cfg, task: Task, data, precision: Precision, device: torch.device, tb: TensorBoardLogger,
-                 numerics: NumericsProbe | None = None, replicas: Replicas | None = None, *,
+    def __init__(self, cfg, task: Task, data, precision: Precision, steppers: dict, device: torch.device,
+                 tb: TensorBoardLogger, numerics: NumericsProbe | None = None, replicas: Replicas | None = None, *,
+                 make_scheduler=None, overflow_events: int = 0, identity: dict | None = None,
                  checkpoint_path: Path | None = None, stop: StopRequest | None = None,
                  speed_options_check: dict | None = None, warnings: list[str] | None = None):
-        """`checkpoint_path`: where checkpoints go (None: none); `stop`: the request the run's signal handlers
-        fill (checkpoint, then stop); `speed_options_check`: what the speed options were verified against;
-        `warnings`: the run's list (summary.json), to which training adds what it finds."""
+        """`cfg`: the trainer section; `steppers`: one PrecisionStepper per network (build.py makes them with the
+        optimizer and schedule); `make_scheduler(optimizer, total_steps)`: rebuilds a schedule when a resumed run's
+        length changed; `overflow_events`: how many overflow attributions to keep; `identity`: what a checkpoint
+        must match to resume; `checkpoint_path`: where checkpoints go (None: none); `stop`: the request the run's
+        signal handlers fill (checkpoint, then stop); `speed_options_check`: what the speed options were verified
+        against; `warnings`: the run's list (summary.json), to which training adds what it finds."""
         self.cfg = cfg
         self.replicas = replicas or Replicas()  # data-parallel ranks: rank 0 writes, metrics are reduced
         self.numerics = numerics  # None: no numerics hooks exist, the step costs nothing extra
-        self.overflows = OverflowLog(cfg.telemetry.overflow_events)
+        self.overflows = OverflowLog(overflow_events)
         self.last_batch = None
         self.task = task
         self.data = data
@@ -56,20 +64,12 @@ class Trainer:
         self.device = device
         self.tb = tb
         self.steps_per_epoch = len(data.train)
-        t = cfg.trainer
-        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
-        self.steppers = {
-            name: precision.stepper(
-                net,
-                lambda params: build_optimizer(cfg.optim, params, update=precision.spec.update),
-                lambda opt: build_scheduler(cfg.optim, opt, self.total_steps),
-                max_grad_norm=cfg.optim.max_grad_norm,
-                agree_on_overflow=self.replicas.agree_on_overflow,
-            )
-            for name, net in task.networks().items()
-        }
+        self.total_steps = planned_steps(cfg, self.steps_per_epoch)
+        self.steppers = steppers
+        self.make_scheduler = make_scheduler
+        self.identity = identity or {}
         self.after_checkpoint: list = []  # called with the step once a checkpoint is on disk
-        self.throughput = Throughput(device, t.perf_warmup_steps)
+        self.throughput = Throughput(device, cfg.perf_warmup_steps)
         self.memory = PeakMemory(device)
         self.train_meter = MeanMeter()
         self.step = 0
@@ -88,7 +88,7 @@ class Trainer:
     def fit(self, evaluate: bool = True) -> dict:
         """Train `total_steps` steps, evaluating every `eval_every` steps and each epoch (if asked) and at the end;
         `evaluate=False`: no evaluation."""
-        t = self.cfg.trainer
+        t = self.cfg
         epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         show = t.progress is True or (t.progress == "auto" and sys.stderr.isatty())
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not show, dynamic_ncols=True, leave=False)
@@ -112,7 +112,7 @@ class Trainer:
     def evaluate(self, epoch: int) -> dict:
         for net in self.task.networks().values():
             net.eval()
-        limit = self.cfg.trainer.eval_max_batches
+        limit = self.cfg.eval_max_batches
         batches = itertools.islice(self.data.test, limit) if limit else self.data.test
         with self.precision.kernels():
             metrics = self.task.evaluate(batches, self.precision)
@@ -120,7 +120,7 @@ class Trainer:
         self._log_media()
         record = {"step": self.step, "epoch": epoch, **metrics}
         self.history.append(record)
-        if self._better(record):
+        if run_results.better(record, self.best, self.task.primary_metric, self.task.higher_is_better):
             self.best = record
         log.info("eval step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return record
@@ -150,7 +150,7 @@ class Trainer:
             self.batch_in_epoch += 1
             bar.update(1)
             done = self.step >= self.total_steps
-            logged = self.step % self.cfg.trainer.log_every == 0 or done
+            logged = self.step % self.cfg.log_every == 0 or done
             if logged:
                 window.close(self, bar)
             elif self.throughput.at_warmup_boundary:
@@ -158,7 +158,7 @@ class Trainer:
                 self.throughput.begin()
             if done:
                 break
-            eval_every = self.cfg.trainer.eval_every
+            eval_every = self.cfg.eval_every
             if evaluate and eval_every and self.step % eval_every == 0:
                 if not logged:
                     window.close(self, bar)
@@ -167,7 +167,7 @@ class Trainer:
                     net.train()
                 self.throughput.begin()
                 logged = True
-            checkpoint_every = self.cfg.trainer.checkpoint_every
+            checkpoint_every = self.cfg.checkpoint_every
             stop = self._stop_requested(logged)
             if stop or (self.checkpoint_path and checkpoint_every and self.step % checkpoint_every == 0):
                 if not logged:  # a checkpoint holds no half-filled logging window
@@ -199,44 +199,8 @@ class Trainer:
         for hook in self.after_checkpoint:
             hook(self.step)
 
-    def state_dict(self) -> dict:
-        """Everything but the RNG streams that continuing bit-identically needs: weights, steppers (optimizer,
-        masters, loss scaler, schedule), the task's carried state, the data position, history."""
-        return {
-            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "networks": {name: net.state_dict() for name, net in self.task.networks().items()},
-            "steppers": {name: stepper.state_dict() for name, stepper in self.steppers.items()},
-            "task": self.task.state_dict(),
-            "history": self.history, "best": self.best, "last_media_step": self.last_media_step,
-            "overflow_events": list(self.overflows.events), "total_steps": self.total_steps,
-            "overflow_history": {net: [list(e) for e in events] for net, events in self.overflows.history.items()},
-        }  # fmt: skip
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue where `state_dict` left off (weights first, then the steppers' masters over them)."""
-        for name, net in self.task.networks().items():
-            net.load_state_dict(state["networks"][name])
-        for name, stepper in self.steppers.items():
-            stepper.load_state_dict(state["steppers"][name])
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.history, self.best, self.last_media_step = state["history"], state["best"], state["last_media_step"]
-        self.overflows.events.extend(state["overflow_events"])
-        for net, events in state.get("overflow_history", {}).items():  # checkpoints before it was kept: none
-            self.overflows.history[net] = [tuple(e) for e in events]
-        self.resumed_task_state = state["task"]  # loaded when its pass starts (an LM's hidden state)
-        planned = state.get("total_steps", self.total_steps)
-        if planned != self.total_steps:  # the LR schedule was built for the checkpoint's length
-            if not self.cfg.trainer.replan_schedule:
-                raise UserError(f"the checkpoint's run was planned for {planned} steps and this one for "
-                                f"{self.total_steps}: its LR schedule would continue past its end (a cosine climbs "
-                                "back up); set trainer.replan_schedule=true to rebuild the schedule for "
-                                f"{self.total_steps} steps from step {self.step}, or resume with the same length")
-            for stepper in self.steppers.values():
-                stepper.replan_schedule(lambda opt: build_scheduler(self.cfg.optim, opt, self.total_steps))
-            log.info("LR schedule rebuilt for %d steps (was %d) from step %d", self.total_steps, planned, self.step)
-
     def _train_step(self, batch) -> dict:
-        measure = self.step < MEMORY_STEPS or (self.step + 1) % self.cfg.trainer.log_every == 0
+        measure = self.step < MEMORY_STEPS or (self.step + 1) % self.cfg.log_every == 0
         probe = self.numerics is not None and self.numerics.due(self.step + 1)
         skipped = {name: s.skipped_steps for name, s in self.steppers.items()}  # host ints: no sync
         self.last_batch = batch
@@ -281,14 +245,3 @@ class Trainer:
     def _state_tensors(self):
         for stepper in self.steppers.values():
             yield from stepper.state_tensors()
-
-    def _better(self, record: dict) -> bool:
-        key = self.task.primary_metric
-        if self.best is None:
-            return True
-        new, old = record.get(key), self.best.get(key)
-        if new is None or not math.isfinite(new):
-            return False
-        if old is None or not math.isfinite(old):
-            return True
-        return new > old if self.task.higher_is_better else new < old

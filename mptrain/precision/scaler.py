@@ -30,6 +30,7 @@ class Scaler(Protocol):
 
     dynamic: bool
     skipped_steps: int
+    growth_interval: int  # clean steps between growths (the scale-history verdict reads it)
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor: ...
 
@@ -198,6 +199,10 @@ class GradScalerAdapter:
             flag.fill_(float(found_inf))
         self.grad_scaler.update()
         self.skipped_steps += int(found_inf)
+
+    @property
+    def growth_interval(self) -> int:
+        return self.grad_scaler.get_growth_interval()
 
     def _flags(self) -> dict:
         return self.grad_scaler._found_inf_per_device(self._optimizer)

@@ -3,6 +3,8 @@ scales and their verdicts (scale_history.py), bytes per parameter, and the run-e
 
 from __future__ import annotations
 
+import math
+
 from mptrain.telemetry import health
 from mptrain.telemetry.scale_history import scale_verdict
 
@@ -46,7 +48,7 @@ def scale_verdicts(trainer) -> dict | None:
             continue
         events = trainer.overflows.history.get(name, []) + trainer.overflows.history.get("all", [])
         verdicts[name] = scale_verdict(sorted(events, key=lambda e: e[0]), trainer.step, stepper.scaler.dynamic,
-                                       trainer.cfg.precision.growth_interval, float(stepper.current_scale))
+                                       stepper.scaler.growth_interval, float(stepper.current_scale))
     return verdicts or None
 
 
@@ -64,3 +66,15 @@ def _single_or_named(values: dict):
     if not values:
         return None
     return next(iter(values.values())) if len(values) == 1 else values
+
+
+def better(record: dict, best: dict | None, key: str, higher_is_better: bool) -> bool:
+    """Whether an evaluation beats the best so far on `key` (a non-finite value never does)."""
+    if best is None:
+        return True
+    new, old = record.get(key), best.get(key)
+    if new is None or not math.isfinite(new):
+        return False
+    if old is None or not math.isfinite(old):
+        return True
+    return new > old if higher_is_better else new < old

@@ -52,6 +52,6 @@ def close(trainer, bar) -> None:
                  ", ".join(f"{k.split('/')[1]} {format_value(k, values[k])}" for k in shown if k in values))
     elif "train/loss" in values:
         bar.set_postfix(loss=f"{values['train/loss']:.4g}", refresh=False)
-    if trainer.step - trainer.last_media_step >= trainer.cfg.trainer.media_every:
+    if trainer.step - trainer.last_media_step >= trainer.cfg.media_every:
         trainer._log_media()
     trainer.throughput.begin()
