@@ -118,9 +118,9 @@ CASES = [
     # incompatible resume
     ("resume-other-mode", lambda i, c: [*RUN, "precision=fp32", f"trainer.resume={_checkpoint(i, c, None)}"],
      "was made with precision=mixed (this run: fp32)"),
-    ("resume-other-model", lambda i, c: [*[a for a in RUN if not a.startswith("model.")], "model=vgg",
+    ("resume-other-model", lambda i, c: [*[a for a in RUN if not a.startswith("model.")], "model=mlp",
                                          f"trainer.resume={_checkpoint(i, c, None)}"],
-     "model=resnet (this run: vgg)"),
+     "model=resnet (this run: mlp)"),
     ("resume-other-world", lambda i, c: [*RUN, f"trainer.resume={_checkpoint(i, c, state_foreign_world)}"],
      "2 data-parallel process(es) (this run: 1)"),
 ]  # fmt: skip

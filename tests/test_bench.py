@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from cli_helpers import TINY
-
 BENCH = [sys.executable, "-m", "mptrain.bench.cli"]
-SMALL = [o for o in TINY if not o.startswith(("dataset.batch_size", "trainer."))]
+# debug=tiny's sizes without its trainer settings or batch size (the bench sets its own)
+SMALL = ["dataset=synthetic", "dataset.image_size=8", "dataset.channels=3", "dataset.num_classes=4",
+         "dataset.train_size=256", "dataset.test_size=64", "model.depth=8", "model.width=4"]
 QUICK = ["--warmup", "2", "--window", "2", "--windows", "2", "--repeats", "1", "--pairs", "3"]
 
 

@@ -42,7 +42,7 @@ def _check_runs(runs: list[Path], steps: int) -> None:
         assert expected <= scalar_tags(run / "tb").keys(), mode
     # folder names come from the overrides, group choices first, seed kept apart
     for mode, run in by_mode.items():
-        assert run.name == "seed=0" and run.parent.name.startswith(f"dataset=synthetic,precision={mode},")
+        assert run.name == "seed=0" and run.parent.name.startswith(f"debug=tiny,precision={mode},")
 
 
 @pytest.mark.e2e

@@ -91,13 +91,14 @@ def test_bad_model_config_is_a_user_error():
 
 
 def test_model_yamls_name_registered_models_and_tasks(compose_cfg):
+    from mptrain.schema.model import schema_key
     from mptrain.tasks import TASKS
 
     files = sorted(CONF_DIR.glob("*.yaml"))
     assert {f.stem for f in files} >= set(MODELS)
     for path in files:
         cfg = compose_cfg(f"model={path.stem}").model
-        assert cfg.name == path.stem and cfg.name in MODELS
+        assert schema_key(cfg) == path.stem and schema_key(cfg) in MODELS  # a registry family: its registry
         assert cfg.family in ("cnn", "rnn", "gan", "mlp", "transformer", "custom") and cfg.task in TASKS
 
 

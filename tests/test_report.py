@@ -52,7 +52,7 @@ def _lost_updates(run_dir: Path) -> float:
 
 def test_sweep_names_folders_by_overrides_and_records_the_failure(sweep):
     names = sorted(p.parent.relative_to(sweep).as_posix() for p in sweep.rglob("summary.json"))
-    assert any(n.startswith("ok/dataset=synthetic,optim=adam,precision=bf16,") and n.endswith("/seed=1") for n in names)
+    assert any(n.startswith("ok/debug=tiny,optim=adam,precision=bf16,") and n.endswith("/seed=1") for n in names)
     bad = [s for s in summaries(sweep) if s["seed"] == 7]
     assert len(bad) == 1 and bad[0]["status"] == "failed" and "train_size" in bad[0]["error"]
 
