@@ -41,6 +41,16 @@ def wrong_shape(num_classes):
 
 def raises(num_classes):
     raise ValueError("no weights for you")
+
+
+def generator(latent, in_channels, image_size):
+    return nn.Sequential(nn.Flatten(), nn.Linear(latent, in_channels * image_size * image_size), nn.Tanh(),
+                         nn.Unflatten(1, (in_channels, image_size, image_size)))
+
+
+def discriminator(in_channels, image_size):
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, 16), nn.LeakyReLU(0.2),
+                         nn.Linear(16, 1))
 '''
 IMAGES = DataSpec("synthetic", in_channels=3, image_size=8, num_classes=4)
 
@@ -268,3 +278,39 @@ def test_a_registry_model_built_for_one_input_size_says_how_to_fit_it():
     vit = build_model(OmegaConf.create({"registry": "timm", "name": "vit_tiny_patch16_224",
                                         "kwargs": {"img_size": 32}}), cifar)
     assert vit(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+GAN = ["model=custom", "model.task=gan", "model.generator._target_=user_nets.generator",
+       "model.discriminator._target_=user_nets.discriminator", "model.latent=8", "model.fid.enabled=false",
+       "dataset=synthetic", "dataset.image_size=8", "dataset.channels=1", "dataset.train_size=32",
+       "dataset.test_size=16", "dataset.batch_size=8", "trainer.max_steps=2", "trainer.progress=false"]
+
+
+@pytest.mark.parametrize("mode", ["mixed", "bf16"])
+def test_a_gan_of_your_own_trains_as_dcgan_does(package, tmp_path, monkeypatch, mode):
+    import mptrain
+
+    monkeypatch.chdir(tmp_path)
+    summary = mptrain.train([*GAN, f"precision={mode}"])
+    assert summary["status"] == "completed" and summary["model"] == "custom", summary.get("error")
+    assert summary["steps"] == 2 and "d_real" in summary["final"]
+    if mode == "mixed":  # one loss scaler per network, as DCGAN's
+        assert set(summary["final_loss_scale"]) == {"g", "d"}
+
+
+def test_a_gan_pair_of_the_wrong_shapes_is_one_line(package):
+    from mptrain.data import DataSpec
+
+    gray = DataSpec("synthetic", in_channels=1, image_size=8, num_classes=2)
+    cfg = OmegaConf.create({"name": "custom", "task": "gan", "latent": 8,
+                            "generator": {"_target_": "user_nets.generator", "image_size": 4},
+                            "discriminator": {"_target_": "user_nets.discriminator"}})
+    with pytest.raises(UserError, match=r"^model.generator._target_=user_nets.generator returns \(2, 1, 4, 4\) for "
+                                        r"noise of shape \(2, 8, 1, 1\); a generator must return \(2, 1, 8, 8\)"):
+        build_model(cfg, gray)
+    cfg.generator.image_size = 8
+    nets = build_model(cfg, gray)
+    assert nets["g"].latent == 8 and nets["d"](torch.zeros(3, 1, 8, 8)).shape == (3,)
+    cfg.discriminator = {"_target_": None}
+    with pytest.raises(UserError, match=r"^model=custom needs model.discriminator._target_"):
+        build_model(cfg, gray)

@@ -110,12 +110,18 @@ class CustomModelConfig(ModelConfig):
     """Your own network: `model=custom model.net._target_=my_pkg.nets.MyNet` (mptrain/models/custom.py)."""
 
     family: str = knob("custom", "how reports group it")
-    task: str = knob("classification", "classification | language_model: the Task that trains it",
-                     one_of("classification", "language_model"))
+    task: str = knob("classification", "classification | language_model | gan: the Task that trains it",
+                     one_of("classification", "language_model", "gan"))
     augment: bool = knob(False, "let the dataset augment")
     net: Any = knob(None, "the network: _target_ (a class or factory) and its arguments; num_classes, "
                           "in_channels, image_size, vocab_size come from the dataset where the constructor names them",
                     NET)
+    generator: Any = knob(None, "task=gan: noise (B, latent, 1, 1) -> images in [-1, 1]; _target_ and arguments",
+                          NET)
+    discriminator: Any = knob(None, "task=gan: images -> one logit each; _target_ and arguments", NET)
+    latent: int = knob(100, "task=gan: noise dimensions (a generator parameter named latent gets it)", POSITIVE_INT)
+    noise_seed: int = knob(0, "task=gan: fixed noise for image grids and FID samples", SEED)
+    fid: FidConfig = field(default_factory=FidConfig)
 
 
 REGISTRIES = ("torchvision", "timm", "hf_causal_lm")
