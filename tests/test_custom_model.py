@@ -314,3 +314,21 @@ def test_a_gan_pair_of_the_wrong_shapes_is_one_line(package):
     cfg.discriminator = {"_target_": None}
     with pytest.raises(UserError, match=r"^model=custom needs model.discriminator._target_"):
         build_model(cfg, gray)
+
+
+def test_a_registry_model_has_the_instruments_checkpoints_and_the_fp16_check(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    import mptrain
+    from mptrain import numerics_cli
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    summary = mptrain.train([*GPT2, "precision=fp16_master", "trainer.max_steps=4", "telemetry.numerics.every=2",
+                             "trainer.checkpoint_every=2", f"hydra.run.dir={run}"])
+    assert summary["status"] == "completed" and (run / "checkpoint.pt").is_file()
+    layers = {line.split('"layer": "')[1].split('"')[0] for line in (run / "numerics.jsonl").read_text().splitlines()
+              if '"layer": "' in line}
+    assert any("transformer.h.1.mlp.c_fc" in layer for layer in layers)  # GPT-2's Conv1D, now a Linear, measured
+    capsys.readouterr()
+    numerics_cli.main(["--checkpoint", str(run), "--batches", "1"])
+    assert "safe in FP16" in capsys.readouterr().out
