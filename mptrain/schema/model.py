@@ -146,7 +146,6 @@ class TorchvisionConfig(RegistryModelConfig):
 
     name: str = knob("resnet18", "torchvision.models name (list_models()); no pretrained weights", NAMED,
                      example="resnet18")
-    family: str = knob("cnn", "how reports group it")
 
 
 @dataclass
@@ -156,7 +155,6 @@ class TimmConfig(RegistryModelConfig):
     registry: str = knob("timm", "the library whose registry builds it", one_of("timm"))
     name: str = knob("resnet18", "timm model name (timm.list_models()); no pretrained weights", NAMED,
                      example="convnext_atto")
-    family: str = knob("cnn", "how reports group it")
 
 
 @dataclass
