@@ -25,6 +25,14 @@ def mptrain(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None
     )
 
 
+def train_inprocess(*args: str) -> dict:
+    """The same run as `mptrain <args>`, in this process (mptrain.train): for runs whose exit code, signals or
+    console output the test does not read; it skips the interpreter, torch and Hydra start-up of a subprocess."""
+    from mptrain.api import train
+
+    return train(list(args))
+
+
 def read_summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import TINY, mptrain, read_summary, scalar_tags, sigterm_once_training
+from cli_helpers import TINY, mptrain, read_summary, scalar_tags, sigterm_once_training, train_inprocess
 from mptrain import checkpoint
 
 N = 4
@@ -45,12 +45,10 @@ def test_resume_after_sigkill_continues_bit_identically(tmp_path, mode):
     args = [*LM, "optim.weight_decay=0"] if mode in ("bf16_sr", "bf16_kahan", "fp8") else RUN
     args = [*args, f"precision={mode}"]
     straight, killed, resumed = tmp_path / "straight", tmp_path / "killed", tmp_path / "resumed"
-    out = mptrain(*args, f"hydra.run.dir={straight}", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert train_inprocess(*args, f"hydra.run.dir={straight}")["status"] == "completed"
     out = mptrain(*args, f"hydra.run.dir={killed}", cwd=tmp_path, env={"MPTRAIN_FAULT_KILL_AFTER_CHECKPOINT": str(N)})
-    assert out.returncode == -signal.SIGKILL and _load(killed)["step"] == N
-    out = mptrain(*args, f"trainer.resume={killed}", f"hydra.run.dir={resumed}", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == -signal.SIGKILL and _load(killed)["step"] == N  # the kill: a process of its own
+    assert train_inprocess(*args, f"trainer.resume={killed}", f"hydra.run.dir={resumed}")["status"] == "completed"
 
     a, b = _load(straight), _load(resumed)
     assert a["step"] == b["step"] == 2 * N
@@ -70,12 +68,11 @@ def test_resume_after_sigkill_continues_bit_identically(tmp_path, mode):
 def test_language_model_resumes_its_hidden_state_mid_epoch(tmp_path):
     args = ["model=lstm_lm", "dataset=synthetic_text", "model.width=8", "dataset.batch_size=4", "dataset.bptt=8",
             "trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.log_every=1", "precision=fp32"]
-    out = mptrain(*args, f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    out = mptrain(*args, f"hydra.run.dir={tmp_path / 'k'}", cwd=tmp_path, env={"MPTRAIN_FAULT_KILL_AFTER_CHECKPOINT": "3"})
+    assert train_inprocess(*args, f"hydra.run.dir={tmp_path / 'a'}")["status"] == "completed"
+    mptrain(*args, f"hydra.run.dir={tmp_path / 'k'}", cwd=tmp_path, env={"MPTRAIN_FAULT_KILL_AFTER_CHECKPOINT": "3"})
     assert _load(tmp_path / "k")["task"]["hidden"] is not None
-    out = mptrain(*args, f"trainer.resume={tmp_path / 'k'}", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert train_inprocess(*args, f"trainer.resume={tmp_path / 'k'}", f"hydra.run.dir={tmp_path / 'b'}")["status"] \
+        == "completed"
     assert _equal(_load(tmp_path / "a")["networks"], _load(tmp_path / "b")["networks"])
 
 
@@ -122,16 +119,15 @@ def test_resuming_for_a_longer_run_is_refused_or_replans_the_schedule(tmp_path):
     that of a run planned for 8 steps from the start."""
     base = [*TINY, "dataset.train_size=96", "trainer.log_every=1", "trainer.checkpoint_every=4"]
     short = tmp_path / "short"
-    assert mptrain(*base, "trainer.max_steps=4", f"hydra.run.dir={short}", cwd=tmp_path).returncode == 0
+    assert train_inprocess(*base, "trainer.max_steps=4", f"hydra.run.dir={short}")["status"] == "completed"
     refused = mptrain(*base, "trainer.max_steps=8", f"trainer.resume={short}", f"hydra.run.dir={tmp_path / 'r'}",
                       cwd=tmp_path)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "planned for 4 steps and this one for 8" in refused.stderr and "trainer.replan_schedule=true" in refused.stderr
     extended, planned = tmp_path / "extended", tmp_path / "planned"
-    out = mptrain(*base, "trainer.max_steps=8", f"trainer.resume={short}", "trainer.replan_schedule=true",
-                  f"hydra.run.dir={extended}", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert mptrain(*base, "trainer.max_steps=8", f"hydra.run.dir={planned}", cwd=tmp_path).returncode == 0
+    assert train_inprocess(*base, "trainer.max_steps=8", f"trainer.resume={short}", "trainer.replan_schedule=true",
+                           f"hydra.run.dir={extended}")["status"] == "completed"
+    assert train_inprocess(*base, "trainer.max_steps=8", f"hydra.run.dir={planned}")["status"] == "completed"
     lr = {run: {e.step: e.value for e in scalar_tags(run / "tb")["optim/lr"]} for run in (extended, planned)}
     assert [round(lr[extended][s], 9) for s in range(5, 9)] == [round(lr[planned][s], 9) for s in range(5, 9)]
     assert lr[extended][8] < lr[extended][5]  # still decaying: no warm restart

@@ -27,7 +27,7 @@ def _sweep(tmp_path: Path, *overrides: str, timeout: float = 600) -> list[Path]:
     return runs
 
 
-def _check_runs(runs: list[Path], steps: int) -> None:
+def _check_runs(runs: list[Path], steps: int, first_group: str) -> None:
     by_mode = {read_summary(r)["precision"]: r for r in runs}
     assert sorted(by_mode) == sorted(MODES)
     for mode, run in by_mode.items():
@@ -42,12 +42,12 @@ def _check_runs(runs: list[Path], steps: int) -> None:
         assert expected <= scalar_tags(run / "tb").keys(), mode
     # folder names come from the overrides, group choices first, seed kept apart
     for mode, run in by_mode.items():
-        assert run.name == "seed=0" and run.parent.name.startswith(f"debug=tiny,precision={mode},")
+        assert run.name == "seed=0" and run.parent.name.startswith(f"{first_group},precision={mode},")
 
 
 @pytest.mark.e2e
 def test_sweep_runs_every_mode_tiny(tmp_path):
-    _check_runs(_sweep(tmp_path, *TINY, "trainer.max_steps=4"), steps=4)
+    _check_runs(_sweep(tmp_path, *TINY, "trainer.max_steps=4"), steps=4, first_group="debug=tiny")
 
 
 @pytest.mark.e2e
@@ -56,7 +56,8 @@ def test_sweep_runs_every_mode_resnet20(tmp_path):
     """The issue's command: ResNet-20 on the default synthetic shapes, 20 steps in each mode.
 
     About 11 minutes on a 2-core CPU: fp16 convolutions there take ~7 s a step."""
-    _check_runs(_sweep(tmp_path, "dataset=synthetic", "trainer.max_steps=20", timeout=2400), steps=20)
+    _check_runs(_sweep(tmp_path, "dataset=synthetic", "trainer.max_steps=20", timeout=2400), steps=20,
+                first_group="dataset=synthetic")
 
 
 @pytest.mark.e2e

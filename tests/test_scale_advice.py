@@ -89,7 +89,7 @@ def test_recommended_scale_keeps_the_underflowing_mlps_gradients_in_fp16(tmp_pat
     """On the deep plain MLP (real Fashion-MNIST), unscaled FP16 flushes a few percent of the weight
     gradients to zero. In `mixed` training the FP16 gradients show it: at loss_scale=1 that many more
     of them are exactly zero than at the recommended scale."""
-    from cli_helpers import mptrain
+    from cli_helpers import train_inprocess
 
     scan_path = tmp_path / "scan.json"
     out = _numerics("model=mlp", "--steps", "20", "--json", str(scan_path), cwd=tmp_path)
@@ -102,9 +102,9 @@ def test_recommended_scale_keeps_the_underflowing_mlps_gradients_in_fp16(tmp_pat
     zero = {}
     for arm in (1, scale):
         run = tmp_path / f"scale{arm:g}"
-        done = mptrain("model=mlp", "precision=mixed", f"precision.loss_scale={arm:g}", "trainer.max_steps=20",
-                       "trainer.eval_max_batches=1", "telemetry.numerics.every=10", f"hydra.run.dir={run}", cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-2000:]
+        done = train_inprocess("model=mlp", "precision=mixed", f"precision.loss_scale={arm:g}", "trainer.max_steps=20",
+                               "trainer.eval_max_batches=1", "telemetry.numerics.every=10", f"hydra.run.dir={run}")
+        assert done["status"] == "completed", done.get("error")
         records = [json.loads(line) for line in (run / "numerics.jsonl").read_text().splitlines()]
         weights = [r for r in records if r["kind"] == "weight"]
         zero[arm] = sum(r["count"] * r["zero_frac"] for r in weights) / sum(r["count"] for r in weights)
