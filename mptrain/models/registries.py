@@ -83,7 +83,7 @@ def build_timm(cfg, spec) -> nn.Module:
 
 
 def build_hf_causal_lm(cfg, spec) -> nn.Module:
-    """`model=hf_causal_lm model.config=gpt2 model.overrides.n_layer=2`: a Hugging Face causal LM built from its
+    """`model=hf_causal_lm model.config=gpt2 +model.overrides.n_layer=2`: a Hugging Face causal LM built from its
     config class (`AutoModelForCausalLM.from_config`, random weights, no download) over mptrain's vocabulary."""
     transformers = _import("transformers", "hf")
     from omegaconf import OmegaConf
@@ -101,10 +101,11 @@ def build_hf_causal_lm(cfg, spec) -> nn.Module:
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise UserError(f"model.overrides.{key} is not a field of {config_class.__name__}{hint} (its fields: "
                             f"python -c 'import transformers; print(transformers.{config_class.__name__}())')")
-    special = {k: None for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if isinstance(getattr(defaults, k, None), int) and getattr(defaults, k) >= spec.vocab_size}
-    config = config_class(**{**overrides, **special, "vocab_size": spec.vocab_size})
+    special = {k: None for k in ("bos_token_id", "eos_token_id", "pad_token_id")  # ids beyond mptrain's vocabulary
+               if k not in overrides and isinstance(getattr(defaults, k, None), int)
+               and getattr(defaults, k) >= spec.vocab_size}
     try:
+        config = config_class(**{**overrides, **special, "vocab_size": spec.vocab_size})
         model = transformers.AutoModelForCausalLM.from_config(config)
     except Exception as e:
         raise UserError(f"AutoModelForCausalLM.from_config({config_class.__name__}) raised {type(e).__name__} "
