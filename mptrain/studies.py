@@ -38,6 +38,10 @@ def run_study(overrides: Sequence[str] = (), modes: Sequence[str] = DEFAULT_MODE
               steps: int | None = None, numerics_steps: int = 20, out: str | Path | None = None,
               announce=print) -> StudyResult:
     """The study of the model the overrides pick (the command line's and the Python API's one path)."""
+    import logging
+
+    import pandas as pd
+
     from mptrain.console import compose
     from mptrain.inprocess import run_overrides
     from mptrain.numerics_cli import analyse, compose_scan, scan
@@ -73,18 +77,15 @@ def run_study(overrides: Sequence[str] = (), modes: Sequence[str] = DEFAULT_MODE
     for mode in modes:
         for seed in range(seeds):
             announce(f"2/3 run: precision={mode} seed={seed}")
+            run_dir = out / "runs" / mode / f"seed={seed}"
             run_overrides([*overrides, *length, f"precision={mode}", f"seed={seed}", "trainer.progress=false",
-                   f"hydra.run.dir='{out / 'runs' / mode / f'seed={seed}'}'"])
+                           f"hydra.run.dir='{run_dir}'"])
     announce("3/3 report")
-    import logging
-
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its reader's per-file notes, under the runs' INFO
     build([out / "runs"], out / "report", "md")
     tables = comparison(load_runs([out / "runs"]))
-    import pandas as pd
-
     table = pd.concat([t.assign(model=k[0], dataset=k[1], setting=k[2]) for k, t in tables.items()],
-                      ignore_index=True)
+                      ignore_index=True) if tables else pd.DataFrame(columns=SHOWN)
     table.attrs["metric"] = next(iter(tables.values())).attrs.get("metric") if tables else None
     return StudyResult(table=table, numerics=numerics, out=out)
 
