@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mptrain.errors import UserError
+from mptrain.errors import UserError, first_line
 
 log = logging.getLogger("mptrain.trainer")
 
@@ -83,8 +83,7 @@ def load(path: Path, cfg, device: torch.device, world_size: int = 1) -> dict:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # torch raises many kinds for a truncated or foreign file
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise UserError(f"checkpoint {path} is unreadable ({reason}); it is corrupt or not an mptrain "
+        raise UserError(f"checkpoint {path} is unreadable ({first_line(err, limit=160)}); it is corrupt or not an mptrain "
                         "checkpoint: resume from another run dir, or start afresh without trainer.resume") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"checkpoint {path} is not an mptrain checkpoint of format {FORMAT}; start afresh")

@@ -1,5 +1,14 @@
 """How a run can end other than by completing: a user's mistake, or training that cannot (or may not) go on."""
 
+from __future__ import annotations
+
+
+def first_line(error: BaseException, limit: int | None = 200) -> str:
+    """An exception's first line of text (at most `limit` characters), or its type's name when it has none: what a
+    one-line refusal quotes of a library's error."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
 
 class UserError(Exception):
     """A mistake in the user's input (config value, path, data, checkpoint).

@@ -6,7 +6,7 @@ higher precision? The numerics scan, one run per mode and seed, and the report w
     mptrain-study model=transformer --steps 500 --out studies/transformer
 
 Any argument that is not an option is a Hydra override of mptrain's config, as for `mptrain` (precision and seed
-excepted: the study sets them). What it runs is mptrain.study.run_study, the same as `mptrain.study(...)`.
+excepted: the study sets them). What it runs is mptrain.studies.run_study, the same as `mptrain.study(...)`.
 """
 
 from __future__ import annotations

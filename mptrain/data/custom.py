@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 
 from mptrain.data.image_folder import split_per_class
-from mptrain.errors import UserError
-from mptrain.models.custom import first_line
+from mptrain.errors import UserError, first_line
 
 MAX_ITEMS = 1_000_000  # read whole into memory: past this, subsample with your Dataset's own arguments
 

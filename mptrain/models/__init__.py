@@ -38,7 +38,6 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-
 def build_model(model_cfg, spec) -> nn.Module:
     """Build the model named by ``model_cfg.name`` for data described by ``spec``; keys the config leaves out
     take their schema's defaults (mptrain/schema/model.py), and each value is checked against its rule."""

@@ -16,7 +16,7 @@ import inspect
 import torch
 from torch import nn
 
-from mptrain.errors import UserError
+from mptrain.errors import UserError, first_line
 
 SUPPLIED = {"num_classes": "num_classes", "in_channels": "in_channels", "image_size": "image_size",
             "vocab_size": "vocab_size"}
@@ -65,12 +65,14 @@ def build_custom_gan(cfg, spec) -> nn.ModuleDict:
     g = instantiate_net(cfg.generator, "model.generator", spec, {"latent": cfg.latent})
     d = instantiate_net(cfg.discriminator, "model.discriminator", spec)
     noise = torch.zeros(2, cfg.latent, 1, 1)
-    images = _forward(g, noise, f"model.generator._target_={cfg.generator._target_}", "(B, model.latent, 1, 1) noise")
+    images = _forward(g, noise, f"model.generator._target_={cfg.generator._target_}",
+                      "it takes (B, model.latent, 1, 1) noise")
     want = (2, spec.in_channels, spec.image_size, spec.image_size)
     if not torch.is_tensor(images) or tuple(images.shape) != want:
         raise UserError(f"model.generator._target_={cfg.generator._target_} returns {_shape(images)} for noise of "
                         f"shape {tuple(noise.shape)}; a generator must return {want} (the dataset's images)")
-    logits = _forward(d, images, f"model.discriminator._target_={cfg.discriminator._target_}", "(B, C, H, W) images")
+    logits = _forward(d, images, f"model.discriminator._target_={cfg.discriminator._target_}",
+                      "it takes (B, C, H, W) images")
     if not torch.is_tensor(logits) or logits.numel() != 2:
         raise UserError(f"model.discriminator._target_={cfg.discriminator._target_} returns {_shape(logits)} for "
                         f"images of shape {want}; a discriminator returns one logit per image (2,)")
@@ -92,6 +94,8 @@ class FlatLogits(nn.Module):
 
 
 def _forward(model: nn.Module, x: torch.Tensor, label: str, takes: str):
+    """One FP32 forward in eval mode without gradients (the mode restored after); a failure is one line naming
+    `label` and ending with what the network `takes`."""
     training = model.training
     model.eval()
     try:
@@ -99,7 +103,7 @@ def _forward(model: nn.Module, x: torch.Tensor, label: str, takes: str):
             return model(x)
     except Exception as e:
         raise UserError(f"{label} fails on a batch of shape {tuple(x.shape)} ({type(e).__name__}: {first_line(e)}); "
-                        f"it takes {takes}") from None
+                        f"{takes}") from None
     finally:
         model.train(training)
 
@@ -114,22 +118,12 @@ def check_output(model: nn.Module, label: str, task: str, spec, hint: str = "") 
     x = torch.zeros(2, 4, dtype=torch.long) if language else \
         torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)  # fmt: skip
     want = (2, 4, spec.vocab_size) if language else (2, spec.num_classes)
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x)
-    except Exception as e:
-        raise UserError(f"{label} fails on a batch of shape {tuple(x.shape)} "
-                        f"({type(e).__name__}: {first_line(e)}); a {task} network takes "
-                        f"{'(B, T) token ids' if language else '(B, C, H, W) images'}{hint}") from None
-    finally:
-        model.train(training)
+    out = _forward(model, x, label, f"a {task} network takes "
+                                    f"{'(B, T) token ids' if language else '(B, C, H, W) images'}{hint}")
     out = getattr(out, "logits", out)  # a Hugging Face output
     out = out[0] if isinstance(out, (tuple, list)) else out
     if not torch.is_tensor(out) or tuple(out.shape) != want:
-        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise UserError(f"{label} returns {shape} for a batch of shape {tuple(x.shape)}; a "
+        raise UserError(f"{label} returns {_shape(out)} for a batch of shape {tuple(x.shape)}; a "
                         f"{task} network must return {want} (num_classes/vocab_size from the dataset: name a "
                         "constructor parameter num_classes or vocab_size to receive it)")
     return StatelessLanguageModel(model) if language else model
@@ -159,6 +153,3 @@ def _accepts(builder, name: str) -> bool:
     return name in params
 
 
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__

@@ -13,8 +13,8 @@ import logging
 import torch
 from torch import nn
 
-from mptrain.errors import UserError
-from mptrain.models.custom import check_output, first_line
+from mptrain.errors import UserError, first_line
+from mptrain.models.custom import check_output
 
 log = logging.getLogger("mptrain")
 
@@ -29,6 +29,13 @@ def _import(module: str, extra: str):
                         f"(or pip install {module})") from None
 
 
+def _keywords(node) -> dict:
+    """A config mapping (model.kwargs, model.overrides) as plain keyword arguments; null: none."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node) if node else {}
+
+
 def _unknown(key: str, value: str, names, what: str, listing: str) -> UserError:
     close = difflib.get_close_matches(str(value), list(names), n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -39,15 +46,14 @@ def build_torchvision(cfg, spec) -> nn.Module:
     """`model=torchvision model.name=<name>`: any torchvision classification model, its class count the
     dataset's and its first convolution made for the dataset's channels."""
     import torchvision
-    from omegaconf import OmegaConf
 
     names = torchvision.models.list_models(module=torchvision.models)
     if cfg.name not in names:
         raise _unknown("model.name", cfg.name, names, "a torchvision classification model",
                        "python -c 'import torchvision; print(torchvision.models.list_models(module=torchvision.models))'")
-    kwargs = OmegaConf.to_container(cfg.kwargs) if cfg.kwargs else {}
     try:
-        model = torchvision.models.get_model(cfg.name, weights=None, num_classes=spec.num_classes, **kwargs)
+        model = torchvision.models.get_model(cfg.name, weights=None, num_classes=spec.num_classes,
+                                             **_keywords(cfg.kwargs))
     except Exception as e:
         raise UserError(f"torchvision.models.get_model({cfg.name!r}) raised {type(e).__name__} ({first_line(e)}); "
                         "check model.kwargs") from None
@@ -65,15 +71,13 @@ def build_timm(cfg, spec) -> nn.Module:
     """`model=timm model.name=<name>`: `timm.create_model(pretrained=False)` with the dataset's classes and
     channels (timm adapts the stem itself); model.kwargs reach create_model."""
     timm = _import("timm", "timm")
-    from omegaconf import OmegaConf
 
     if not timm.is_model(cfg.name):
         raise _unknown("model.name", cfg.name, timm.list_models(), "a timm model",
                        "python -c 'import timm; print(timm.list_models())'")
-    kwargs = OmegaConf.to_container(cfg.kwargs) if cfg.kwargs else {}
     try:
         model = timm.create_model(cfg.name, pretrained=False, num_classes=spec.num_classes,
-                                  in_chans=spec.in_channels, **kwargs)
+                                  in_chans=spec.in_channels, **_keywords(cfg.kwargs))
     except Exception as e:
         raise UserError(f"timm.create_model({cfg.name!r}) raised {type(e).__name__} ({first_line(e)}); "
                         "check model.kwargs and the dataset's image size (dataset.image_size)") from None
@@ -86,7 +90,6 @@ def build_hf_causal_lm(cfg, spec) -> nn.Module:
     """`model=hf_causal_lm model.config=gpt2 +model.overrides.n_layer=2`: a Hugging Face causal LM built from its
     config class (`AutoModelForCausalLM.from_config`, random weights, no download) over mptrain's vocabulary."""
     transformers = _import("transformers", "hf")
-    from omegaconf import OmegaConf
 
     configs = transformers.CONFIG_MAPPING
     if cfg.config not in configs:
@@ -94,7 +97,7 @@ def build_hf_causal_lm(cfg, spec) -> nn.Module:
                        "python -c 'import transformers; print(list(transformers.CONFIG_MAPPING))'")
     config_class = configs[cfg.config]
     defaults = config_class()
-    overrides = OmegaConf.to_container(cfg.overrides) if cfg.overrides else {}
+    overrides = _keywords(cfg.overrides)
     for key in overrides:  # a config class keeps any keyword silently: a misspelt size would be lost
         if not hasattr(defaults, key):
             close = difflib.get_close_matches(key, [k for k in defaults.to_dict() if not k.startswith("_")], n=3)

@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-from mptrain.errors import UserError
+from mptrain.errors import UserError, first_line
 from mptrain.schema import dataset, model, optim, plan, precision, telemetry, trainer
 from mptrain.schema.rules import SEED, check_fields, fail, help_lines, is_int  # noqa: F401 (re-exported)
 
@@ -139,7 +139,7 @@ def describe_composition_error(error: Exception) -> str:
             hint = f"did you mean {group}={close[0]}? " if close else ""
             return f"{group}={choice} is not an option of {group}; {hint}choose one of {', '.join(options)}"
     if isinstance(error, OverrideParseException):
-        return (f"cannot read that override ({_first_line(error)}); the grammar: "
+        return (f"cannot read that override ({first_line(error, limit=None)}); the grammar: "
                 "https://hydra.cc/docs/advanced/override_grammar/basic/")
     key = re.sub(r"\[\d+\]$", "", getattr(cause, "full_key", None) or "")  # a list's item: the list's key
     name = key.rsplit(".", 1)[-1]
@@ -164,7 +164,7 @@ def describe_composition_error(error: Exception) -> str:
     if where and key and " not in " in text:  # a config file sets a key its group's schema lacks
         return (f"{where.group(1)} sets {key.group(1)}, which is not a key of {key.group(1).rsplit('.', 1)[0]} "
                 f"here; drop it from that file or pick an option that has it")
-    return _first_line(cause)
+    return first_line(cause, limit=None)
 
 
 def _declaring_schema(key: str) -> type | None:
@@ -180,11 +180,6 @@ def _given(error: Exception, key: str):
     """The value the user gave `key`, as text, from Hydra's `Error merging override key=value`."""
     match = re.search(rf"override {re.escape(key)}=(.*)$", str(error).splitlines()[0])
     return match.group(1) if match else "?"
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def markdown_table() -> str:

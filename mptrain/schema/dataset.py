@@ -17,6 +17,7 @@ from mptrain.schema.rules import (
     check_fields,
     is_int,
     is_number,
+    keyword_mapping,
     knob,
     list_of,
     one_of,
@@ -73,8 +74,7 @@ class ImageFolderConfig(ImageDataConfig):
     seed: int = knob(0, "the split's own seed (the same split whichever run seed trains)", SEED)
 
 
-DATASET_TARGET = Rule(lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) for k in v)),
-                      "a mapping: _target_ (a Dataset class or factory) and its keyword arguments")
+DATASET_TARGET = keyword_mapping("a mapping: _target_ (a Dataset class or factory) and its keyword arguments")
 
 
 @dataclass

@@ -8,7 +8,18 @@ from typing import Any, Optional
 from omegaconf import MISSING
 
 from mptrain.errors import UserError
-from mptrain.schema.rules import HALF_OPEN_UNIT, POSITIVE, POSITIVE_INT, SEED, Rule, check_fields, is_int, knob, one_of
+from mptrain.schema.rules import (
+    HALF_OPEN_UNIT,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    Rule,
+    check_fields,
+    is_int,
+    keyword_mapping,
+    knob,
+    one_of,
+)
 
 RESNET_DEPTH = Rule(lambda v: is_int(v) and v >= 8 and (v - 2) % 6 == 0, "6n+2 with n >= 1 (20, 32, 44, 56, 110)")
 CELLS = ("lstm", "gru")
@@ -101,8 +112,7 @@ class DCGANConfig(ModelConfig):
     fid: FidConfig = field(default_factory=FidConfig)
 
 
-NET = Rule(lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) for k in v)),
-           "a mapping: _target_ (a class or factory function) and its keyword arguments")
+NET = keyword_mapping("a mapping: _target_ (a class or factory function) and its keyword arguments")
 
 
 @dataclass
@@ -126,8 +136,7 @@ class CustomModelConfig(ModelConfig):
 
 REGISTRIES = ("torchvision", "timm", "hf_causal_lm")
 NAMED = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a name in the library's registry")
-KWARGS = Rule(lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) for k in v)),
-              "a mapping of keyword arguments")
+KWARGS = keyword_mapping("a mapping of keyword arguments")
 
 
 @dataclass

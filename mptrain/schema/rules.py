@@ -49,6 +49,11 @@ def one_of(*choices) -> Rule:
                 ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0])
 
 
+def keyword_mapping(text: str) -> Rule:
+    """Null, or a mapping with string keys (a `_target_` and its arguments, or keyword arguments)."""
+    return Rule(lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) for k in v)), text)
+
+
 def list_of(rule: Rule, length: int | None = None, text: str | None = None, extra=None) -> Rule:
     """A list whose items each pass `rule` (and, with `extra`, that passes `extra(list)` as a whole)."""
 
