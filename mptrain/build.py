@@ -67,9 +67,11 @@ def build_trainer(cfg, device, run_dir: Path, tb, numerics=None, warnings: list[
         task.distribute(lambda net: replicas.wrap(net, device), replicas.sum)
     if cfg.trainer.compile:
         if precision.emulate:
-            raise UserError(f"trainer.compile with emulated FP16 kernels (precision.cpu_fp16={cfg.precision.cpu_fp16} "
-                            "on this CPU): they run in Python, outside what torch.compile can trace; drop "
-                            "trainer.compile, or set precision.cpu_fp16=native to compile torch's own FP16 kernels")
+            name = "fp16" if precision.emulated_dtype == torch.float16 else "bf16"
+            raise UserError(f"trainer.compile with emulated {name.upper()} kernels (precision.cpu_{name}="
+                            f"{cfg.precision['cpu_' + name]} on this CPU): they run in Python, outside what "
+                            f"torch.compile can trace; drop trainer.compile, or set precision.cpu_{name}=native to "
+                            f"compile torch's own {name.upper()} kernels")
         task.wrap_training_forward(torch.compile)
     options = speed_options(cfg.trainer)
     checked = verify_speed_options(task, next(iter(data.train)), precision, options, replicas) if options else None

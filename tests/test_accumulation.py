@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mptrain.precision import reductions
-from mptrain.precision.emulation import EmulatedFP16Kernels
+from mptrain.precision.emulation import EmulatedKernels
 
 
 def running_sum(terms: np.ndarray, block: int) -> np.ndarray:
@@ -49,7 +49,7 @@ CASES = [(1, False), (4, True), (32, True), (1000, True)]  # (block, coarse valu
 def test_matmul_and_its_backward_products(block, coarse):
     x, w = fp16(6, 70, seed=1, coarse=coarse).requires_grad_(), fp16(5, 70, seed=2, coarse=coarse).requires_grad_()
     grad = fp16(6, 5, seed=3, coarse=coarse)
-    with EmulatedFP16Kernels(accumulate_block=block) as mode:
+    with EmulatedKernels(accumulate_block=block) as mode:
         out = F.linear(x, w)
         out.backward(grad)
     assert mode.calls == 3
@@ -61,7 +61,7 @@ def test_matmul_and_its_backward_products(block, coarse):
 
 def test_addmm_adds_the_bias_in_fp32_after_the_fp16_product():
     x, w, b = fp16(4, 50, seed=1), fp16(3, 50, seed=2), fp16(3, seed=4)
-    with EmulatedFP16Kernels(accumulate_block=1):
+    with EmulatedKernels(accumulate_block=1):
         out = F.linear(x, w, b)
     product = running_sum(as_np(x)[:, None, :] * as_np(w)[None], 1)
     equal_bits(out, (product.astype(np.float32) + as_np(b)).astype(np.float16))
@@ -99,7 +99,7 @@ def conv_reference(x, w, gy, stride, padding, block):
 def test_convolution_and_its_backward_products(block, coarse, stride, padding):
     x = fp16(2, 3, 7, 7, seed=1, coarse=coarse).requires_grad_()
     w = fp16(5, 3, 3, 3, seed=2, coarse=coarse).requires_grad_()
-    with EmulatedFP16Kernels(accumulate_block=block):
+    with EmulatedKernels(accumulate_block=block):
         out = F.conv2d(x, w, stride=stride, padding=padding)
         grad = fp16(*out.shape, seed=3, coarse=coarse)
         out.backward(grad)
@@ -111,7 +111,7 @@ def test_convolution_and_its_backward_products(block, coarse, stride, padding):
 
 def test_transposed_convolution_is_the_input_gradient_it_inverts():
     x, w = fp16(2, 5, 4, 4, seed=1), fp16(5, 3, 4, 4, seed=2)  # ConvTranspose2d(5, 3, 4, 2, 1): DCGAN's shape
-    with EmulatedFP16Kernels(accumulate_block=1):
+    with EmulatedKernels(accumulate_block=1):
         out = F.conv_transpose2d(x, w, stride=2, padding=1)
     assert out.shape == (2, 3, 8, 8)
     _, input_grad, _ = conv_reference(np.zeros((2, 3, 8, 8), np.float32), as_np(w), as_np(x), 2, 1, 1)
@@ -120,9 +120,9 @@ def test_transposed_convolution_is_the_input_gradient_it_inverts():
 
 def test_a_large_block_matches_fp32_accumulation_to_one_fp16_rounding():
     x, w = fp16(8, 300, seed=5), fp16(7, 300, seed=6)
-    with EmulatedFP16Kernels(accumulate_block=300):
+    with EmulatedKernels(accumulate_block=300):
         blocked = F.linear(x, w)
-    with EmulatedFP16Kernels():
+    with EmulatedKernels():
         plain = F.linear(x, w)
     torch.testing.assert_close(blocked, plain, rtol=0, atol=0)  # one block: the FP32 sum rounded once
 
@@ -130,7 +130,7 @@ def test_a_large_block_matches_fp32_accumulation_to_one_fp16_rounding():
 def test_fp32_accumulation_is_todays_arithmetic_bit_for_bit():
     x, w = fp16(2, 3, 9, 9, seed=1), fp16(4, 3, 3, 3, seed=2)
     a, b = fp16(5, 40, seed=3), fp16(40, 6, seed=4)
-    with EmulatedFP16Kernels():
+    with EmulatedKernels():
         conv, mm = F.conv2d(x, w, padding=1), a @ b
     assert torch.equal(conv, F.conv2d(x.float(), w.float(), padding=1).half())
     assert torch.equal(mm, (a.float() @ b.float()).half())
@@ -140,16 +140,16 @@ def test_fp16_accumulation_loses_what_fp32_keeps():
     """A long sum of small terms onto a large one: the FP16 running sum stops growing (swamping)."""
     a = torch.full((1, 4096), 1.0).half()
     b = torch.full((4096, 1), 1.0).half()
-    with EmulatedFP16Kernels(accumulate_block=1):
+    with EmulatedKernels(accumulate_block=1):
         sequential = (a @ b).item()
-    with EmulatedFP16Kernels():
+    with EmulatedKernels():
         exact = (a @ b).item()
     assert exact == 4096 and sequential == 2048  # 2048 + 1 rounds back to 2048 in FP16
 
 
 def test_attention_decomposed_equals_fp32_attention_closely_and_runs_backward():
     q, k, v = (fp16(2, 2, 16, 8, seed=s).requires_grad_() for s in (1, 2, 3))
-    with EmulatedFP16Kernels(accumulate_block=1) as mode:
+    with EmulatedKernels(accumulate_block=1) as mode:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         out.sum().backward()
     assert mode.calls == 2
@@ -189,7 +189,7 @@ def test_softmax_and_loss_mean_in_fp16_equal_numpy_float16():
     logits = fp16(5, 300, seed=1) * 4
     shifted = logits - logits.amax(-1, keepdim=True)
     e = shifted.exp()  # torch's FP16 exp (rounded from float): the reference takes the same values
-    with EmulatedFP16Kernels(fp16_reductions=True) as mode:
+    with EmulatedKernels(fp16_reductions=True) as mode:
         p = torch.softmax(logits, -1)
         logp = torch.log_softmax(logits, -1)
         target = torch.tensor([0, 5, 9, 299, 3])
@@ -205,7 +205,7 @@ def test_softmax_and_loss_mean_in_fp16_equal_numpy_float16():
 def test_batch_norm_statistics_in_fp16_equal_numpy_float16():
     x = (fp16(4, 3, 10, 10, seed=2) * 3 + 1)
     bn = torch.nn.BatchNorm2d(3)
-    with EmulatedFP16Kernels(fp16_reductions=True):
+    with EmulatedKernels(fp16_reductions=True):
         out = bn(x)
     xn = x.numpy().transpose(1, 0, 2, 3).reshape(3, -1)
     mean = lanes_sum(xn) / np.float16(400)
@@ -220,7 +220,7 @@ def test_batch_norm_statistics_in_fp16_equal_numpy_float16():
 def test_layer_norm_backward_in_fp16_matches_fp32_closely():
     x = fp16(6, 32, seed=3).float().requires_grad_()
     ln = torch.nn.LayerNorm(32)
-    with EmulatedFP16Kernels(fp16_reductions=True) as mode:
+    with EmulatedKernels(fp16_reductions=True) as mode:
         ln(x).pow(2).sum().backward()
     assert mode.calls == 2
     xf = x.detach().clone().requires_grad_()

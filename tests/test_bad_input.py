@@ -81,6 +81,8 @@ CASES = [
     ("wrong-data-kind", ["model=resnet", "dataset=text"], "reads image data but dataset=text is text"),
     ("compile-emulate", [*TINY, "precision=mixed", "precision.cpu_fp16=emulate", "trainer.compile=true"],
      "trainer.compile with emulated FP16 kernels (precision.cpu_fp16=emulate"),
+    ("compile-emulate-bf16", [*TINY, "precision=bf16", "precision.cpu_bf16=emulate", "trainer.compile=true"],
+     "trainer.compile with emulated BF16 kernels (precision.cpu_bf16=emulate"),
     ("compile-numerics", ["trainer.compile=true", "telemetry.numerics.every=10"], "trainer.compile with telemetry"),
     ("channels-last-text", [*TEXT, "dataset=synthetic_text", "trainer.channels_last=true"],
      "trainer.channels_last is for image models"),

@@ -12,7 +12,7 @@ from torch import nn
 
 from cli_helpers import TINY, mptrain, read_summary
 from mptrain.precision import emulation
-from mptrain.precision.emulation import EmulatedFP16Kernels
+from mptrain.precision.emulation import EmulatedKernels
 
 
 def _model():
@@ -23,7 +23,7 @@ def _model():
 
 def _grads(model, x, y, emulate: bool, saved: list | None = None):
     model.zero_grad()
-    mode = EmulatedFP16Kernels() if emulate else None
+    mode = EmulatedKernels() if emulate else None
     pack = (lambda t: saved.append(t.dtype) or t) if saved is not None else (lambda t: t)
     with mode or torch.autocast("cpu", enabled=False), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(x)
@@ -39,7 +39,7 @@ def test_small_integers_give_bit_identical_results():
             p.copy_(torch.randint(-2, 3, p.shape))
     x = torch.randint(-2, 3, (2, 3, 8, 8)).half()
     native = model(x)
-    with EmulatedFP16Kernels() as mode:
+    with EmulatedKernels() as mode:
         emulated = model(x)
     assert mode.calls == 3 and emulated.dtype == torch.float16
     assert torch.equal(native, emulated)
@@ -74,7 +74,7 @@ def test_lstm_under_autocast_is_emulated_too():
     torch.manual_seed(0)
     cell = nn.Linear(8, 32)
     x = torch.randn(5, 8)
-    with EmulatedFP16Kernels() as mode, torch.autocast("cpu", dtype=torch.float16):
+    with EmulatedKernels() as mode, torch.autocast("cpu", dtype=torch.float16):
         out = cell(x)
     assert mode.calls == 1 and out.dtype == torch.float16
 
@@ -105,7 +105,7 @@ def test_every_fp16_mode_takes_the_emulated_path(compose_cfg, mode):
 
     precision = Precision(compose_cfg(f"precision={mode}", "precision.cpu_fp16=emulate").precision,
                           torch.device("cpu"))  # fmt: skip
-    assert precision.emulate and isinstance(precision.kernels(), EmulatedFP16Kernels)
+    assert precision.emulate and isinstance(precision.kernels(), EmulatedKernels)
     fp32 = Precision(compose_cfg("precision=fp32", "precision.cpu_fp16=emulate").precision, torch.device("cpu"))
     assert not fp32.emulate
 
@@ -147,7 +147,7 @@ def test_an_fp16_lstm_is_emulated_whole_fp16_at_its_boundaries_fp32_inside():
     exact_grads = [p.grad for p in exact.parameters()]
 
     results = {}
-    for name, mode in (("native", None), ("emulated", EmulatedFP16Kernels())):
+    for name, mode in (("native", None), ("emulated", EmulatedKernels())):
         rnn.zero_grad()
         with mode if mode else contextlib.nullcontext():
             out, (h, c) = run_recurrent(rnn, x, None)
@@ -164,3 +164,95 @@ def test_an_fp16_lstm_is_emulated_whole_fp16_at_its_boundaries_fp32_inside():
     assert err(out_e, out64) < 1e-3 and err(out_e, out64) <= err(out_n, out64) + 1e-4
     for e, n, r in zip(grads_e, grads_n, exact_grads):
         assert err(e, r) < 2e-3 and err(e, r) <= 1.5 * err(n, r) + 1e-4
+
+
+# precision.cpu_bf16: the same emulation for BF16 products (bf16, bf16_pure, bf16_sr, bf16_kahan, fp8's bf16 parts)
+
+def _bf16_rounding_trap():
+    """Products whose exact sums BF16 can hold only once: 1 + 256 terms of 2^-9 is 1.5 in FP32, but a running BF16
+    sum (8-bit significand) stays at 1, so a kernel that rounds partial sums fails this."""
+    a = torch.cat([torch.ones(4, 1), torch.full((4, 256), 2.0**-9)], dim=1).bfloat16()
+    b = torch.ones(257, 3).bfloat16()
+    return a, b
+
+
+def test_emulated_bf16_equals_fp32_arithmetic_rounded_to_bf16():
+    a, b = _bf16_rounding_trap()
+    bias = torch.tensor([0.0, 2.0**-8, -1.0]).bfloat16()
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 3, 9, 9).bfloat16(), torch.randn(5, 3, 3, 3).bfloat16()
+    with EmulatedKernels(torch.bfloat16) as mode:
+        products = [a @ b, torch.addmm(bias, a, b), torch.bmm(a[None], b[None])[0], F.conv2d(x, w, padding=1)]
+    exact = [a.float() @ b.float(), torch.addmm(bias.float(), a.float(), b.float()),
+             a.float() @ b.float(), F.conv2d(x.float(), w.float(), padding=1)]  # fmt: skip
+    assert mode.calls == 4
+    for got, want in zip(products, exact):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
+    assert torch.equal(products[0], torch.full((4, 3), 1.5).bfloat16())  # rounded once, not per partial sum
+
+
+def test_emulated_bf16_covers_autocast_and_bf16_weights_forward_and_backward():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+    with EmulatedKernels(torch.bfloat16) as mode, torch.autocast("cpu", dtype=torch.bfloat16):
+        lin(x).float().sum().backward()  # autocast casts, then the emulated kernels see BF16 products
+    assert mode.calls == 3  # forward, input gradient, weight gradient
+    pure = copy.deepcopy(lin).bfloat16()
+    with EmulatedKernels(torch.bfloat16) as mode:
+        out = pure(x.detach().bfloat16())
+    with EmulatedKernels(torch.float16) as fp16_mode:
+        pure(x.detach().bfloat16())  # an FP16 emulation leaves BF16 products alone
+    assert mode.calls == 1 and out.dtype == torch.bfloat16 and fp16_mode.calls == 0
+
+
+@pytest.mark.parametrize("mode", ["bf16", "bf16_pure", "bf16_sr", "bf16_kahan", "fp8"])
+def test_every_bf16_mode_takes_the_emulated_path_and_native_keeps_torchs(compose_cfg, mode):
+    from mptrain.precision import Precision
+
+    cpu = torch.device("cpu")
+    emulated = Precision(compose_cfg(f"precision={mode}", "precision.cpu_bf16=emulate").precision, cpu)
+    kernels = emulated.kernels()
+    assert isinstance(kernels, EmulatedKernels) and kernels.dtype == torch.bfloat16
+    assert emulated.bf16_kernels == "emulated" and emulated.fp16_kernels is None and emulated.cpu_bf16 == "emulate"
+    native = Precision(compose_cfg(f"precision={mode}", "precision.cpu_bf16=native").precision, cpu)
+    assert not native.emulate and native.bf16_kernels == "native"
+    assert isinstance(native.kernels(), contextlib.nullcontext)  # torch's own BF16 kernels
+
+
+def test_cpu_bf16_auto_follows_the_cpus_bf16_units(compose_cfg, monkeypatch):
+    from mptrain.precision import Precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(emulation, "cpu_has_bf16_units", lambda: False)
+    p = Precision(compose_cfg("precision=bf16").precision, cpu)
+    assert p.emulate and p.bf16_kernels == "emulated" and not p.notes
+    native = Precision(compose_cfg("precision=bf16_pure", "precision.cpu_bf16=native").precision, cpu)
+    assert len(native.notes) == 1 and "cpu_bf16=native is slow" in native.notes[0]
+    monkeypatch.setattr(emulation, "cpu_has_bf16_units", lambda: True)  # AVX512-BF16 / AMX: oneDNN's kernels are fast
+    p = Precision(compose_cfg("precision=bf16").precision, cpu)
+    assert not p.emulate and p.bf16_kernels == "native" and p.cpu_bf16 == "native" and not p.notes
+
+
+def test_a_bf16_lstm_is_emulated_whole_under_autocast():
+    from mptrain.models.rnn import run_recurrent
+
+    torch.manual_seed(0)
+    rnn = nn.LSTM(8, 16, batch_first=True)
+    x = torch.randn(3, 5, 8)
+    with EmulatedKernels(torch.bfloat16), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h, c) = run_recurrent(rnn, x, None)
+    weights = {n: p.bfloat16().float() for n, p in rnn.named_parameters()}  # the BF16 copies autocast makes, in FP32
+    want, _ = torch.func.functional_call(rnn, weights, (x.bfloat16().float(), None))
+    assert out.dtype == h.dtype == torch.bfloat16 and torch.equal(out, want.bfloat16())
+
+
+def test_a_bf16_run_with_emulated_kernels_trains_and_says_so(tmp_path):
+    from cli_helpers import train_inprocess
+
+    run = tmp_path / "run"
+    train_inprocess("precision=bf16_pure", "precision.cpu_bf16=emulate", *TINY, "trainer.max_steps=3",
+                    f"hydra.run.dir={run}")  # fmt: skip
+    summary = read_summary(run)
+    assert summary["status"] == "completed" and summary["bf16_kernels"] == "emulated"
+    assert summary["cpu_bf16"] == "emulate" and summary["fp16_kernels"] is None

@@ -115,14 +115,14 @@ def test_every_familys_checkpoint_goes_through_the_fp16_check(tmp_path, family, 
 def test_the_emulated_recurrence_runs_its_module_hooks_once():
     import torch
 
-    from mptrain.precision.emulation import EmulatedFP16Kernels, fp16_recurrence
+    from mptrain.precision.emulation import EmulatedKernels, low_recurrence
 
     rnn = torch.nn.LSTM(4, 6, batch_first=True).half()
     calls = []
     rnn.register_forward_hook(lambda _m, _i, out: calls.append(out[0].dtype))
     x = torch.randn(2, 3, 4).half()
-    with EmulatedFP16Kernels():
-        out, _ = fp16_recurrence(rnn, dict(rnn.named_parameters()), x, None)
+    with EmulatedKernels():
+        out, _ = low_recurrence(rnn, dict(rnn.named_parameters()), x, None)
     assert out.dtype == torch.float16 and calls == []  # the caller's own call runs the hooks, not the FP32 inside
 
 

@@ -212,8 +212,10 @@ def test_stepper_state_round_trips_and_continues_identically(compose_cfg):
     assert float(stepper_a.current_scale) == float(stepper_b.current_scale) == 2.0**18  # grew twice, interval 2
 
 
-def test_the_fp16_arithmetic_list_is_the_modes_with_an_fp16_dtype():
-    from mptrain.schema.precision import FP16_ARITHMETIC
+def test_the_fp16_and_bf16_arithmetic_lists_are_the_modes_with_that_dtype():
+    from mptrain.schema.precision import BF16_ARITHMETIC, FP16_ARITHMETIC
 
-    with_fp16 = {name for name, spec in MODES.items() if torch.float16 in (spec.param_dtype, spec.autocast_dtype)}
-    assert with_fp16 == set(FP16_ARITHMETIC)
+    for dtype, listed in ((torch.float16, FP16_ARITHMETIC), (torch.bfloat16, BF16_ARITHMETIC)):
+        with_dtype = {name for name, spec in MODES.items() if dtype in (spec.param_dtype, spec.autocast_dtype)}
+        assert with_dtype == set(listed)
+        assert all(MODES[name].arithmetic_dtype == dtype for name in listed)

@@ -12,7 +12,7 @@ from mptrain.data import TextSpec
 from mptrain.errors import UserError
 from mptrain.models import build_model
 from mptrain.precision import Precision
-from mptrain.precision.emulation import EmulatedFP16Kernels
+from mptrain.precision.emulation import EmulatedKernels
 
 SPEC = TextSpec(name="t", vocab_size=20, level="char")
 TINY = {"name": "transformer", "width": 16, "heads": 2, "layers": 2, "context": 16}
@@ -80,7 +80,7 @@ def test_emulated_attention_matches_native_fp16(compose_cfg):
     def attend(emulate: bool):
         for t in (q, k, v):
             t.grad = None
-        mode = EmulatedFP16Kernels() if emulate else torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x)
+        mode = EmulatedKernels() if emulate else torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x)
         with mode:
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
             out.float().square().sum().backward()

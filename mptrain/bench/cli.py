@@ -117,7 +117,7 @@ def run(args, overrides) -> dict:
             device = resolve_device(cfg.trainer.device)
             bare_kind = BARE_FOR_MODE[mode.split("/")[0]] if not args.no_bare and cfg.model.task in SUPPORTED_TASKS else None
             ours, bare = Timing(), Timing()
-            kernels = Precision(cfg.precision, device).kernels if bare_kind == "amp" else None  # emulated, if so
+            kernels = Precision(cfg.precision, device).kernels if bare_kind in ("amp", "bf16") else None  # emulated?
             for _ in range(args.repeats):
                 for side in ("ours", "bare"):
                     if side == "bare" and bare_kind is None:

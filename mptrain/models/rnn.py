@@ -24,14 +24,14 @@ def _cast_state(state, dtype):
 
 
 def run_recurrent(rnn: nn.RNNBase, x: torch.Tensor, state: State | None):
-    """``rnn(x, state)``, with autocast's low-precision recurrence also on the CPU, and FP16 emulated whole.
+    """``rnn(x, state)``, with autocast's low-precision recurrence also on the CPU, and FP16 and BF16 emulated whole.
 
     On CUDA autocast runs cuDNN's RNN in FP16/BF16. On the CPU autocast routes it to
     oneDNN, which refuses low-precision RNNs on CPUs without native FP16/BF16 ("could not
     create a primitive descriptor"); there we do what autocast would: run the recurrence
     with low-precision copies of the weights and inputs (gradients reach the FP32 weights).
-    Under emulated FP16 kernels (precision.cpu_fp16) an FP16 recurrence runs as a fused GPU
-    kernel would: FP16 in and out, FP32 inside (`emulation.fp16_recurrence`).
+    Under emulated kernels (precision.cpu_fp16, cpu_bf16) a low-precision recurrence runs as a fused GPU
+    kernel would: low precision in and out, FP32 inside (`emulation.low_recurrence`).
     """
     if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
@@ -42,9 +42,9 @@ def run_recurrent(rnn: nn.RNNBase, x: torch.Tensor, state: State | None):
 
 
 def _recurrence(rnn: nn.RNNBase, weights: dict | None, x: torch.Tensor, state: State | None):
-    """The layer with `weights` in place of its own (None: its own), emulated whole under emulated FP16 kernels."""
+    """The layer with `weights` in place of its own (None: its own), emulated whole under emulated kernels."""
     if emulation.emulating(x):
-        return emulation.fp16_recurrence(rnn, weights or dict(rnn.named_parameters()), x, state)
+        return emulation.low_recurrence(rnn, weights or dict(rnn.named_parameters()), x, state)
     return rnn(x, state) if weights is None else torch.func.functional_call(rnn, weights, (x, state))
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from mptrain.errors import UserError
 from mptrain.precision import emulation
 from mptrain.precision.casting import cast_model
-from mptrain.precision.emulation import EmulatedFP16Kernels, emulates
+from mptrain.precision.emulation import EmulatedKernels, emulates
 from mptrain.precision.modes import MODES, ModeSpec
 from mptrain.precision.scaler import GradScalerAdapter, LossScaleCollapsed, LossScaler, Scaler
 from mptrain.precision.stepper import PrecisionStepper
@@ -42,13 +42,19 @@ class Precision:
             torch.backends.cudnn.allow_tf32 = bool(cfg.allow_tf32)
         self.notes: list[str] = []  # warnings the run prints once and records in summary.json
         self.fp8_report: dict | None = None  # precision=fp8: which layers run in FP8 (summary.json `fp8`)
-        cpu_fp16 = cfg.cpu_fp16
-        policy_emulates = emulates(cpu_fp16, device)
-        self.emulate = self.spec.uses_fp16 and policy_emulates
-        #: which kernels the FP16 arithmetic runs on (summary.json `fp16_kernels`); None: the mode has none
-        self.fp16_kernels = ("emulated" if self.emulate else "native") if self.spec.uses_fp16 else None
-        #: the CPU's FP16 policy as resolved, for every mode alike: the report's setting, shared by a sweep's fp32 control
-        self.cpu_fp16 = None if device.type != "cpu" else ("emulate" if policy_emulates else "native")
+        low = self.spec.arithmetic_dtype
+        policies = {torch.float16: cfg.cpu_fp16, torch.bfloat16: cfg.cpu_bf16}
+        resolved = {dtype: emulates(policy, device, dtype) for dtype, policy in policies.items()}
+        #: the dtype whose products run in the emulated kernels (None: torch's own kernels, or none at all)
+        self.emulated_dtype = low if low is not None and resolved[low] else None
+        self.emulate = self.emulated_dtype is not None
+        kernels = ("emulated" if self.emulate else "native") if low is not None else None
+        #: which kernels the FP16 (BF16) arithmetic runs on (summary.json `fp16_kernels`, `bf16_kernels`)
+        self.fp16_kernels = kernels if low == torch.float16 else None
+        self.bf16_kernels = kernels if low == torch.bfloat16 else None
+        #: the CPU's policies as resolved, for every mode alike: the report's setting, shared by a sweep's fp32 control
+        self.cpu_fp16, self.cpu_bf16 = (None if device.type != "cpu" else ("emulate" if resolved[dtype] else "native")
+                                        for dtype in (torch.float16, torch.bfloat16))
         lowered = [f"precision.{k}=fp16" for k in ("accumulate", "reductions") if cfg[k] == "fp16"]
         if lowered and not self.emulate:  # the schema refused cpu_fp16=native and modes without FP16 arithmetic
             raise UserError(f"{' and '.join(lowered)} run inside the emulated FP16 kernels, which a CPU runs; on "
@@ -58,11 +64,13 @@ class Precision:
         self.arithmetic = None if not self.spec.uses_fp16 else {
             "accumulate": cfg.accumulate, "accumulate_block": cfg.accumulate_block if cfg.accumulate == "fp16" else None,
             "reductions": cfg.reductions}
-        if device.type == "cpu" and self.spec.uses_fp16 and cpu_fp16 == "native" and not emulation.cpu_has_fp16_units():
+        if device.type == "cpu" and low is not None and policies[low] == "native" and not emulation.cpu_has_units(low):
+            name, slow = ("fp16", "10-40x") if low == torch.float16 else ("bf16", "1.5-3x")
             self.notes.append(
-                f"precision={self.spec.name} with precision.cpu_fp16=native is slow: this CPU has no FP16 "
-                "arithmetic, so torch's fp16 kernels run 10-40x slower than fp32 (the numerics are exact; "
-                "precision.cpu_fp16=auto, the default, computes them from the same FP16 values at FP32 speed)"
+                f"precision={self.spec.name} with precision.cpu_{name}=native is slow: this CPU has no {name.upper()} "
+                f"arithmetic, so torch's {name} kernels run {slow} slower than fp32 (the numerics are the same; "
+                f"precision.cpu_{name}=auto, the default, computes them from the same {name.upper()} values at FP32 "
+                "speed)"
             )
 
     @property
@@ -75,7 +83,7 @@ class Precision:
         model = cast_model(model, self.spec.param_dtype, self.cfg.keep_norm_fp32 and self.cfg.keep_batchnorm_fp32)
         if self.emulate and self.cfg.accumulate == "fp16" and any(isinstance(m, nn.RNNBase) for m in model.modules()):
             self.notes.append("precision.accumulate=fp16: the recurrent layers run as one fused FP16 kernel "
-                              "(emulation.fp16_recurrence) whose gate products accumulate in FP32 inside; only the "
+                              "(emulation.low_recurrence) whose gate products accumulate in FP32 inside; only the "
                               "model's other products (embedding, decoder, convolutions) accumulate in FP16")
         if self.spec.fp8:
             from mptrain.precision import fp8
@@ -91,11 +99,12 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.spec.autocast_dtype)
 
     def kernels(self):
-        """Where forward and backward run: emulated FP16 tensor-core kernels under cpu_fp16=emulate."""
+        """Where forward and backward run: emulated tensor-core kernels under cpu_fp16 (cpu_bf16)=emulate."""
         if not self.emulate:
             return contextlib.nullcontext()
         block = self.cfg.accumulate_block if self.cfg.accumulate == "fp16" else None
-        return EmulatedFP16Kernels(accumulate_block=block, fp16_reductions=self.cfg.reductions == "fp16")
+        return EmulatedKernels(self.emulated_dtype, accumulate_block=block,
+                               fp16_reductions=self.cfg.reductions == "fp16")
 
     def stepper(self, model, make_optimizer, make_scheduler=None, max_grad_norm=None,
                 agree_on_overflow=None) -> PrecisionStepper:

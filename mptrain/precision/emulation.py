@@ -1,25 +1,27 @@
-"""FP16 numerics at FP32 speed on a CPU: the arithmetic of FP16 tensor cores, emulated.
+"""FP16 and BF16 numerics at FP32 speed on a CPU: the arithmetic of tensor cores, emulated.
 
-A CPU without FP16 units runs torch's FP16 convolutions and matrix products 10-40x
-slower than FP32. Under `precision.cpu_fp16=emulate` (and `auto`, the default, on such a CPU) every tensor stays exactly as the
-native FP16 path holds it (weights, activations, gradients, tensors saved for backward:
-autograd is untouched), but each convolution and matrix product whose inputs are FP16 is
-(and fused attention) is computed from those FP16 values in FP32 and its result rounded to FP16 once: FP16 inputs,
-FP32 accumulation, FP16 output, as a tensor core does and as torch's own CPU FP16 kernels
-do (they accumulate in float too). Only the order of the FP32 sums can differ. `precision.accumulate=fp16`
-switches the FP32 accumulation off (FP16 partial sums, precision/accumulation.py) and `precision.reductions=fp16`
-the FP32 reductions (precision/reductions.py): the paper's third technique, as a setting.
+A CPU without FP16 units runs torch's FP16 convolutions and matrix products 10-40x slower than FP32; one without
+BF16 units (AVX512-BF16, AMX) runs BF16 ones 1.5-3x slower. Under `precision.cpu_fp16=emulate` (and
+`cpu_bf16=emulate`; `auto`, the default, emulates on a CPU without the units) every tensor stays exactly as the
+native path holds it (weights, activations, gradients, tensors saved for backward: autograd is untouched), but
+each convolution, matrix product and fused attention whose inputs are FP16 (BF16) is computed from those values in
+FP32 and its result rounded to FP16 (BF16) once: low-precision inputs, FP32 accumulation, low-precision output, as
+a tensor core does and as torch's own CPU kernels do (they accumulate in float too). Only the order of the FP32
+sums can differ. `precision.accumulate=fp16` switches the FP32 accumulation off (FP16 partial sums,
+precision/accumulation.py) and `precision.reductions=fp16` the FP32 reductions (precision/reductions.py): the
+paper's third technique, as a setting.
 
 It works below autograd (a TorchDispatchMode), so forward and backward kernels
-(`convolution_backward`, the `mm`s of a Linear's backward) are both covered.
+(`convolution_backward`, the `mm`s of a Linear's backward) are both covered; under autocast it sees the
+products after autocast's casts, so `bf16` (autocast) and `bf16_pure` (BF16 weights) are covered alike.
 
-Recurrent layers are emulated whole (`fp16_recurrence`): FP16 at the layer's boundaries, FP32 inside, as a
+Recurrent layers are emulated whole (`low_recurrence`): FP16/BF16 at the layer's boundaries, FP32 inside, as a
 fused GPU RNN kernel computes; op by op, the per-time-step products and their conversions cost 4x FP32.
 
 Element-wise ops stay native on purpose: emulating add/mul/sigmoid/tanh the same way is
-bit-identical (their CPU FP16 kernels compute in float and round once), but the two extra
-conversions per op cost more than torch's FP16 element-wise loops: an LSTM LM step took
-233 ms with them emulated against 159 ms without (measured side by side, 2-core EPYC).
+bit-identical (their CPU FP16/BF16 kernels compute in float and round once), but the two extra
+conversions per op cost more than torch's element-wise loops: an LSTM LM step took
+233 ms with them emulated against 159 ms without (FP16, measured side by side, 2-core EPYC).
 """
 
 from __future__ import annotations
@@ -36,82 +38,101 @@ from mptrain.precision import accumulation, reductions
 aten = torch.ops.aten
 HEAVY = {aten.convolution.default, aten.convolution_backward.default, aten.mm.default, aten.addmm.default,
          aten.bmm.default, aten.baddbmm.default, aten.mv.default, aten.addmv.default}  # fmt: skip
-# fused attention (the transformer's scaled_dot_product_attention without dropout): which outputs are FP16 natively
+# fused attention (the transformer's scaled_dot_product_attention without dropout): which outputs are FP16/BF16 natively
 # (the forward's log-sum-exp stays FP32, as FlashAttention keeps it)
-ATTENTION = {getattr(aten, name).default: fp16_outputs for name, fp16_outputs in (
+ATTENTION = {getattr(aten, name).default: low_outputs for name, low_outputs in (
     ("_scaled_dot_product_flash_attention_for_cpu", (0,)),
     ("_scaled_dot_product_flash_attention_for_cpu_backward", (0, 1, 2)),
 ) if hasattr(aten, name)}  # fmt: skip
 
 
 @functools.cache  # /proc/cpuinfo does not change while we run
-def cpu_has_fp16_units() -> bool:
-    """Whether this CPU computes FP16 natively (AVX512-FP16 or AMX-FP16), so torch's FP16 kernels are fast."""
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:  # not Linux: assume no FP16 units, the common case
-        return False
-    return "avx512_fp16" in flags or "amx_fp16" in flags
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:  # not Linux: assume no FP16/BF16 units, the common case
+        return frozenset()
 
 
-def emulates(cpu_fp16: str, device: torch.device) -> bool:
-    """`precision.cpu_fp16` resolved: whether FP16 arithmetic on `device` is emulated (auto: on a CPU without FP16
-    units; never on CUDA)."""
+def cpu_has_fp16_units() -> bool:
+    """Whether this CPU computes FP16 natively (AVX512-FP16 or AMX-FP16), so torch's FP16 kernels are fast."""
+    return bool({"avx512_fp16", "amx_fp16"} & _cpu_flags())
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU has BF16 dot-product units (AVX512-BF16 or AMX-BF16), so oneDNN's BF16 kernels are fast."""
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+def cpu_has_units(dtype: torch.dtype) -> bool:
+    """Whether this CPU has arithmetic units for `dtype` (FP16 or BF16)."""
+    return cpu_has_fp16_units() if dtype == torch.float16 else cpu_has_bf16_units()
+
+
+def emulates(policy: str, device: torch.device, dtype: torch.dtype = torch.float16) -> bool:
+    """`precision.cpu_fp16` (or `cpu_bf16`, for `dtype`) resolved: whether `dtype` arithmetic on `device` is
+    emulated (auto: on a CPU without units for it; never on CUDA)."""
     if device.type != "cpu":
         return False
-    return cpu_fp16 == "emulate" or (cpu_fp16 == "auto" and not cpu_has_fp16_units())
+    return policy == "emulate" or (policy == "auto" and not cpu_has_units(dtype))
 
 
-def _is_cpu_half(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype == torch.float16 and t.device.type == "cpu"
+def _is_cpu(t, dtype: torch.dtype) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == dtype and t.device.type == "cpu"
 
 
-def _up(t):
-    return t.float() if _is_cpu_half(t) else t
+def _up(dtype: torch.dtype):
+    return lambda t: t.float() if _is_cpu(t, dtype) else t
 
 
-def _down(t):
-    return t.half() if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+def _down(dtype: torch.dtype):
+    return lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
 
 
-class EmulatedFP16Kernels(TorchDispatchMode):
-    """Inside it, CPU FP16 convolutions and matrix products compute in FP32 and round their results to FP16.
+class EmulatedKernels(TorchDispatchMode):
+    """Inside it, CPU convolutions and matrix products on `dtype` (FP16 or BF16) values compute in FP32 and round
+    their results to `dtype`.
 
     `accumulate_block=K` (precision.accumulate=fp16) accumulates each product's partial sums in FP16 instead, in
     blocks of K terms (precision/accumulation.py); `fp16_reductions` (precision.reductions=fp16) computes norm
-    statistics, softmax and the loss's mean in FP16 (precision/reductions.py)."""
+    statistics, softmax and the loss's mean in FP16 (precision/reductions.py). Both are FP16 settings."""
 
-    active = 0  # how many are entered: recurrent layers ask (`emulating`) to run at a fused kernel's granularity
+    active: list[torch.dtype] = []  # the entered modes' dtypes: recurrent layers ask (`emulating`) to run fused
 
-    def __init__(self, accumulate_block: int | None = None, fp16_reductions: bool = False):
+    def __init__(self, dtype: torch.dtype = torch.float16, accumulate_block: int | None = None,
+                 fp16_reductions: bool = False):
         super().__init__()
+        if dtype != torch.float16 and (accumulate_block is not None or fp16_reductions):
+            raise ValueError("FP16 accumulation and reductions are FP16 settings")
         self.calls = 0  # kernels emulated: tests check the path is really taken
+        self.dtype = dtype
+        self.up, self.down = _up(dtype), _down(dtype)
         self.block = accumulate_block
         self.reductions = fp16_reductions
         self.softmax = reductions.softmax if fp16_reductions else (lambda x, dim: torch.softmax(x.float(), dim))
 
     def __enter__(self):
-        EmulatedFP16Kernels.active += 1
+        EmulatedKernels.active.append(self.dtype)
         return super().__enter__()
 
     def __exit__(self, *exc):
-        EmulatedFP16Kernels.active -= 1
+        EmulatedKernels.active.remove(self.dtype)
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in HEAVY and any(_is_cpu_half(a) for a in args):
+        if func in HEAVY and any(_is_cpu(a, self.dtype) for a in args):
             self.calls += 1
             if self.block is not None:
                 return _blocked(func, args, kwargs, self.block)
-            return tree_map(_down, func(*tree_map(_up, args), **tree_map(_up, kwargs)))
-        if func in ATTENTION and any(_is_cpu_half(a) for a in args):
+            return tree_map(self.down, func(*tree_map(self.up, args), **tree_map(self.up, kwargs)))
+        if func in ATTENTION and any(_is_cpu(a, self.dtype) for a in args):
             self.calls += 1
             if self.block is not None or self.reductions:
                 return _decomposed_attention(func, args, kwargs, self.block, self.softmax)
-            out = func(*tree_map(_up, args), **tree_map(_up, kwargs))
-            return tuple(_down(o) if i in ATTENTION[func] else o for i, o in enumerate(out))
+            out = func(*tree_map(self.up, args), **tree_map(self.up, kwargs))
+            return tuple(self.down(o) if i in ATTENTION[func] else o for i, o in enumerate(out))
         if self.reductions and func in REDUCTIONS and _is_cpu_float(args[0]):
             out = REDUCTIONS[func](*args, **kwargs)
             if out is not None:
@@ -192,19 +213,20 @@ REDUCTIONS = {
 
 
 def emulating(x: torch.Tensor) -> bool:
-    """Whether `x` is a CPU FP16 tensor met inside EmulatedFP16Kernels."""
-    return EmulatedFP16Kernels.active > 0 and _is_cpu_half(x)
+    """Whether `x` is a CPU tensor of a dtype whose arithmetic an entered EmulatedKernels emulates."""
+    return x.device.type == "cpu" and x.dtype in EmulatedKernels.active
 
 
-def fp16_recurrence(rnn: torch.nn.RNNBase, weights: dict, x: torch.Tensor, state):
-    """An FP16 LSTM/GRU layer stack at the granularity of a fused GPU RNN kernel (cuDNN's FP16 RNN): FP16
+def low_recurrence(rnn: torch.nn.RNNBase, weights: dict, x: torch.Tensor, state):
+    """An FP16 or BF16 LSTM/GRU layer stack at the granularity of a fused GPU RNN kernel (cuDNN's): low-precision
     weights, input, initial state, output sequence and final state; FP32 inside (gate products accumulated in
     FP32, gates, cell and hidden state between time steps in FP32, weight gradients summed over time in FP32 and
-    rounded to FP16 once). The native CPU path rounds every per-step op to FP16 instead, at 4x the time."""
-    up = {name: w.float() for name, w in weights.items()}
-    with _hooks_silenced(rnn):  # the layer's own call already ran its hooks (an FP16 cast would undo the FP32 inside)
-        out, new_state = torch.func.functional_call(rnn, up, (x.float(), tree_map(_up, state)))
-    return out.half(), tree_map(_down, new_state)
+    rounded once). The native CPU path rounds every per-step op instead, at 4x the time."""
+    up, down = _up(x.dtype), _down(x.dtype)
+    weights32 = {name: w.float() for name, w in weights.items()}
+    with _hooks_silenced(rnn):  # the layer's own call already ran its hooks (a low cast would undo the FP32 inside)
+        out, new_state = torch.func.functional_call(rnn, weights32, (x.float(), tree_map(up, state)))
+    return down(out), tree_map(down, new_state)
 
 
 @contextlib.contextmanager

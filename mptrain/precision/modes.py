@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mptrain.schema.precision import FP16_ARITHMETIC
+from mptrain.schema.precision import BF16_ARITHMETIC, FP16_ARITHMETIC
 from mptrain.schema.precision import MODES as MODE_NAMES
 
 
@@ -40,6 +40,13 @@ class ModeSpec:
     def uses_fp16(self) -> bool:
         """FP16 products: the schema's list (its checks run before torch loads); a test holds it to the dtypes."""
         return self.name in FP16_ARITHMETIC
+
+    @property
+    def arithmetic_dtype(self) -> torch.dtype | None:
+        """The dtype of the mode's low-precision products (None: FP32 only); a test holds the lists to the dtypes."""
+        if self.uses_fp16:
+            return torch.float16
+        return torch.bfloat16 if self.name in BF16_ARITHMETIC else None
 
 
 _SPECS = {

@@ -16,7 +16,7 @@ from mptrain.errors import UserError
 from mptrain.schema.precision import MODES
 
 CONTROL = "fp32"
-EXECUTION = "cpu_fp16"  # how the CPU runs FP16, the same for every arm of an experiment: part of the setting
+EXECUTION = ("cpu_fp16", "cpu_bf16")  # how the CPU runs FP16/BF16, the same for every arm: part of the setting
 LOWER_IS_BETTER = {"perplexity", "bpc", "fid", "loss"}  # for summaries written before `higher_is_better`
 MODE_ORDER = list(MODES)
 
@@ -36,7 +36,7 @@ def find_runs(dirs: list[Path]) -> list[Path]:
 def arm_label(summary: dict) -> str:
     """The precision mode, its loss scale and any other precision.* override: `fp32`, `mixed loss_scale=1`."""
     extra = [o.lstrip("+~").split(".", 1)[1] for o in summary.get("overrides", []) if o.lstrip("+~").startswith("precision.")]
-    extra = [o for o in extra if not o.startswith(EXECUTION)]
+    extra = [o for o in extra if not o.startswith(EXECUTION)]  # str.startswith takes the tuple
     if "loss_scale" in summary:  # the resolved scale, however it was chosen (a mode's default, an experiment, the CLI)
         scale = summary["loss_scale"]
         extra = [o for o in extra if not o.startswith("loss_scale=")]
@@ -52,18 +52,19 @@ def arm_label(summary: dict) -> str:
 
 def setting_label(summary: dict) -> str:
     """The overrides that make runs different experiments (besides model, dataset, mode and seed): `model.depth=14`,
-    and on a CPU how FP16 ran (`precision.cpu_fp16=emulate`), which a sweep's fp32 control shares with its FP16 arms."""
+    and on a CPU how FP16 and BF16 ran (`precision.cpu_fp16=emulate`), which a sweep's fp32 control shares with its
+    low-precision arms."""
     keep = []
     for override in summary.get("overrides", []):
         override = override.lstrip("+~")
         key = override.split("=", 1)[0]
         if key in ("model", "dataset", "seed") + RUN_HANDLING or key.startswith("hydra."):
             continue
-        if key.startswith("precision") and not (key == "precision." + EXECUTION and "cpu_fp16" not in summary):
-            continue  # summaries written before `cpu_fp16` was recorded: the override says it
+        name = key.removeprefix("precision.")
+        if key.startswith("precision") and not (name in EXECUTION and name not in summary):
+            continue  # summaries written before `cpu_fp16`/`cpu_bf16` were recorded: the override says it
         keep.append(override)
-    if summary.get("cpu_fp16"):
-        keep.append(f"precision.{EXECUTION}={summary['cpu_fp16']}")  # as resolved: auto becomes what it chose
+    keep += [f"precision.{name}={summary[name]}" for name in EXECUTION if summary.get(name)]  # as resolved
     return " ".join(sorted(keep))
 
 

@@ -23,10 +23,11 @@ from mptrain.schema.rules import (
 
 # the one list of mode names (torch-free: the CLI, bench and report read it without importing torch)
 MODES = ("fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16", "bf16_pure", "bf16_sr", "bf16_kahan", "fp8")
-CPU_FP16 = ("auto", "emulate", "native")
+CPU_FP16 = ("auto", "emulate", "native")  # precision.cpu_fp16 and precision.cpu_bf16
 FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao's float8 recipe names
 ACCUMULATE = ("fp32", "fp16")  # precision.accumulate and precision.reductions
 FP16_ARITHMETIC = ("fp16_naive", "fp16_master", "mixed", "amp")  # the modes with FP16 products
+BF16_ARITHMETIC = ("bf16", "bf16_pure", "bf16_sr", "bf16_kahan", "fp8")  # with BF16 products (fp8: around its FP8 ones)
 LOSS_SCALE = Rule(lambda v: v == "dynamic" or (is_number(v) and 0 < v < math.inf), "dynamic, null or a finite number > 0")
 
 
@@ -54,6 +55,9 @@ class PrecisionConfig:
     cpu_fp16: str = knob("auto", "CPU fp16 modes: auto (emulate unless the CPU has FP16 units) | emulate (the same "
                                  "FP16 values at FP32 speed) | native (torch's FP16 kernels: 10-40x slower)",
                          one_of(*CPU_FP16))
+    cpu_bf16: str = knob("auto", "CPU bf16 modes (bf16*, fp8's bf16 parts): auto (emulate unless the CPU has BF16 units: "
+                                 "AVX512-BF16, AMX) | emulate (the same BF16 values at FP32 speed) | native (torch's "
+                                 "BF16 kernels)", one_of(*CPU_FP16))
     accumulate: str = knob("fp32", "FP16 products' partial sums: fp32 (the paper's sec. 3.3, a tensor core's) | fp16 "
                                    "(rounded to FP16 as they accumulate; emulated CPU kernels only)",
                            one_of(*ACCUMULATE), example="fp32")

@@ -1,13 +1,16 @@
-"""Is precision.cpu_fp16=emulate faithful to the native CPU FP16 path, and how much faster is it?
+"""Is precision.cpu_fp16=emulate (cpu_bf16=emulate) faithful to the native CPU FP16 (BF16) path, and how much faster?
 
-    python -m mptrain.scripts.emulation_check speed [model=resnet] [steps=6] [batch=64]
+    python -m mptrain.scripts.emulation_check speed [model=resnet] [steps=6] [batch=64] [mode=mixed]
     python -m mptrain.scripts.emulation_check numerics <native sweep dir> <emulated sweep dir>
-    python -m mptrain.scripts.emulation_check same-state [model=resnet] [warm=20] [batch=64] [dataset=...]
+    python -m mptrain.scripts.emulation_check same-state [model=resnet] [warm=20] [batch=64] [dataset=...] [mode=mixed]
 
-speed: one process, the same seeded model and batch, native and emulated `mixed` steps
+`mode`: an FP16 mode (mixed, amp, ...) compares precision.cpu_fp16=native/emulate; a BF16 one (bf16, bf16_pure, ...)
+precision.cpu_bf16.
+
+speed: one process, the same seeded model and batch, native and emulated `mode` steps
 alternated (`steps` each after one warm-up each); median step times and their ratio.
 
-same-state: `warm` emulated `mixed` steps reach a realistic state; from that one checkpoint, the
+same-state: `warm` emulated `mode` steps reach a realistic state; from that one checkpoint, the
 same next step is taken natively and emulated (weights, masters, scaler, RNG and batch all equal),
 with every numerics measurement on. Per layer: FP16 underflow fractions of weight and activation
 gradients and lost-update fractions, native vs emulated; relative error of the logits and of each
@@ -29,7 +32,13 @@ import time
 from pathlib import Path
 
 
-def speed(model: str = "resnet", steps: int = 6, batch: int = 64) -> None:
+def _policy(mode: str) -> str:
+    from mptrain.schema.precision import FP16_ARITHMETIC
+
+    return "precision.cpu_fp16" if mode in FP16_ARITHMETIC else "precision.cpu_bf16"
+
+
+def speed(model: str = "resnet", steps: int = 6, batch: int = 64, mode: str = "mixed") -> None:
     import torch
 
     from mptrain.bench.measure import RecordingLogger
@@ -39,7 +48,7 @@ def speed(model: str = "resnet", steps: int = 6, batch: int = 64) -> None:
     trainers = {}
     with tempfile.TemporaryDirectory() as tmp:
         for way in ("native", "emulate"):
-            cfg = compose([f"model={model}", "precision=mixed", f"precision.cpu_fp16={way}", f"dataset.batch_size={batch}",
+            cfg = compose([f"model={model}", f"precision={mode}", f"{_policy(mode)}={way}", f"dataset.batch_size={batch}",
                            "trainer.progress=false"])  # fmt: skip
             trainers[way] = build_trainer(cfg, torch.device("cpu"), Path(tmp), RecordingLogger(), None, [])
         batch_data = next(iter(trainers["native"].data.train))
@@ -51,12 +60,13 @@ def speed(model: str = "resnet", steps: int = 6, batch: int = 64) -> None:
                 if i:  # the first step of each warms up
                     times[way].append(time.perf_counter() - start)
     native, emulated = (statistics.median(times[w]) for w in ("native", "emulate"))
-    print(f"{model} mixed, batch {batch}, {steps} steps each alternated, torch {torch.__version__}, "
+    print(f"{model} {mode}, batch {batch}, {steps} steps each alternated, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads: native {native * 1e3:.0f} ms/step, emulated {emulated * 1e3:.0f} "
           f"ms/step, speed-up {native / emulated:.2f}x")
 
 
-def same_state(model: str = "resnet", warm: int = 20, batch: int = 64, dataset: str | None = None) -> None:
+def same_state(model: str = "resnet", warm: int = 20, batch: int = 64, dataset: str | None = None,
+               mode: str = "mixed") -> None:
     import torch
 
     from mptrain import checkpoint
@@ -67,7 +77,7 @@ def same_state(model: str = "resnet", warm: int = 20, batch: int = 64, dataset: 
 
     def config(way: str, steps: int):
         data = [f"dataset={dataset}"] if dataset else []
-        return compose([f"model={model}", *data, "precision=mixed", f"precision.cpu_fp16={way}",
+        return compose([f"model={model}", *data, f"precision={mode}", f"{_policy(mode)}={way}",
                         f"dataset.batch_size={batch}", f"trainer.max_steps={steps}", "trainer.progress=false",
                         "trainer.log_every=1"])  # fmt: skip
 
@@ -95,7 +105,7 @@ def same_state(model: str = "resnet", warm: int = 20, batch: int = 64, dataset: 
             outcome[way] = {"logits": logits[0], "grads": grads, "seconds": seconds,
                             "records": {(r["kind"], r["layer"]): r for r in records}}  # fmt: skip
     a, b = outcome["native"], outcome["emulate"]
-    print(f"{model} mixed, batch {batch}, one step from the state after {warm} steps (step {warm + 1}), "
+    print(f"{model} {mode}, batch {batch}, one step from the state after {warm} steps (step {warm + 1}), "
           f"torch {torch.__version__}: native {a['seconds']:.2f} s, emulated {b['seconds']:.2f} s")
     for kind, field in (("weight", "underflow_frac"), ("activation", "underflow_frac"),
                         ("lost_update", "lost_update_frac")):  # fmt: skip
@@ -145,7 +155,7 @@ def numerics(native_dir: str, emulated_dir: str) -> None:
 if __name__ == "__main__":
     what, rest = sys.argv[1], sys.argv[2:]
     if what in ("speed", "same-state"):
-        kwargs = {k: (v if k in ("model", "dataset") else int(v)) for k, v in (a.split("=") for a in rest)}
+        kwargs = {k: (v if k in ("model", "dataset", "mode") else int(v)) for k, v in (a.split("=") for a in rest)}
         (speed if what == "speed" else same_state)(**kwargs)
     else:
         numerics(*rest)

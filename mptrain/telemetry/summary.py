@@ -66,11 +66,13 @@ def _mib(n) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MiB"
 
 
-def _kernels(s: dict) -> str:
-    kernels = s.get("fp16_kernels")
+def _kernels(s: dict) -> tuple[str, str]:
+    """The kernels row: FP16's, or BF16's for a BF16 mode."""
+    name = "bf16" if s.get("bf16_kernels") else "fp16"
+    kernels = s.get(f"{name}_kernels")
     if kernels == "emulated":
-        return "emulated (FP16 values, FP32 arithmetic inside each product: precision.cpu_fp16)"
-    return kernels or "none (no FP16 arithmetic in this mode)"
+        kernels = f"emulated ({name.upper()} values, FP32 arithmetic inside each product: precision.cpu_{name})"
+    return f"{name} kernels", kernels or "none (no FP16 arithmetic in this mode)"
 
 
 def describe(verdict: dict) -> str:
@@ -118,7 +120,7 @@ def format_summary(s: dict) -> str:
     if "loss" in final:
         rows.append(("eval loss", _fmt(final.get("loss"))))
     rows += [
-        ("fp16 kernels", _kernels(s)),
+        _kernels(s),
         ("fp16 arithmetic", _arithmetic(s)),
         ("samples/s", _fmt(s.get("samples_per_s"))),
         ("peak memory", f"{_mib(s.get('peak_memory_bytes'))} ({s.get('peak_memory_method')})"),
