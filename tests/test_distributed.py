@@ -31,6 +31,10 @@ def _rank(rank: int, world: int, port: int, cfg_yaml: str, out: str, env: dict) 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), **env)  # fmt: skip
     torch.set_num_threads(1)
+    if env.get("UNCACHED"):  # the reference: every product casts its FP16 weights itself
+        from mptrain.precision.emulation import WeightCache
+
+        WeightCache.up = lambda self, t: t.float()
     from mptrain.bench.measure import RecordingLogger
     from mptrain.build import build_trainer
     from mptrain.replicas import join
@@ -79,6 +83,19 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(compose_cfg, tmp_p
         assert torch.equal(weight, ranks[1]["weights"][name]), name
         assert torch.isfinite(weight).all(), name
     for a, b in zip(ranks[0]["masters"], ranks[1]["masters"]):
+        assert torch.equal(a, b)
+
+
+def test_the_weight_cache_under_ddp_and_a_skipped_step_trains_bit_identically_to_no_cache(compose_cfg, tmp_path):
+    cfg = compose_cfg(*SMALL, "precision=mixed", "trainer.max_steps=5", "dataset.batch_size=16",
+                      "precision.cpu_fp16=emulate")  # fmt: skip
+    fault = {"MPTRAIN_FAULT_OVERFLOW": "1:2"}  # step 2 is skipped on both ranks
+    cached = _train(2, cfg, tmp_path / "cached", fault)
+    uncached = _train(2, cfg, tmp_path / "uncached", {**fault, "UNCACHED": "1"})
+    assert cached[0]["skipped"] == uncached[0]["skipped"] == 1
+    for name, weight in cached[0]["weights"].items():
+        assert torch.equal(weight, uncached[0]["weights"][name]), name
+    for a, b in zip(cached[0]["masters"], uncached[0]["masters"]):
         assert torch.equal(a, b)
 
 

@@ -256,3 +256,69 @@ def test_a_bf16_run_with_emulated_kernels_trains_and_says_so(tmp_path):
     summary = read_summary(run)
     assert summary["status"] == "completed" and summary["bf16_kernels"] == "emulated"
     assert summary["cpu_bf16"] == "emulate" and summary["fp16_kernels"] is None
+
+
+# the weight cache: FP32 copies of the FP16/BF16 weights, made once per step instead of once per product
+
+def test_the_weight_cache_casts_each_weight_once_and_never_serves_a_stale_one():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).half()
+    x = torch.randn(8, 16).half().requires_grad_(True)
+
+    def step(mode):
+        model.zero_grad()
+        x.grad = None
+        with mode:
+            out = model(x)
+            out.float().sum().backward()
+        return [out, x.grad, *(p.grad for p in model.parameters())]
+
+    cached = EmulatedKernels(weights=list(model.parameters()))
+    with cached:
+        first = step(contextlib.nullcontext())
+        assert cached.cache.made == 4  # each weight and bias once, though the weights are read twice
+        with torch.no_grad():  # an update, as the master weights' copy makes one, inside the same kernels
+            torch._foreach_copy_(list(model.parameters()), [p * 0.5 for p in model.parameters()])
+        second = step(contextlib.nullcontext())
+        assert cached.cache.made == 8  # the changed weights were cast again
+    reference = step(EmulatedKernels())  # no cache: every product casts for itself
+    for a, b in zip(second, reference):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], second[0])
+
+
+def test_the_weight_cache_serves_views_and_channels_last_weights():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3).half().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 9, 9).half().requires_grad_(True)
+    outs = []
+    for weights in ((), list(conv.parameters())):
+        conv.zero_grad()
+        with EmulatedKernels(weights=weights) as mode:
+            out = conv(x)
+            out.float().square().sum().backward()
+        outs.append([out, conv.weight.grad.clone()])
+    assert mode.cache.made == 2 and all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.parametrize("run", [["debug=tiny", "precision=mixed", "precision.init_scale=1e30"],  # step 1: skipped
+                                 ["debug=tiny", "model=dcgan", "dataset.image_size=16", "model.width=4", "model.fid.enabled=false",
+                                  "precision=mixed"],  # D's weights read by both networks' steps
+                                 ["debug=tiny_lm", "model=lstm_lm", "precision=mixed"]])  # the LSTM emulated whole
+def test_runs_with_the_weight_cache_are_bit_identical_to_runs_without(compose_cfg, tmp_path, monkeypatch, run):
+    from mptrain.bench.measure import RecordingLogger
+    from mptrain.build import build_trainer
+
+    cfg = compose_cfg(*run, "precision.cpu_fp16=emulate", "trainer.max_steps=3",
+                      "trainer.progress=false")  # fmt: skip
+    ends = []
+    for cached in (True, False):
+        if not cached:
+            monkeypatch.setattr(emulation.WeightCache, "up", lambda self, t: t.float())
+        (run_dir := tmp_path / str(cached)).mkdir()
+        trainer = build_trainer(cfg, torch.device("cpu"), run_dir, RecordingLogger(), None, [])
+        trainer.fit(evaluate=False)
+        ends.append({f"{n}.{k}": v for n, net in trainer.task.networks().items() for k, v in net.state_dict().items()})
+    assert ends[0].keys() == ends[1].keys()
+    for key, value in ends[0].items():
+        assert torch.equal(value, ends[1][key]), key

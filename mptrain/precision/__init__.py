@@ -42,6 +42,7 @@ class Precision:
             torch.backends.cudnn.allow_tf32 = bool(cfg.allow_tf32)
         self.notes: list[str] = []  # warnings the run prints once and records in summary.json
         self.fp8_report: dict | None = None  # precision=fp8: which layers run in FP8 (summary.json `fp8`)
+        self._weights: list[torch.Tensor] = []  # the prepared networks' parameters
         low = self.spec.arithmetic_dtype
         policies = {torch.float16: cfg.cpu_fp16, torch.bfloat16: cfg.cpu_bf16}
         resolved = {dtype: emulates(policy, device, dtype) for dtype, policy in policies.items()}
@@ -81,6 +82,7 @@ class Precision:
         """Move and cast one network (`network`: its name where a task trains several, e.g. the GAN's g and d)."""
         model = model.to(self.device)
         model = cast_model(model, self.spec.param_dtype, self.cfg.keep_norm_fp32 and self.cfg.keep_batchnorm_fp32)
+        self._weights += list(model.parameters())  # the emulated kernels' FP32 copies are made once per step
         if self.emulate and self.cfg.accumulate == "fp16" and any(isinstance(m, nn.RNNBase) for m in model.modules()):
             self.notes.append("precision.accumulate=fp16: the recurrent layers run as one fused FP16 kernel "
                               "(emulation.low_recurrence) whose gate products accumulate in FP32 inside; only the "
@@ -104,7 +106,7 @@ class Precision:
             return contextlib.nullcontext()
         block = self.cfg.accumulate_block if self.cfg.accumulate == "fp16" else None
         return EmulatedKernels(self.emulated_dtype, accumulate_block=block,
-                               fp16_reductions=self.cfg.reductions == "fp16")
+                               fp16_reductions=self.cfg.reductions == "fp16", weights=self._weights)
 
     def stepper(self, model, make_optimizer, make_scheduler=None, max_grad_norm=None,
                 agree_on_overflow=None) -> PrecisionStepper:

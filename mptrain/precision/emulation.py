@@ -31,7 +31,7 @@ import functools
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from mptrain.precision import accumulation, reductions
 
@@ -90,38 +90,93 @@ def _down(dtype: torch.dtype):
     return lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
 
 
+class WeightCache:
+    """FP32 copies of the low-precision weights, each made once and reused by every product that reads the weight
+    (a Linear's forward and its input-gradient product, a GAN's discriminator in both networks' steps): the values
+    are exactly the weights', so the arithmetic is unchanged. A copy is dropped by any op the kernels see writing
+    into its weight's storage (an optimizer step, the master weights' copy, a checkpoint load; the version counter
+    alone misses foreach ops under a dispatch mode), is served only while the weight's version counter is the one it
+    was made at, and lives as long as the emulated kernels that made it (one training step). Weights that share
+    their storage with other tensors are not cached."""
+
+    def __init__(self, params, dtype: torch.dtype):
+        self.params = {p.untyped_storage().data_ptr(): p for p in params if p.dtype == dtype and _owns_storage(p)}
+        self.copies: dict[int, tuple[int, torch.Tensor]] = {}
+        self.made = 0  # copies made (tests: a weight read twice is cast once)
+
+    def up(self, t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr()
+        param = self.params.get(key)
+        if param is None:
+            return t.float()
+        version, copy = self.copies.get(key, (None, None))
+        if version != param._version:
+            copy = torch.empty_strided(param.size(), param.stride(), dtype=torch.float32)
+            copy.copy_(param)
+            self.copies[key] = (param._version, copy)
+            self.made += 1
+        return copy.as_strided(t.size(), t.stride(), t.storage_offset())  # the view the product reads (e.g. w.t())
+
+    def forget_written(self, func, args, kwargs) -> None:
+        """Drop the copies of the weights `func` writes into (its schema's mutable arguments)."""
+        positions, names = _written_arguments(func)
+        written = [args[i] for i in positions if i < len(args)] + [kwargs[n] for n in names if n in kwargs]
+        for tensor in tree_flatten(written)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self.copies.pop(tensor.untyped_storage().data_ptr(), None)
+
+
+@functools.cache  # one schema per op overload
+def _written_arguments(func) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    mutable = [(i, a) for i, a in enumerate(func._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+    return tuple(i for i, a in mutable if not a.kwarg_only), tuple(a.name for _, a in mutable if a.kwarg_only)
+
+
+def _owns_storage(p: torch.Tensor) -> bool:
+    """A dense tensor that is the whole of its storage: its FP32 copy can stand in for any view of the storage."""
+    return (p.storage_offset() == 0 and p.untyped_storage().nbytes() == p.numel() * p.element_size()
+            and (p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))))
+
+
 class EmulatedKernels(TorchDispatchMode):
     """Inside it, CPU convolutions and matrix products on `dtype` (FP16 or BF16) values compute in FP32 and round
     their results to `dtype`.
 
     `accumulate_block=K` (precision.accumulate=fp16) accumulates each product's partial sums in FP16 instead, in
     blocks of K terms (precision/accumulation.py); `fp16_reductions` (precision.reductions=fp16) computes norm
-    statistics, softmax and the loss's mean in FP16 (precision/reductions.py). Both are FP16 settings."""
+    statistics, softmax and the loss's mean in FP16 (precision/reductions.py). Both are FP16 settings. `weights`:
+    the model's parameters, whose FP32 copies are made once per step (WeightCache) instead of once per product."""
 
-    active: list[torch.dtype] = []  # the entered modes' dtypes: recurrent layers ask (`emulating`) to run fused
+    active: list[EmulatedKernels] = []  # the entered modes: recurrent layers ask (`emulating`) to run fused
 
     def __init__(self, dtype: torch.dtype = torch.float16, accumulate_block: int | None = None,
-                 fp16_reductions: bool = False):
+                 fp16_reductions: bool = False, weights=()):
         super().__init__()
         if dtype != torch.float16 and (accumulate_block is not None or fp16_reductions):
             raise ValueError("FP16 accumulation and reductions are FP16 settings")
         self.calls = 0  # kernels emulated: tests check the path is really taken
         self.dtype = dtype
-        self.up, self.down = _up(dtype), _down(dtype)
+        self.cache = WeightCache(weights, dtype)
+        self.up, self.down = self._up, _down(dtype)
         self.block = accumulate_block
         self.reductions = fp16_reductions
         self.softmax = reductions.softmax if fp16_reductions else (lambda x, dim: torch.softmax(x.float(), dim))
 
+    def _up(self, t):
+        return self.cache.up(t) if _is_cpu(t, self.dtype) else t
+
     def __enter__(self):
-        EmulatedKernels.active.append(self.dtype)
+        EmulatedKernels.active.append(self)
         return super().__enter__()
 
     def __exit__(self, *exc):
-        EmulatedKernels.active.remove(self.dtype)
+        EmulatedKernels.active.remove(self)
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.cache.copies and func._schema.is_mutable:
+            self.cache.forget_written(func, args, kwargs)
         if func in HEAVY and any(_is_cpu(a, self.dtype) for a in args):
             self.calls += 1
             if self.block is not None:
@@ -214,7 +269,11 @@ REDUCTIONS = {
 
 def emulating(x: torch.Tensor) -> bool:
     """Whether `x` is a CPU tensor of a dtype whose arithmetic an entered EmulatedKernels emulates."""
-    return x.device.type == "cpu" and x.dtype in EmulatedKernels.active
+    return _mode_for(x) is not None
+
+
+def _mode_for(x: torch.Tensor) -> EmulatedKernels | None:
+    return next((m for m in EmulatedKernels.active if _is_cpu(x, m.dtype)), None)
 
 
 def low_recurrence(rnn: torch.nn.RNNBase, weights: dict, x: torch.Tensor, state):
@@ -222,8 +281,9 @@ def low_recurrence(rnn: torch.nn.RNNBase, weights: dict, x: torch.Tensor, state)
     weights, input, initial state, output sequence and final state; FP32 inside (gate products accumulated in
     FP32, gates, cell and hidden state between time steps in FP32, weight gradients summed over time in FP32 and
     rounded once). The native CPU path rounds every per-step op instead, at 4x the time."""
-    up, down = _up(x.dtype), _down(x.dtype)
-    weights32 = {name: w.float() for name, w in weights.items()}
+    mode = _mode_for(x)
+    up, down = (mode.up if mode else _up(x.dtype)), _down(x.dtype)
+    weights32 = {name: up(w) for name, w in weights.items()}
     with _hooks_silenced(rnn):  # the layer's own call already ran its hooks (a low cast would undo the FP32 inside)
         out, new_state = torch.func.functional_call(rnn, weights32, (x.float(), tree_map(up, state)))
     return down(out), tree_map(down, new_state)
