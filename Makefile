@@ -29,7 +29,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/python -m pip install --quiet -e '.[test,sweep,lowp,docs,timm,hf]'
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/python -m pip install --quiet -e '.[test,sweep,lowp,docs,timm,hf,detection]'
 	touch $@
 
 # Real data offline: Debian's dataset-fashion-mnist (images) and jargon-text (the

@@ -15,12 +15,15 @@ from pathlib import Path
 
 import torch
 
+from mptrain.data.detection import load_fashion_mnist_detection
 from mptrain.data.images import SOURCES, ImageSet
 from mptrain.data.loaders import DataModule, DataSpec, DeviceLoader
 from mptrain.data.text import StreamLoader, TextSpec, build_text_data
 from mptrain.errors import UserError
 from mptrain.schema import typed
 from mptrain.schema.dataset import TEXT_SETS
+
+IMAGE_SOURCES = {**SOURCES, "fashion_mnist_detection": load_fashion_mnist_detection}  # + canvases with boxes
 
 
 def build_data(dataset_cfg, device: torch.device, seed: int, augment: bool = True) -> DataModule:
@@ -36,7 +39,7 @@ def build_data(dataset_cfg, device: torch.device, seed: int, augment: bool = Tru
     device = torch.device(device)
     root = Path(os.path.expanduser(dataset_cfg.root))
 
-    data: ImageSet = SOURCES[name](dataset_cfg, root, device)
+    data: ImageSet = IMAGE_SOURCES[name](dataset_cfg, root, device)
     train_size = data.train_images.shape[0]
     if batch_size > train_size:
         raise UserError(
@@ -57,6 +60,7 @@ def build_data(dataset_cfg, device: torch.device, seed: int, augment: bool = Tru
     spec = DataSpec(
         name=name, in_channels=channels, image_size=height, num_classes=data.num_classes,
         mean=tuple(data.mean) * (channels // len(data.mean)), std=tuple(data.std) * (channels // len(data.std)),
+        boxes=data.boxes,
     )  # fmt: skip
     return DataModule(spec=spec, train=train, test=test)
 

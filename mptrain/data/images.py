@@ -38,6 +38,7 @@ class ImageSet:
     std: tuple[float, ...] = (1.0,)
     crop_padding: int = 0  # random-crop padding for augmentation; 0 = no crop
     flip: bool = False  # random horizontal flip for augmentation
+    boxes: bool = False  # labels are padded detection targets (data/detection.py), not class indices
 
 
 # --- downloads that leave nothing behind when they fail ---------------------------------

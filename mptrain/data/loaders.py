@@ -23,6 +23,7 @@ class DataSpec:
     num_classes: int
     mean: tuple[float, ...] = (0.0,)  # pixel value p in [0, 1] is fed as (p - mean) / std
     std: tuple[float, ...] = (1.0,)
+    boxes: bool = False  # labels are detection targets: (max_objects, 5) rows of [class, x1, y1, x2, y2], class -1 empty
 
 
 class DeviceLoader:

@@ -9,6 +9,7 @@ from torch import nn
 from mptrain.errors import UserError
 from mptrain.models.cnn import build_alexnet, build_resnet, build_resnet50, build_vgg
 from mptrain.models.custom import build_custom
+from mptrain.models.detection import build_ssd
 from mptrain.models.gan import build_dcgan
 from mptrain.models.mlp import build_mlp
 from mptrain.models.registries import build_hf_causal_lm, build_timm, build_torchvision
@@ -30,6 +31,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "lstm_lm": build_lstm_lm,
     "dcgan": build_dcgan,
     "transformer": build_transformer,
+    "ssd": build_ssd,  # a detector: trunk + heads in the mode's precision, loss and decoding in FP32
     "custom": build_custom,  # any network: model.net._target_ (models/custom.py)
     # by name from a library's registry, picked by model.registry (model.name is then the library's name for it)
     "torchvision": build_torchvision,

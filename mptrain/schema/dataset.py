@@ -25,7 +25,7 @@ from mptrain.schema.rules import (
 
 DEFAULT_ROOT = "~/.cache/mptrain/data"
 JARGON = "/usr/share/doc/jargon-text/jargon.txt.gz"
-IMAGE_SETS = ("fashion_mnist", "mnist", "cifar10", "synthetic", "image_folder", "custom")
+IMAGE_SETS = ("fashion_mnist", "mnist", "cifar10", "synthetic", "image_folder", "custom", "fashion_mnist_detection")
 TEXT_SETS = ("text", "synthetic_text")
 SPLIT = list_of(Rule(lambda v: is_number(v) and v > 0, "> 0"), length=3, extra=lambda v: math.isclose(sum(v), 1.0),
                 text="three positive fractions summing to 1")
@@ -33,8 +33,8 @@ SPLIT = list_of(Rule(lambda v: is_number(v) and v > 0, "> 0"), length=3, extra=l
 
 @dataclass
 class DatasetConfig:
-    name: str = knob(MISSING, "images: fashion_mnist | mnist | cifar10 | synthetic | image_folder | custom; text: text | "
-                              "synthetic_text",
+    name: str = knob(MISSING, "images: fashion_mnist | mnist | cifar10 | synthetic | image_folder | custom; boxes: "
+                              "fashion_mnist_detection; text: text | synthetic_text",
                      one_of(*IMAGE_SETS, *TEXT_SETS), example="fashion_mnist")
     batch_size: int = knob(128, "samples (images, or text streams) per optimizer step and rank", POSITIVE_INT)
     eval_batch_size: int = knob(512, "samples per evaluation batch", POSITIVE_INT)
@@ -91,6 +91,23 @@ class CustomDataConfig(ImageDataConfig):
 
 
 @dataclass
+class DetectionCanvasConfig(ImageDataConfig):
+    """Canvases of real Fashion-MNIST items with their boxes (mptrain/data/detection.py says how they are drawn)."""
+
+    augment: bool = knob(False, "ignored: canvases are not augmented (their boxes would have to move too)")
+    batch_size: int = knob(32, "canvases per optimizer step and rank", POSITIVE_INT)
+    eval_batch_size: int = knob(128, "canvases per evaluation batch", POSITIVE_INT)
+    canvas: int = knob(96, "canvas height = width in pixels", POSITIVE_INT)
+    min_objects: int = knob(1, "fewest items on a canvas", POSITIVE_INT)
+    max_objects: int = knob(4, "most items on a canvas (each gets a cell of a ceil(sqrt(n)) grid)", POSITIVE_INT)
+    min_size: int = knob(16, "smallest item side in pixels (resized from 28)", POSITIVE_INT)
+    max_size: int = knob(44, "largest item side in pixels (at most the grid cell)", POSITIVE_INT)
+    train_size: int = knob(16000, "training canvases (drawn from the training items)", POSITIVE_INT)
+    test_size: int = knob(2000, "held-out canvases (drawn from the test items)", POSITIVE_INT)
+    seed: int = knob(0, "the canvases' own seed (the same canvases whichever run seed trains)", SEED)
+
+
+@dataclass
 class TextStreamConfig(DatasetConfig):  # what every text source shares: tokens, splits, streams
     level: str = knob("char", "char (reports bits per character) | word", one_of("char", "word"))
     lowercase: bool = knob(False, "lower-case the text before tokenizing")
@@ -124,11 +141,12 @@ class SyntheticTextConfig(TextStreamConfig):
 
 SCHEMAS = {"image_schema": ImageDataConfig, "synthetic_image_schema": SyntheticImageConfig,
            "image_folder_schema": ImageFolderConfig, "custom_data_schema": CustomDataConfig,
-           "text_schema": TextDataConfig, "synthetic_text_schema": SyntheticTextConfig}
+           "text_schema": TextDataConfig, "synthetic_text_schema": SyntheticTextConfig,
+           "detection_schema": DetectionCanvasConfig}
 BY_NAME = {"fashion_mnist": ImageDataConfig, "mnist": ImageDataConfig, "cifar10": ImageDataConfig,
            "synthetic": SyntheticImageConfig, "image_folder": ImageFolderConfig, "custom": CustomDataConfig,
-           "text": TextDataConfig,
-           "synthetic_text": SyntheticTextConfig}
+           "text": TextDataConfig, "synthetic_text": SyntheticTextConfig,
+           "fashion_mnist_detection": DetectionCanvasConfig}
 
 
 def check(cfg) -> None:

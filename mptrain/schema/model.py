@@ -10,6 +10,7 @@ from omegaconf import MISSING
 from mptrain.errors import UserError
 from mptrain.schema.rules import (
     HALF_OPEN_UNIT,
+    OPEN_UNIT,
     POSITIVE,
     POSITIVE_INT,
     SEED,
@@ -29,8 +30,8 @@ CELLS = ("lstm", "gru")
 class ModelConfig:
     name: str = knob(MISSING, "the architecture (docs/families.md)", example="resnet")
     family: str = knob("cnn", "cnn | rnn | gan | mlp | transformer: how reports group it")
-    task: str = knob("classification", "classification | language_model | gan: the Task that trains it",
-                     one_of("classification", "language_model", "gan"))
+    task: str = knob("classification", "classification | language_model | gan | detection: the Task that trains it",
+                     one_of("classification", "language_model", "gan", "detection"))
     augment: bool = knob(True, "let the dataset augment (false: the images as they are)")
 
 
@@ -110,6 +111,26 @@ class DCGANConfig(ModelConfig):
     latent: int = knob(100, "noise dimensions", POSITIVE_INT)
     noise_seed: int = knob(0, "fixed noise for image grids and FID samples", SEED)
     fid: FidConfig = field(default_factory=FidConfig)
+
+
+@dataclass
+class SSDConfig(ModelConfig):
+    """torchvision's SSD machinery on a narrow VGG-style trunk (mptrain/models/detection.py), no pretrained weights."""
+
+    family: str = knob("detector", "how reports group it")
+    task: str = knob("detection", "the Task that trains it", one_of("detection"))
+    augment: bool = knob(False, "canvases are not augmented")
+    width: int = knob(16, "channels of the trunk's first stage (x2, x4 after)", POSITIVE_INT)
+    norm: str = knob("batch", "the trunk's normalisation: batch | none (VGG-16 as in the paper's SSD has none)",
+                     one_of("batch", "none"))
+    num_classes: Optional[int] = knob(None, "object classes (null: the dataset's; background is added)", POSITIVE_INT,
+                                      example=10)
+    min_ratio: float = knob(0.12, "the smallest default boxes' side, as a fraction of the canvas", OPEN_UNIT)
+    max_ratio: float = knob(0.6, "the largest default boxes' side, as a fraction of the canvas", OPEN_UNIT)
+    iou_thresh: float = knob(0.5, "a default box matches an object at this IoU or above", OPEN_UNIT)
+    score_thresh: float = knob(0.01, "detections scored below this are dropped before NMS", HALF_OPEN_UNIT)
+    nms_thresh: float = knob(0.45, "non-maximum suppression's IoU", OPEN_UNIT)
+    detections_per_img: int = knob(100, "detections kept per canvas, best first", POSITIVE_INT)
 
 
 NET = keyword_mapping("a mapping: _target_ (a class or factory function) and its keyword arguments")
@@ -193,11 +214,11 @@ SCHEMAS = {"resnet_schema": ResNetConfig, "resnet50_schema": ResNet50Config, "cl
            "mlp_schema": MLPConfig, "lstm_classifier_schema": RecurrentConfig, "lstm_lm_schema": LanguageModelConfig,
            "dcgan_schema": DCGANConfig, "transformer_schema": TransformerConfig, "custom_schema": CustomModelConfig,
            "torchvision_schema": TorchvisionConfig, "timm_schema": TimmConfig,
-           "hf_causal_lm_schema": HFCausalLMConfig}
+           "hf_causal_lm_schema": HFCausalLMConfig, "ssd_schema": SSDConfig}
 BY_NAME = {"resnet": ResNetConfig, "resnet50": ResNet50Config, "vgg": ClassicCnnConfig, "alexnet": ClassicCnnConfig,
            "mlp": MLPConfig, "lstm_classifier": RecurrentConfig, "lstm_lm": LanguageModelConfig,
            "dcgan": DCGANConfig, "transformer": TransformerConfig, "custom": CustomModelConfig,
-           "torchvision": TorchvisionConfig, "timm": TimmConfig, "hf_causal_lm": HFCausalLMConfig}
+           "torchvision": TorchvisionConfig, "timm": TimmConfig, "hf_causal_lm": HFCausalLMConfig, "ssd": SSDConfig}
 
 
 def check(cfg) -> None:

@@ -31,15 +31,24 @@ def _gan(model_cfg, data, precision) -> Task:
     return GanTask.build(model_cfg, data, precision)
 
 
+def _detection(model_cfg, data, precision) -> Task:
+    from mptrain.models import build_model
+    from mptrain.tasks.detection import DetectionTask
+
+    return DetectionTask(precision.prepare(build_model(model_cfg, data.spec)))
+
+
 # task name → (builder, the kind of data it reads)
 TASKS = {
     "classification": (_classification, "image"),
     "language_model": (_language_model, "text"),
     "gan": (_gan, "image"),
+    "detection": (_detection, "boxes"),
 }
 DATASETS_FOR = {
     "image": "dataset=fashion_mnist, mnist, cifar10 or synthetic",
     "text": "dataset=text or synthetic_text",
+    "boxes": "dataset=fashion_mnist_detection",
 }
 
 
@@ -53,7 +62,7 @@ def build_task(model_cfg, data, precision) -> Task:
     if name not in TASKS:
         raise UserError(f"unknown model.task={name!r} for model={model_cfg.name}; known: {', '.join(TASKS)}")
     builder, kind = TASKS[name]
-    data_kind = "text" if isinstance(data.spec, TextSpec) else "image"
+    data_kind = "text" if isinstance(data.spec, TextSpec) else "boxes" if data.spec.boxes else "image"
     if kind != data_kind:
         raise UserError(
             f"model={model_cfg.name} reads {kind} data but dataset={data.spec.name} is {data_kind}; "
