@@ -157,12 +157,13 @@ class EmulatedKernels(TorchDispatchMode):
         self.calls = 0  # kernels emulated: tests check the path is really taken
         self.dtype = dtype
         self.cache = WeightCache(weights, dtype)
-        self.up, self.down = self._up, _down(dtype)
+        self.down = _down(dtype)
         self.block = accumulate_block
         self.reductions = fp16_reductions
         self.softmax = reductions.softmax if fp16_reductions else (lambda x, dim: torch.softmax(x.float(), dim))
 
-    def _up(self, t):
+    def up(self, t):
+        """An input of a product in FP32: a low-precision tensor's values (a weight's cached copy), else as it is."""
         return self.cache.up(t) if _is_cpu(t, self.dtype) else t
 
     def __enter__(self):
