@@ -175,6 +175,8 @@ class EmulatedKernels(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _PASSED_THROUGH:  # most ops (views, element-wise): the fewest Python steps, as each op pays them
+            return func(*args, **(kwargs or {}))
         kwargs = kwargs or {}
         if self.cache.copies and func._schema.is_mutable:
             self.cache.forget_written(func, args, kwargs)
@@ -194,7 +196,12 @@ class EmulatedKernels(TorchDispatchMode):
             if out is not None:
                 self.calls += 1
                 return out
+        if func not in HEAVY and func not in ATTENTION and func not in REDUCTIONS and not func._schema.is_mutable:
+            _PASSED_THROUGH.add(func)
         return func(*args, **kwargs)
+
+
+_PASSED_THROUGH: set = set()  # ops no EmulatedKernels changes or watches, learnt as they pass
 
 
 def _is_cpu_float(t) -> bool:
