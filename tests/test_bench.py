@@ -76,3 +76,25 @@ def test_bare_loop_trains_the_language_model_too(compose_cfg):
                       "dataset.bptt=8", "precision=fp32")  # fmt: skip
     timing = time_bare(cfg, torch.device("cpu"), "bf16", warmup=2, windows=2, window=2)
     assert len(timing.step_ms) == 2 and all(ms > 0 for ms in timing.step_ms) and timing.peak_bytes > 0
+
+
+def test_bare_loop_trains_the_transformer_which_carries_no_state(compose_cfg):
+    from mptrain.bench.measure import time_bare
+
+    cfg = compose_cfg("model=transformer", "dataset=synthetic_text", "model.width=16", "model.heads=2",
+                      "model.layers=1", "model.context=8", "dataset.batch_size=4", "dataset.bptt=8",
+                      "precision=fp32")  # fmt: skip
+    timing = time_bare(cfg, torch.device("cpu"), "bf16", warmup=2, windows=2, window=2)
+    assert len(timing.step_ms) == 2 and all(ms > 0 for ms in timing.step_ms)
+
+
+@pytest.mark.e2e
+def test_bench_times_modes_without_a_bare_loop_alone(tmp_path):
+    """The master weights' rivals and fp8 have no plain-PyTorch loop of a few lines: timed, no bare column."""
+    out = bench(*SMALL, "--modes", "fp32,bf16_pure,bf16/cpu_bf16=emulate", "--batch-sizes", "8", *QUICK,
+                "--out", str(tmp_path / "b"), cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    [path] = (tmp_path / "b").rglob("resnet_synthetic*.json")
+    rows = {r["mode"]: r for r in json.loads(path.read_text())["rows"]}
+    assert rows["bf16_pure"]["bare"] is None and rows["bf16_pure"]["ours"]["samples_per_s"] > 0
+    assert rows["bf16/cpu_bf16=emulate"]["bare"] == "bf16"  # its bare loop runs in the same emulated kernels

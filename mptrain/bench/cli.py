@@ -115,7 +115,7 @@ def run(args, overrides) -> dict:
             cfg, cfg_fp32 = configs(with_data, mode, batch, args)
             validate(cfg)
             device = resolve_device(cfg.trainer.device)
-            bare_kind = BARE_FOR_MODE[mode.split("/")[0]] if not args.no_bare and cfg.model.task in SUPPORTED_TASKS else None
+            bare_kind = BARE_FOR_MODE.get(mode.split("/")[0]) if not args.no_bare and cfg.model.task in SUPPORTED_TASKS else None
             ours, bare = Timing(), Timing()
             kernels = Precision(cfg.precision, device).kernels if bare_kind in ("amp", "bf16") else None  # emulated?
             for _ in range(args.repeats):

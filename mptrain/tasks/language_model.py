@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from mptrain.tasks.base import Task
 
 
-def _detach(state):
+def detach_state(state):
+    """A recurrent state cut from its graph (truncated BPTT); None stays None."""
     if state is None:  # a transformer carries nothing between chunks
         return None
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
@@ -62,7 +63,7 @@ class LanguageModelTask(Task):
             state = self.model.initial_state(x.shape[0], x.device)
         with precision.autocast():
             logits, state = (self.model if net is None else net)(x, state)
-        self._states[training] = _detach(state)  # truncated BPTT: the next chunk starts from values, not a graph
+        self._states[training] = detach_state(state)  # truncated BPTT: the next chunk starts from values, not a graph
         # softmax over the vocabulary is a reduction: computed in FP32
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
