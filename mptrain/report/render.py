@@ -27,7 +27,8 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
         "",
         "## The answer",
         "",
-        f"Each arm against the fp32 control of its experiment, paired by seed (same initialisation and data order): "
+        "Each arm against the control of its experiment (fp32, or the arm its registered plan names), paired by seed "
+        "(same initialisation and data order): "
         f"the mean paired Δ of the primary metric with its {CONFIDENCE:.0%} confidence interval (Student t over "
         "seeds), and the verdict against the equivalence margin ±δ (a reproduction's registered plan, or "
         "`mptrain-report --margin`): equivalent when the 90 % interval lies inside ±δ (two one-sided tests at "
@@ -65,6 +66,9 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
             lines += [f"Setting: `{setting}`.", ""]
         if table.attrs.get("plan"):
             lines += [plan_markdown(table.attrs["plan"], metric), ""]
+        if table.attrs.get("control", "fp32") != "fp32":
+            lines += [f"Control: **{table.attrs['control']}** (the plan's): every Δ, ratio and verdict below, the "
+                      "columns' \"vs fp32\" included, is against it.", ""]
         lines += [_environment(group), "", to_markdown(table), ""]
         amax = forward_amax(group)  # read once: the chart and the table
         figures = [

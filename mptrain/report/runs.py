@@ -16,6 +16,7 @@ from mptrain.errors import UserError
 from mptrain.schema.precision import MODES
 
 CONTROL = "fp32"
+ARM_OPTIM = ("optim.state",)  # optim.* overrides that make an arm (not a setting)
 EXECUTION = ("cpu_fp16", "cpu_bf16")  # how the CPU runs FP16/BF16, the same for every arm: part of the setting
 LOWER_IS_BETTER = {"perplexity", "bpc", "fid", "loss"}  # for summaries written before `higher_is_better`
 MODE_ORDER = list(MODES)
@@ -37,6 +38,9 @@ def arm_label(summary: dict) -> str:
     """The precision mode, its loss scale and any other precision.* override: `fp32`, `mixed loss_scale=1`."""
     extra = [o.lstrip("+~").split(".", 1)[1] for o in summary.get("overrides", []) if o.lstrip("+~").startswith("precision.")]
     extra = [o for o in extra if not o.startswith(EXECUTION)]  # str.startswith takes the tuple
+    # the optimizer state's precision is a precision technique too (optim.state=8bit): an arm, not a setting
+    extra += [o.lstrip("+~").removeprefix("optim.") for o in summary.get("overrides", [])
+              if o.lstrip("+~").startswith(ARM_OPTIM)]
     if "loss_scale" in summary:  # the resolved scale, however it was chosen (a mode's default, an experiment, the CLI)
         scale = summary["loss_scale"]
         extra = [o for o in extra if not o.startswith("loss_scale=")]
@@ -59,6 +63,8 @@ def setting_label(summary: dict) -> str:
         override = override.lstrip("+~")
         key = override.split("=", 1)[0]
         if key in ("model", "dataset", "seed") + RUN_HANDLING or key.startswith("hydra."):
+            continue
+        if key in ARM_OPTIM:
             continue
         name = key.removeprefix("precision.")
         if key.startswith("precision") and not (name in EXECUTION and name not in summary):

@@ -34,7 +34,8 @@ def comparison(runs: pd.DataFrame, margins: dict[str, float] | None = None) -> d
         # the plan's margin judges the plan's metric; any other metric, margin or arm is exploratory
         planned = plan is not None and plan.get("metric") == metric and not margins
         arms = dict(list(group.groupby("arm", sort=False)))
-        table = pd.DataFrame([_arm_row(arm, g) for arm, g in arms.items()], columns=COLUMNS)
+        control_arm = _control_arm(plan, arms)
+        table = pd.DataFrame([_arm_row(arm, g, control_arm) for arm, g in arms.items()], columns=COLUMNS)
         control = table[table["control"]]
         if len(control):
             ref = control.iloc[0]
@@ -49,14 +50,24 @@ def comparison(runs: pd.DataFrame, margins: dict[str, float] | None = None) -> d
                 preset = arms[row["arm"]]["preset"].iloc[0] if "preset" in group else row["arm"]
                 table.loc[i, "exploratory"] = plan is not None and not (
                     planned and (not plan.get("arms") or preset in plan["arms"]))
-                verdict = paired_verdict(arms[row["arm"]], arms[CONTROL], higher, margin)
+                verdict = paired_verdict(arms[row["arm"]], arms[control_arm], higher, margin)
                 table.loc[i, "verdict_note"] = verdict.pop("note", "")
                 for column, value in verdict.items():
                     table.loc[i, column] = value
         table.attrs["metric"], table.attrs["higher_is_better"] = metric, higher
-        table.attrs["plan"] = plan
+        table.attrs["plan"], table.attrs["control"] = plan, control_arm
         tables[key] = table
     return tables
+
+
+def _control_arm(plan: dict | None, arms: dict[str, pd.DataFrame]) -> str:
+    """The arm every other is paired against: the plan's `control` (a preset or an arm's label, e.g. bf16 for a
+    block-format study), else fp32."""
+    wanted = (plan or {}).get("control") or CONTROL
+    for label, runs in arms.items():
+        if label == wanted or ("preset" in runs and (runs["preset"] == wanted).any()):
+            return label
+    return CONTROL
 
 
 def section_plan(group: pd.DataFrame) -> dict | None:
@@ -81,13 +92,13 @@ def plan_markdown(plan: dict, metric: str) -> str:
     return "\n".join(lines)
 
 
-def _arm_row(arm: str, runs: pd.DataFrame) -> dict:
+def _arm_row(arm: str, runs: pd.DataFrame, control: str = CONTROL) -> dict:
     done = runs[runs["status"] == "completed"]
     counts = runs["status"].value_counts()
     scales = sorted({str(_short(s)) for s in done["final_loss_scale"].dropna()})
     return {
         "arm": arm,
-        "control": arm == CONTROL,
+        "control": arm == control,
         "runs": len(runs),
         "status": ", ".join(f"{n} {status}" for status, n in counts.items()),
         "metric_mean": done["metric"].mean(),
@@ -95,7 +106,7 @@ def _arm_row(arm: str, runs: pd.DataFrame) -> dict:
         "delta_vs_fp32": math.nan,
         **dict.fromkeys(VERDICT_COLUMNS, math.nan),
         "differs": "",
-        "verdict": "no control" if arm != CONTROL else "control",
+        "verdict": "no control" if arm != control else "control",
         "verdict_note": "",
         "exploratory": False,
         # each run's figure is the median of its logging windows; across runs the median again: a stalled run
