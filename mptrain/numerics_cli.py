@@ -24,6 +24,7 @@ from pathlib import Path
 
 from mptrain.console import OneLineParser, compose, overridden, positive
 from mptrain.errors import UserError
+from mptrain.schema.precision import BLOCK_FORMATS, SCALE_ROUNDINGS
 
 log = logging.getLogger("mptrain")
 
@@ -44,6 +45,11 @@ def parse_args(argv):
     parser.add_argument("--headroom", type=positive(float), default=8.0,
                         help="recommend this factor below the overflow ceiling (default 8)")
     parser.add_argument("--kind", choices=("all", "weight", "activation"), default="all", help="rows to print")
+    parser.add_argument("--block-format", choices=BLOCK_FORMATS,
+                        help="also: what this block format (precision=mx) would do to each Linear layer's operands, "
+                             "and the layers it hurts most")
+    parser.add_argument("--scale-rounding", choices=SCALE_ROUNDINGS, default="floor",
+                        help="--block-format's scale rounding (default floor, the OCP spec's)")
     parser.add_argument("--json", type=Path, help="also write the full scan (histograms included) here")
     parser.add_argument("--checkpoint", type=Path, metavar="RUN_DIR",
                         help="instead of a scan: is this trained run (any mode) safe in FP16? Its held-out batches "
@@ -61,7 +67,7 @@ def compose_scan(overrides: list[str], steps: int):
     return compose([*overrides, *forced])
 
 
-def scan(cfg, steps: int):
+def scan(cfg, steps: int, block_format: str | None = None, scale_rounding: str = "floor"):
     """Train `steps` FP32 steps with every step measured; return {(kind, layer): summed stats}."""
     from mptrain.build import build_trainer, resolve_device
     from mptrain.schema import validate
@@ -69,9 +75,17 @@ def scan(cfg, steps: int):
     from mptrain.telemetry.numerics import NumericsProbe
     from mptrain.telemetry.tensorboard import TensorBoardLogger
 
+    recipe = None
+    if block_format is not None:
+        from mptrain.precision.mx import Recipe
+        from mptrain.schema import typed
+
+        recipe = Recipe.from_config(typed("precision", {"mode": "mx", "block_format": block_format,
+                                                        "scale_rounding": scale_rounding}))
+
     class Accumulate(NumericsProbe):
         def __init__(self, run_dir):
-            super().__init__(every=1, run_dir=run_dir, activations=True)
+            super().__init__(every=1, run_dir=run_dir, activations=True, observe_mx=recipe)
             self.sums: dict[tuple[str, str], list[float]] = {}
 
         def flush(self, tb, step):
@@ -81,6 +95,8 @@ def scan(cfg, steps: int):
                     self.sums[key] = v
                 elif key[0] in ("forward", "fp8"):  # amax is a maximum, not a sum
                     self.sums[key] = headroom.merge_lists(old, v)
+                elif key[0] == "mx":  # the last entry names the format
+                    self.sums[key] = [a + b for a, b in zip(old[:-1], v[:-1])] + v[-1:]
                 else:
                     self.sums[key] = [a + b for a, b in zip(old, v)]
 
@@ -98,7 +114,7 @@ def scan(cfg, steps: int):
 
 def analyse(sums, steps: int, coverage: float, headroom: float) -> dict:
     from mptrain.precision.scale_advice import advise, recommend
-    from mptrain.telemetry import fp8_stats
+    from mptrain.telemetry import fp8_stats, mx_stats
     from mptrain.telemetry import headroom as forward_headroom
     from mptrain.telemetry.numerics import EXPONENTS, NumericsProbe
 
@@ -107,8 +123,9 @@ def analyse(sums, steps: int, coverage: float, headroom: float) -> dict:
     rows, by_network, totals = [], {}, {}
     forward = [forward_headroom.to_record(layer, None, v) for (kind, layer), v in sums.items() if kind == "forward"]
     fp8 = [fp8_stats.to_record(layer, None, v) for (kind, layer), v in sums.items() if kind == "fp8"]
+    block = [mx_stats.to_record(layer, None, v) for (kind, layer), v in sums.items() if kind == "mx"]
     for (kind, layer), v in sums.items():
-        if kind in ("lost_update", "forward", "fp8"):
+        if kind in ("lost_update", "forward", "fp8", "mx"):
             continue
         record = NumericsProbe.to_record(kind, layer, None, v)
         advice = advise(exponents, record["log2_hist"], coverage)
@@ -130,7 +147,8 @@ def analyse(sums, steps: int, coverage: float, headroom: float) -> dict:
     recommended = {net: recommend(advice, headroom).__dict__ for net, advice in by_network.items()}
     return {"exponents": exponents, "layers": rows, "overall": overall, "recommended": recommended,
             "forward": forward, "first_fp16_overflow": forward_headroom.first_overflow(forward) if forward else None,
-            "fp8": fp8, "fp8_keep_bf16": fp8_stats.unhealthy(fp8)}
+            "fp8": fp8, "fp8_keep_bf16": fp8_stats.unhealthy(fp8), "mx": block,
+            "mx_hurt_most": mx_stats.harmful(block)}
 
 
 def _natural(name: str) -> list:
@@ -156,6 +174,7 @@ def print_report(result: dict, kind: str, out=sys.stdout) -> None:
               f"zero in FP16 and {pct(o['subnormal_frac'])} are subnormal (unscaled)", file=out)
     print_headroom(result["forward"], result["first_fp16_overflow"], out)
     print_fp8(result["fp8"], result["fp8_keep_bf16"], out)
+    print_mx(result["mx"], result["mx_hurt_most"], out)
     for net, rec in result["recommended"].items():
         scale = "none: use precision.loss_scale=dynamic" if rec["scale"] is None else \
             f"precision.loss_scale={rec['scale']:g} (2^{int(math.log2(rec['scale']))})"  # fmt: skip
@@ -212,6 +231,21 @@ def print_fp8(records: list[dict], keep: list[str], out=sys.stdout, rows: int = 
     print(f"{layers} Linear layers under tensorwise FP8: {verdict}", file=out)
 
 
+def print_mx(records: list[dict], ranked: list[tuple[str, float]], out=sys.stdout, rows: int = 8) -> None:
+    """What a block format would do to each Linear's operands, worst first, and the layers it hurts most."""
+    if not records:
+        return
+    worst = sorted(records, key=lambda r: -r["rel_error"])[:rows]
+    print(f"\n{'block-format operand (layer.operand.product)':<56} {'format':>10} {'error':>7} {'flushed':>8} "
+          f"{'clamped':>8} {'scale lo':>8}", file=out)
+    for r in worst:
+        print(f"{r['layer'][-56:]:<56} {r['format']:>10} {r['rel_error']:>7.4f} {100 * r['flushed_frac']:>7.2f}% "
+              f"{100 * r['saturated_frac']:>7.2f}% {100 * r['scale_underflow_frac']:>7.2f}%", file=out)
+    shown = ", ".join(f"{layer.removeprefix('model.')} ({err:.3f})" for layer, err in ranked[:5])
+    print(f"{len(ranked)} Linear layers in {records[0]['format']}; hurt most (worst operand's relative error): {shown}; "
+          "candidates for precision.mx_keep", file=out)
+
+
 def print_headroom(forward: list[dict], first: str | None, out=sys.stdout, rows: int = 10) -> None:
     """The module outputs closest to FP16's 65504 (amax, headroom in bits, shares over and within 2x)."""
     if not forward:
@@ -237,7 +271,7 @@ def main(argv=None) -> None:
         if args.checkpoint is not None:
             return _check_checkpoint(args, overrides)
         cfg = compose_scan(overrides, args.steps)
-        sums = scan(cfg, args.steps)
+        sums = scan(cfg, args.steps, args.block_format, args.scale_rounding)
         result = analyse(sums, args.steps, args.coverage, args.headroom)
         result.update(steps=args.steps, coverage=args.coverage, headroom=args.headroom, overrides=overrides,
                       model=cfg.model.name, dataset=cfg.dataset.name)  # fmt: skip

@@ -6,6 +6,9 @@ only when an update is applied.
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 from torch import nn
 from torch.optim import lr_scheduler
@@ -48,6 +51,8 @@ def build_optimizer(cfg, params: list[nn.Parameter], update: str = "nearest") ->
         return rounding.stochastic_optimizer(cfg, groups)
     if update == "kahan" or cfg.get("library") == "optimi":
         return rounding.optimi_optimizer(cfg, groups, kahan_sum=update == "kahan")
+    if cfg.get("state", "fp32") != "fp32":
+        return state_optimizer(cfg, groups)
     kernels = kernel_choice(params)
     if cfg.name == "sgd":
         nesterov = bool(cfg.nesterov) and cfg.momentum > 0
@@ -57,6 +62,39 @@ def build_optimizer(cfg, params: list[nn.Parameter], update: str = "nearest") ->
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kernels)
     raise UserError(f"unknown optim.name={cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def state_optimizer(cfg, groups) -> torch.optim.Optimizer:
+    """Adam/AdamW whose moments are held in `optim.state`: torchao's block-quantized 8-bit, 4-bit and FP8 states
+    (tensors under 4096 values, or not a multiple of the block, keep FP32 moments, as bitsandbytes does), or BF16
+    moments. The update itself is computed in FP32 from the dequantized moments (torchao's single_param_adam)."""
+    try:
+        from torchao import optim
+    except ImportError:
+        raise UserError(f"optim.state={cfg.state} needs torchao: pip install 'mptrain[lowp]' (or torchao)") from None
+    # torch compiles torchao's update once per shape; its note that the state classes lack a cache hash is torchao's
+    warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
+    adamw = cfg.name == "adamw"
+    common = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
+    if cfg.state == "bf16":
+        return _bf16_state_class(optim)(groups, adamw=adamw, **common)
+    name = {"8bit": "8bit", "4bit": "4bit", "fp8": "Fp8"}[cfg.state]
+    return getattr(optim, f"Adam{'W' if adamw else ''}{name}")(groups, **common)
+
+
+@functools.cache
+def _bf16_state_class(optim):
+    """torchao's Adam/AdamW with every moment held in BF16: rounded to nearest once a step, read back in FP32."""
+
+    class BF16StateAdam(optim.adam._AdamBase):
+        def __init__(self, params, lr, betas, eps, adamw: bool):
+            super().__init__(params, lr, betas, eps, 0.0, False, block_size=1, bf16_stochastic_round=False,
+                             is_adamw=adamw)
+
+        def _new_buffer(self, p, signed):
+            return torch.zeros_like(p, dtype=torch.bfloat16)
+
+    return BF16StateAdam
 
 
 def build_scheduler(cfg, optimizer: torch.optim.Optimizer, total_steps: int):

@@ -97,6 +97,16 @@ CASES = [
     ("numerics-every", ["telemetry.numerics.every=0"], "telemetry.numerics.every must be null or a positive integer"),
     ("fid-samples", ["model=dcgan", "model.fid.samples=-1"], "model.fid.samples must be a positive integer"),
     ("seed-word", ["seed=abc"], "seed must be an integer"),
+    # block formats and optimizer states (precision=mx, optim.state)
+    ("nvfp4-block-32", [*RUN, "precision=mx", "precision.block_format=nvfp4", "precision.block_size=32"],
+     "NVFP4's blocks are 16 values"),
+    ("mx-block-24", [*RUN, "precision=mx", "precision.block_size=24"], "precision.block_size must be null or a power of two"),
+    ("mx-format-unknown", [*RUN, "precision=mx", "precision.block_format=mxfp3"],
+     "precision.block_format must be mxfp8_e4m3, mxfp8_e5m2"),
+    ("state-sgd", [*RUN, "optim=sgd", "optim.state=8bit"], "optim=sgd keeps its momentum in FP32"),
+    ("state-own-weights", [*RUN, "optim=adam", "optim.state=4bit", "precision=bf16_pure"],
+     "precision=bf16_pure updates its own 16-bit weights"),
+    ("state-unknown", [*RUN, "optim=adam", "optim.state=2bit"], "optim.state must be fp32, bf16, 8bit, 4bit or fp8"),
     # wrong types, unknown keys and options: refused while Hydra composes, before the run dir exists
     ("lr-word", ["optim.lr=fast"], "optim.lr must be a number > 0 (got 'fast')"),
     ("batch-float", ["dataset.batch_size=2.5"], "dataset.batch_size must be a positive integer"),

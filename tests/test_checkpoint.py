@@ -21,6 +21,9 @@ def _load(run: Path) -> dict:
 
 
 def _equal(a, b) -> bool:
+    if hasattr(a, "__tensor_flatten__"):  # a quantized optimizer state (optim.state=8bit): its codes and scales
+        names = a.__tensor_flatten__()[0]
+        return type(a) is type(b) and all(_equal(getattr(a, n), getattr(b, n)) for n in names)
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
     if isinstance(a, dict):
@@ -39,11 +42,15 @@ LM = ["debug=tiny_lm", "model=transformer", "model.heads=2", "model.width=32", "
                                   pytest.param("fp16_naive", marks=pytest.mark.slow),
                                   pytest.param("bf16_sr", marks=pytest.mark.slow),  # torchao's AdamW state
                                   pytest.param("bf16_kahan", marks=pytest.mark.slow),  # optimi's, with Kahan buffers
-                                  pytest.param("fp8", marks=pytest.mark.slow)])  # torchao Float8Linear layers
+                                  pytest.param("fp8", marks=pytest.mark.slow),  # torchao Float8Linear layers
+                                  # block formats with stochastic gradients (the RNG resumes) and 8-bit Adam moments
+                                  pytest.param("mx precision.block_format=mxfp4 precision.grad_rounding=stochastic "
+                                               "optim.state=8bit", marks=pytest.mark.slow)])
 def test_resume_after_sigkill_continues_bit_identically(tmp_path, mode):
-    # the master-weight rivals and fp8 on a tiny transformer: Linear layers FP8 can convert, AdamW
-    args = [*LM, "optim.weight_decay=0"] if mode in ("bf16_sr", "bf16_kahan", "fp8") else RUN
-    args = [*args, f"precision={mode}"]
+    # the master-weight rivals, fp8 and mx on a tiny transformer: Linear layers FP8 can convert, AdamW
+    mode, *extra = mode.split()
+    args = [*LM, "optim.weight_decay=0"] if mode in ("bf16_sr", "bf16_kahan", "fp8", "mx") else RUN
+    args = [*args, f"precision={mode}", *extra]
     straight, killed, resumed = tmp_path / "straight", tmp_path / "killed", tmp_path / "resumed"
     assert train_inprocess(*args, f"hydra.run.dir={straight}")["status"] == "completed"
     out = mptrain(*args, f"hydra.run.dir={killed}", cwd=tmp_path, env={"MPTRAIN_FAULT_KILL_AFTER_CHECKPOINT": str(N)})

@@ -25,6 +25,7 @@ BAD = {
     rules.NON_NEGATIVE: ["-1.0"], rules.OPEN_UNIT: ["0", "1.5"], rules.HALF_OPEN_UNIT: ["1.0", "-0.1"],
     rules.ABOVE_ONE: ["1.0"], rules.SEED: ["-1", "4294967296"], schema.trainer.RESUME: ["' '"],
     schema.dataset.FOLDER: ["' '"], schema.model.NAMED: ["' '"],
+    schema.precision.LAYER_NAMES: ["bogus", "\"['']\""],  # [1,2] is fine: nn.Sequential's layers are named 0, 1, ...
 }  # fmt: skip
 BY_TYPE = {int: ["abc", "2.5"], float: ["abc"], bool: ["maybe"], str: []}
 

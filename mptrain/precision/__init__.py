@@ -42,6 +42,7 @@ class Precision:
             torch.backends.cudnn.allow_tf32 = bool(cfg.allow_tf32)
         self.notes: list[str] = []  # warnings the run prints once and records in summary.json
         self.fp8_report: dict | None = None  # precision=fp8: which layers run in FP8 (summary.json `fp8`)
+        self.mx_report: dict | None = None  # precision=mx: which layers run in which block format (summary.json `mx`)
         self._weights: list[torch.Tensor] = []  # the prepared networks' parameters
         low = self.spec.arithmetic_dtype
         policies = {torch.float16: cfg.cpu_fp16, torch.bfloat16: cfg.cpu_bf16}
@@ -93,6 +94,12 @@ class Precision:
             report = fp8.convert(model, self.cfg.fp8_recipe, self.device, prefix=f"{network}." if network else "")
             self.fp8_report = fp8.merge(self.fp8_report, report)
             self.notes.append(fp8.describe(report, network))
+        if self.spec.mx:
+            from mptrain.precision import fp8, mx
+
+            report = mx.convert(model, self.cfg, prefix=f"{network}." if network else "")
+            self.mx_report = fp8.merge(self.mx_report, report)
+            self.notes.append(mx.describe(report, network))
         return model
 
     def autocast(self):

@@ -11,6 +11,7 @@
 | bf16_sr     | bf16              | bf16              | bf16, stochastic  | none          |
 | bf16_kahan  | bf16              | bf16              | bf16 + Kahan comp.| none          |
 | fp8         | fp32              | fp8 Linear + bf16 | fp32              | per-tensor    |
+| mx          | fp32              | MX Linear + bf16  | fp32              | per-block     |
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class ModeSpec:
     master_weights: bool  # fp32 master copy updated by the optimizer
     update: str = "nearest"  # how an update reaches low-precision weights: nearest | stochastic | kahan
     fp8: bool = False  # Linear layers through torchao's Float8Linear (precision/fp8.py)
+    mx: bool = False  # Linear layers' products in a block-scaled format (precision/mx.py)
 
     @property
     def low_precision_params(self) -> bool:
@@ -62,6 +64,8 @@ _SPECS = {
     "bf16_kahan": ModeSpec("bf16_kahan", torch.bfloat16, None, False, update="kahan"),
     # FP8 products in the Linear layers (torchao float8, per-tensor scaling), bf16 autocast around them
     "fp8": ModeSpec("fp8", torch.float32, torch.bfloat16, False, fp8=True),
+    # block-scaled products (MXFP8/6/4, NVFP4) in the Linear layers, bf16 autocast around them
+    "mx": ModeSpec("mx", torch.float32, torch.bfloat16, False, mx=True),
 }
 # the names are the schema's (one list, torch-free); a mode without a spec fails here, at import, by name
 MODES: dict[str, ModeSpec] = {name: _SPECS[name] for name in MODE_NAMES}

@@ -154,9 +154,10 @@ class PrecisionStepper:
         seen, state = set(), 0
         for values in self.optimizer.state.values():
             for v in values.values():
-                if torch.is_tensor(v) and v.data_ptr() not in seen:
-                    seen.add(v.data_ptr())
-                    state += v.numel() * v.element_size()
+                for t in plain_tensors(v):  # a quantized state (optim.state=8bit...): its codes and scales
+                    if t.data_ptr() not in seen:
+                        seen.add(t.data_ptr())
+                        state += t.numel() * t.element_size()
         return {"weights": weights, "grads": weights, "masters": masters, "optimizer_state": state / n,
                 "total": 2 * weights + masters + state / n}
 
@@ -190,3 +191,14 @@ class PrecisionStepper:
         self.scheduler = make_scheduler(self.optimizer)
         for _ in range(self.steps_applied):
             self.scheduler.step()
+
+
+def plain_tensors(value) -> list[torch.Tensor]:
+    """The plain tensors a value holds: itself, or a tensor subclass's inner tensors (torchao's quantized optimizer
+    states), whose own numel and element size describe the logical tensor, not its bytes."""
+    if not torch.is_tensor(value):
+        return []
+    flatten = getattr(value, "__tensor_flatten__", None)
+    if flatten is None:
+        return [value]
+    return [t for name in flatten()[0] for t in plain_tensors(getattr(value, name))]

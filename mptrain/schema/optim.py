@@ -24,6 +24,7 @@ from mptrain.schema.rules import (
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LIBRARIES = ("torch", "optimi")
 SCHEDULES = ("cosine", "step", "none")
+STATES = ("fp32", "bf16", "8bit", "4bit", "fp8")  # the optimizer state's precision (optim.state)
 FRACTIONS = list_of(Rule(lambda v: is_number(v) and 0 < v < 1, "in (0, 1)"), text="a list of fractions in (0, 1)")
 BETAS = list_of(HALF_OPEN_UNIT, length=2, text="two numbers in [0, 1)")
 
@@ -34,6 +35,9 @@ class OptimConfig:
     library: str = knob("torch", "whose implementation steps: torch | optimi (torch-optimi's, without Kahan "
                                  "summation: the control of precision=bf16_kahan, which always runs optimi's)",
                         one_of(*LIBRARIES))
+    state: str = knob("fp32", "the optimizer's moments: fp32 | bf16 | 8bit | 4bit | fp8 (adam/adamw: torchao's "
+                              "block-quantized states for tensors of >= 4096 values, bitsandbytes' rule)",
+                      one_of(*STATES))
     lr: float = knob(MISSING, "the peak learning rate", POSITIVE, example=0.1)
     weight_decay: float = knob(0.0, "L2 penalty (decoupled for adamw)", NON_NEGATIVE, example=5e-4)
     decay_norm_and_bias: bool = knob(False, "weight decay on BatchNorm weights and biases too")
@@ -65,5 +69,19 @@ BY_NAME = {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamConfig}
 
 
 def check(cfg) -> None:
+    from mptrain.errors import UserError
+
     check_fields(cfg.optim, OptimConfig, "optim")
     check_fields(cfg.optim, BY_NAME[cfg.optim.name], "optim")
+    state = cfg.optim.get("state", "fp32")
+    if state == "fp32":
+        return
+    if cfg.optim.name == "sgd":
+        raise UserError(f"optim.state={state} quantizes Adam's moments (torchao's optimizers); optim=sgd keeps its "
+                        "momentum in FP32: use optim=adam or adamw, or drop optim.state")
+    if cfg.optim.get("library", "torch") == "optimi":
+        raise UserError(f"optim.state={state} runs torchao's optimizers; drop optim.library=optimi")
+    mode = cfg.precision.mode
+    if mode in ("fp16_naive", "bf16_pure", "bf16_sr", "bf16_kahan"):
+        raise UserError(f"optim.state={state} applies to FP32 weights or FP32 master weights; precision={mode} "
+                        "updates its own 16-bit weights: use another mode (fp32, mixed, amp, bf16, fp8, mx)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, List
 
 from omegaconf import MISSING
 
@@ -18,23 +18,28 @@ from mptrain.schema.rules import (
     check_fields,
     is_number,
     knob,
+    list_of,
     one_of,
 )
 
 # the one list of mode names (torch-free: the CLI, bench and report read it without importing torch)
-MODES = ("fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16", "bf16_pure", "bf16_sr", "bf16_kahan", "fp8")
+MODES = ("fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16", "bf16_pure", "bf16_sr", "bf16_kahan", "fp8", "mx")
 CPU_FP16 = ("auto", "emulate", "native")  # precision.cpu_fp16 and precision.cpu_bf16
 FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao's float8 recipe names
 ACCUMULATE = ("fp32", "fp16")  # precision.accumulate and precision.reductions
 FP16_ARITHMETIC = ("fp16_naive", "fp16_master", "mixed", "amp")  # the modes with FP16 products
-BF16_ARITHMETIC = ("bf16", "bf16_pure", "bf16_sr", "bf16_kahan", "fp8")  # with BF16 products (fp8: around its FP8 ones)
+BF16_ARITHMETIC = ("bf16", "bf16_pure", "bf16_sr", "bf16_kahan", "fp8", "mx")  # BF16 products (fp8, mx: around theirs)
+BLOCK_FORMATS = ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4", "nvfp4")  # precision/blockfmt.py
+SCALE_ROUNDINGS = ("floor", "ceil", "even", "rceil")  # torchao's ScaleCalculationMode names
+LAYER_NAMES = list_of(Rule(lambda v: isinstance(v, str) and bool(v), "a layer name or pattern"),
+                      text="a list of layer names or fnmatch patterns, e.g. [decoder, 'blocks.0.*']")
 LOSS_SCALE = Rule(lambda v: v == "dynamic" or (is_number(v) and 0 < v < math.inf), "dynamic, null or a finite number > 0")
 
 
 @dataclass
 class PrecisionConfig:
     mode: str = knob(MISSING, "fp32 | fp16_naive | fp16_master | mixed | amp | bf16 | bf16_pure | bf16_sr | "
-                              "bf16_kahan | fp8 (docs/modes.md)",
+                              "bf16_kahan | fp8 | mx (docs/modes.md)",
                      one_of(*MODES), example="mixed")
     loss_scale: Any = knob(None, "null: no scaling; dynamic: NVIDIA's recipe; a number: a static scale (skip on "
                                  "overflow)", LOSS_SCALE, example="dynamic")
@@ -69,6 +74,28 @@ class PrecisionConfig:
                            one_of(*ACCUMULATE), example="fp32")
     fp8_recipe: str = knob("tensorwise", "precision=fp8: torchao's float8 recipe, tensorwise | rowwise | "
                                          "rowwise_with_gw_hp", one_of(*FP8_RECIPES))
+    block_format: str = knob("mxfp8_e4m3", "precision=mx: the forward product's block format, " + " | ".join(BLOCK_FORMATS),
+                             one_of(*BLOCK_FORMATS))
+    block_format_grad_input: Any = knob(None, "precision=mx: the input-gradient product's format (null: block_format)",
+                                        Rule(lambda v: v is None or v in BLOCK_FORMATS, "null or a block format"))
+    block_format_grad_weight: Any = knob(None, "precision=mx: the weight-gradient product's format (null: "
+                                               "block_format)",
+                                         Rule(lambda v: v is None or v in BLOCK_FORMATS, "null or a block format"))
+    block_size: Any = knob(None, "precision=mx: values sharing one scale (null: the format's, MX 32, NVFP4 16)",
+                           Rule(lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 2
+                                                        and v & (v - 1) == 0), "null or a power of two >= 2"))
+    scale_rounding: str = knob("floor", "precision=mx: how an MX block's power-of-two scale is rounded: floor (the OCP "
+                                        "spec's) | ceil | even | rceil (NVIDIA's round-up)", one_of(*SCALE_ROUNDINGS))
+    weight_blocks: str = knob("1d", "precision=mx: 1d (blocks along the contraction) | 2d (square tiles: a weight "
+                                    "and its transpose quantize alike)", one_of("1d", "2d"))
+    grad_rounding: str = knob("nearest", "precision=mx: the gradient operands' element rounding, nearest | "
+                                         "stochastic", one_of("nearest", "stochastic"))
+    hadamard: bool = knob(False, "precision=mx: a random Hadamard transform (16) on the weight-gradient product's "
+                                 "operands along the tokens")
+    mx_keep: List[str] = knob([], "precision=mx: Linear layers kept in bf16, by name or fnmatch pattern (e.g. "
+                                  "[decoder, 'blocks.0.*'])", LAYER_NAMES)
+    mx_only: List[str] = knob([], "precision=mx: if given, only these Linear layers (names or patterns) run in the block "
+                                  "format (a sensitivity sweep's 'one layer alone')", LAYER_NAMES)
 
 
 SCHEMAS = {"precision_schema": PrecisionConfig}
@@ -96,6 +123,10 @@ def check(cfg) -> None:
         if p[key] == "fp16" and p.cpu_fp16 == "native":
             raise UserError(f"precision.{key}=fp16 runs inside the emulated FP16 kernels: drop precision.cpu_fp16="
                             "native (auto or emulate)")
+    if p.mode == "mx" and "nvfp4" in (p.block_format, p.block_format_grad_input, p.block_format_grad_weight) \
+            and p.block_size not in (None, 16):
+        raise UserError(f"precision.block_size={p.block_size}: NVFP4's blocks are 16 values (its E4M3 scales are "
+                        "sized for them); drop precision.block_size, or use an MX format")
     if p.mode == "amp" and p.loss_scale == "dynamic" and p.hysteresis != 1:
         raise UserError("precision=amp uses torch.amp.GradScaler, which has no hysteresis; "
                         "use precision=mixed for precision.hysteresis>1, or set precision.hysteresis=1")

@@ -13,6 +13,8 @@ import contextlib
 
 import torch
 
+from mptrain.precision.stepper import plain_tensors
+
 CUDA_METHOD = "torch.cuda.max_memory_allocated"
 CPU_METHOD = "params+grads+optimizer state+master weights+saved-for-backward tensors (saved_tensors_hooks)"
 
@@ -24,7 +26,7 @@ def _storage_key(t: torch.Tensor):
 def tensor_bytes(tensors, seen: set | None = None) -> int:
     seen = set() if seen is None else seen
     total = 0
-    for t in tensors:
+    for t in (plain for tensor in tensors for plain in plain_tensors(tensor)):  # quantized optimizer states: their parts
         key = _storage_key(t)
         if key not in seen:
             seen.add(key)

@@ -14,6 +14,9 @@ Every `telemetry.numerics.every` steps (off by default: no hook exists otherwise
   overflow FP16 (`kind: forward_first_overflow` in numerics.jsonl).
 * FP8 operands (`telemetry/fp8_stats.py`): per Linear layer, what tensorwise FP8 scaling does to its input,
   weight (E4M3) and output gradient (E5M2): amax, scale, shares that underflow or turn subnormal.
+* Block-scaled operands (`telemetry/mx_stats.py`, precision=mx): per Linear layer, operand and product, the
+  shares flushed inside their block and clamped at the element max, blocks whose scale hit its range, and the
+  quantisation error.
 * Lost updates (the paper's case for master weights): with FP32 weights or masters, the fraction of weight
   elements whose update this step is smaller than half an FP16 ulp of the weight, i.e. would vanish if added
   in FP16. Where weights are updated in their own FP16/bf16 (fp16_naive, bf16_pure, bf16_sr, bf16_kahan;
@@ -36,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mptrain.telemetry import fp8_stats, headroom, lost_updates
+from mptrain.telemetry import fp8_stats, headroom, lost_updates, mx_stats
 
 FP16_TINY = 2.0**-24  # smallest FP16 subnormal: anything smaller flushes to zero
 FP16_MIN_NORMAL = 2.0**-14
@@ -102,13 +105,15 @@ def half_ulp_fp16(weights: torch.Tensor) -> torch.Tensor:
 
 
 class NumericsProbe:
-    def __init__(self, every: int, run_dir: Path, activations: bool = True):
+    def __init__(self, every: int, run_dir: Path, activations: bool = True, observe_mx=None):
         self.every = every
         self.activations = activations
+        self.observe_mx = observe_mx  # an mx.Recipe: report what it would do to high-precision Linear layers
         self.path = Path(run_dir) / "numerics.jsonl"
         self._stats: dict[tuple[str, str], torch.Tensor] = {}
         self._forward: dict[str, torch.Tensor] = {}  # headroom per module, in the order the forward ran them
         self._fp8: dict[str, torch.Tensor] = {}  # per Linear operand: what tensorwise FP8 scaling does to it
+        self._mx: dict[str, torch.Tensor] = {}  # per MX Linear operand and product: what its block format does
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -129,6 +134,14 @@ class NumericsProbe:
                         handles.append(module.register_forward_hook(self._output_hook(f"{net_name}.{name}", scale)))
                     if isinstance(module, nn.Linear):
                         handles.append(module.register_forward_hook(self._fp8_hook(f"{net_name}.{name}", scale)))
+                    if hasattr(module, "mx_recipe"):  # precision=mx: the layer reports its own quantisation
+                        module.mx_sink = self._mx_sink(f"{net_name}.{name}")
+                        handles.append(_Unset(module, "mx_sink"))
+                    elif self.observe_mx is not None and isinstance(module, nn.Linear):
+                        from mptrain.precision import mx
+
+                        if mx.fits(module, self.observe_mx):
+                            handles += mx.observe(module, self.observe_mx, self._mx_sink(f"{net_name}.{name}"))
             before[net_name] = [p.detach().clone() for p in stepper.params]
             if _own_precision_weights(net, stepper):  # the update each weight was meant to get, in FP32
                 def keep_intended(optimizer, params=stepper.params, key=net_name):
@@ -189,6 +202,13 @@ class NumericsProbe:
 
         return hook
 
+    def _mx_sink(self, layer: str):
+        def sink(key: str, fmt: str, stats: torch.Tensor) -> None:
+            name, stats = f"{layer}.{key}", mx_stats.operand_stats(stats, fmt)
+            self._mx[name] = mx_stats.merge(self._mx[name], stats) if name in self._mx else stats
+
+        return sink
+
     def _record_fp8(self, key: str, tensor: torch.Tensor, fmt: str) -> None:
         stats = fp8_stats.operand_stats(tensor, fmt)
         self._fp8[key] = fp8_stats.merge(self._fp8[key], stats) if key in self._fp8 else stats
@@ -209,7 +229,8 @@ class NumericsProbe:
         stats, self._stats = self._stats, {}
         stats.update({("forward", name): v for name, v in self._forward.items()})
         stats.update({("fp8", name): v for name, v in self._fp8.items()})
-        self._forward, self._fp8 = {}, {}
+        stats.update({("mx", name): v for name, v in self._mx.items()})
+        self._forward, self._fp8, self._mx = {}, {}, {}
         if not stats:
             return {}
         values = torch.stack([torch.nn.functional.pad(v, (0, len(SUMS) + len(EXPONENTS) - len(v))) for v in stats.values()])
@@ -230,7 +251,7 @@ class NumericsProbe:
                 out.write(json.dumps(record) + "\n")  # every layer's figures, for the report and mptrain-numerics
                 for tag, value in _fraction_tags(record).items():
                     by_layer.setdefault(tag.rpartition("/")[0], []).append(value)
-                if kind == "fp8":
+                if kind in ("fp8", "mx"):
                     continue  # per operand only: no "all" total
                 if kind == "forward":
                     forward.append(record)
@@ -257,6 +278,8 @@ class NumericsProbe:
             return headroom.to_record(layer, step, v)
         if kind == "fp8":
             return fp8_stats.to_record(layer, step, v)
+        if kind == "mx":
+            return mx_stats.to_record(layer, step, v)
         if kind == "lost_update":
             return {"step": step, "kind": kind, "layer": layer, "count": v[0], "lost_update_frac": v[1] / n,
                     **lost_updates.to_fields(v)}  # fmt: skip
@@ -265,6 +288,16 @@ class NumericsProbe:
         record.update({f"{k}_frac": sums[k] / n for k in SUMS[1:]})
         record["log2_hist"] = v[len(SUMS):]
         return record
+
+
+class _Unset:
+    """A handle that, removed, sets a module's attribute back to None (like a hook's)."""
+
+    def __init__(self, module: nn.Module, attribute: str):
+        self.module, self.attribute = module, attribute
+
+    def remove(self) -> None:
+        setattr(self.module, self.attribute, None)
 
 
 def _own_precision_weights(net: nn.Module, stepper) -> bool:
@@ -302,6 +335,8 @@ def _fraction_tags(record: dict) -> dict[str, float]:
     where = record["layer"] if record["kind"] == "lost_update" else f"{record['kind']}/{record['layer']}"
     shown = (lambda k: "_fp16_" in k) if record["kind"] == "forward" else (lambda k: True)  # bf16/E4M3: jsonl only
     tags = {f"numerics/{k}/{where}": v for k, v in record.items() if k.endswith("_frac") and shown(k)}
+    if record["kind"] == "mx":
+        tags[f"numerics/rel_error/mx/{record['layer']}"] = record["rel_error"]
     if record["kind"] == "forward" and math.isfinite(record["headroom_bits_fp16"]):
         tags[f"numerics/headroom_bits_fp16/{record['layer']}"] = record["headroom_bits_fp16"]
     return tags

@@ -34,6 +34,7 @@ def collect(trainer) -> dict:
         "fp16_kernels": trainer.precision.fp16_kernels,
         "bf16_kernels": trainer.precision.bf16_kernels,
         "fp8": trainer.precision.fp8_report,
+        "mx": trainer.precision.mx_report,
         "cpu_fp16": trainer.precision.cpu_fp16,
         "cpu_bf16": trainer.precision.cpu_bf16,
         "arithmetic": trainer.precision.arithmetic,
