@@ -306,3 +306,20 @@ def test_exported_runs_regenerate_the_tables(sweep, tmp_path):
     for metric in ("primary", "train_loss"):
         a = (tmp_path / "a" / metric / "comparison.csv").read_text()
         assert a == (tmp_path / "b" / metric / "comparison.csv").read_text()
+
+
+def test_the_plan_names_the_control_and_optim_state_makes_an_arm():
+    """A block-format study is judged against bf16 (its plan's control), and optim.state=8bit is an arm of its
+    section, not an experiment of its own."""
+    import pandas as pd
+
+    from mptrain.report.runs import arm_label, setting_label
+    from mptrain.report.tables import _control_arm
+
+    summary = {"precision": "bf16", "overrides": ["optim.state=8bit", "model=transformer", "seed=1"]}
+    assert arm_label(summary) == "bf16 state=8bit" and "optim.state" not in setting_label(summary)
+    arms = {"bf16 state=fp32": pd.DataFrame({"preset": ["bf16"]}), "mx": pd.DataFrame({"preset": ["mx"]}),
+            "fp32": pd.DataFrame({"preset": ["fp32"]})}
+    assert _control_arm({"control": "bf16 state=fp32"}, arms) == "bf16 state=fp32"
+    assert _control_arm({"control": "mx"}, arms) == "mx"  # by preset
+    assert _control_arm(None, arms) == "fp32" and _control_arm({"control": "fp32"}, arms) == "fp32"

@@ -64,8 +64,10 @@ def _control_arm(plan: dict | None, arms: dict[str, pd.DataFrame]) -> str:
     """The arm every other is paired against: the plan's `control` (a preset or an arm's label, e.g. bf16 for a
     block-format study), else fp32."""
     wanted = (plan or {}).get("control") or CONTROL
+    if wanted in arms:
+        return wanted
     for label, runs in arms.items():
-        if label == wanted or ("preset" in runs and (runs["preset"] == wanted).any()):
+        if "preset" in runs and (runs["preset"] == wanted).any():
             return label
     return CONTROL
 
