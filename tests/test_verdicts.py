@@ -132,3 +132,16 @@ def test_the_report_opens_with_a_forest_plot_and_reads_accuracy_in_points(tmp_pa
     assert md.index("(verdicts-forest.png)") < md.index("| experiment | metric | arm |")
     assert "(±0.5 pts)" in md and "±0.005" not in md
     assert "needs ≈" in md  # the inconclusive arm says how many seeds it would take
+
+
+def test_a_plan_may_name_every_tasks_primary_metric():
+    """A registered plan names its metric before the runs: every task's primary metric must be one it may name
+    (the detection task's map_50 was once missing, and its plan refused every run)."""
+    from mptrain.schema.plan import METRICS
+    from mptrain.tasks.classification import ClassificationTask
+    from mptrain.tasks.detection import DetectionTask
+    from mptrain.tasks.gan import GanTask
+    from mptrain.tasks.language_model import LanguageModelTask
+
+    for task in (ClassificationTask, DetectionTask, GanTask, LanguageModelTask):
+        assert task.primary_metric in METRICS, task.__name__

@@ -15,7 +15,7 @@ from mptrain.errors import UserError
 from mptrain.schema.rules import POSITIVE, POSITIVE_INT, Rule, check_fields, knob
 
 TEXT = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty text")
-METRICS = ("accuracy", "perplexity", "bpc", "fid", "loss", "map50")  # held-out primary metrics a plan may name
+METRICS = ("accuracy", "perplexity", "bpc", "fid", "loss", "map_50")  # held-out primary metrics a plan may name
 
 
 @dataclass
