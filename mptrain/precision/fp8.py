@@ -74,11 +74,17 @@ def describe(report: dict, network: str | None = None) -> str:
     where = "torchao's emulation (FP8 numerics, not FP8 speed)" if report["emulated"] else "FP8 tensor cores"
     note = (f"precision=fp8 ({report['recipe']}){f' {network}' if network else ''}: {len(report['layers'])} "
             f"Linear layer(s) in FP8 on {where}, {len(report['kept'])} kept in bf16")
+    return note + conversion_tail(report, "FP8", " (torchao converts Linear layers only)")
+
+
+def conversion_tail(report: dict, fmt: str, why: str = "") -> str:
+    """The end of a conversion's note (fp8, mx): a kept layer and why, the other kinds of layer, none converted."""
+    note = ""
     if report["kept"]:
         first = next(iter(report["kept"].items()))
         note += f" (e.g. {first[0]}: {first[1]})"
     if report["not_linear"]:
-        note += f"; {', '.join(report['not_linear'])} layers stay bf16 (torchao converts Linear layers only)"
+        note += f"; {', '.join(report['not_linear'])} layers stay bf16{why}"
     if not report["layers"]:
-        note += "; no layer runs in FP8: this is a bf16 run"
+        note += f"; no layer runs in {fmt}: this is a bf16 run"
     return note

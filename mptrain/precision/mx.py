@@ -26,6 +26,7 @@ from torch import nn
 
 from mptrain.precision import blockfmt
 from mptrain.precision.blockfmt import FORMATS, BlockFormat
+from mptrain.precision.fp8 import conversion_tail
 
 HADAMARD_SIZE = 16
 GEMMS = ("forward", "grad_input", "grad_weight")
@@ -200,11 +201,4 @@ def describe(report: dict, network: str | None = None) -> str:
             f"{', Hadamard' if r['hadamard'] else ''}){f' {network}' if network else ''}: "
             f"{len(report['layers'])} Linear layer(s) quantize-dequantize their operands and multiply in FP32 (MX "
             f"numerics, not MX speed), {len(report['kept'])} kept in bf16")
-    if report["kept"]:
-        first = next(iter(report["kept"].items()))
-        note += f" (e.g. {first[0]}: {first[1]})"
-    if report["not_linear"]:
-        note += f"; {', '.join(report['not_linear'])} layers stay bf16"
-    if not report["layers"]:
-        note += "; no layer runs in a block format: this is a bf16 run"
-    return note
+    return note + conversion_tail(report, "a block format")
