@@ -238,3 +238,23 @@ def test_bf16_moments_are_the_fp32_moments_rounded():
         for moment in ("exp_avg", "exp_avg_sq"):
             assert b[moment].dtype == torch.bfloat16
             assert torch.allclose(b[moment].float(), a[moment].to(torch.bfloat16).float(), rtol=2**-8, atol=0)
+
+
+def test_the_report_draws_each_formats_operand_statistics(tmp_path):
+    import pandas as pd
+
+    from mptrain.report import plots
+
+    rows = []
+    for arm, error in (("mx block_format=mxfp4", 0.12), ("mx", 0.03)):
+        run = tmp_path / arm.replace(" ", "_")
+        run.mkdir()
+        records = [{"step": 4, "kind": "mx", "layer": f"model.blocks.0.mlp.0.{operand}", "format": "mxfp4",
+                    "rel_error": error, "flushed_frac": error / 2}
+                   for operand in ("input.forward", "weight.forward", "grad_output.grad_weight")]
+        (run / "numerics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        rows.append({"run_dir": str(run), "precision": "mx", "arm": arm, "seed": 0})
+    rows.append({"run_dir": str(tmp_path / "none"), "precision": "bf16", "arm": "bf16", "seed": 0})
+    path = plots.mx_operands(pd.DataFrame(rows), tmp_path / "mx.png")
+    assert path is not None and path.stat().st_size > 0
+    assert plots.mx_operands(pd.DataFrame(rows[-1:]), tmp_path / "none.png") is None

@@ -46,11 +46,14 @@ def parse_args(argv):
                         help="what the verdicts compare: each run's primary metric on held-out data (default), or "
                              "train_loss: its training loss over the last 10 %% of its steps (how well each arm "
                              "optimises, apart from how it generalises; the paper's loss-scaling figures)")
+    parser.add_argument("--control", metavar="ARM",
+                        help="the arm every other is paired with: a mode or an arm's label, e.g. bf16 (default: a "
+                             "registered plan's control, else fp32)")
     return parser.parse_args(argv)
 
 
 def build(dirs: list[Path], out: Path, fmt: str, margin_specs: list[str] | None = None,
-          metric: str = "primary") -> list[Path]:
+          metric: str = "primary", control: str | None = None) -> list[Path]:
     from mptrain.report.paired_verdict import parse_margins
     from mptrain.report.render import write_html, write_machine, write_markdown
     from mptrain.report.runs import load_runs
@@ -61,10 +64,10 @@ def build(dirs: list[Path], out: Path, fmt: str, margin_specs: list[str] | None 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         if fmt == "md":
-            markdown = write_markdown(runs, dirs, staging, margins)
+            markdown = write_markdown(runs, dirs, staging, margins, control)
             written = [markdown, write_html(markdown)]
         else:
-            written = write_machine(runs, staging, fmt, margins)
+            written = write_machine(runs, staging, fmt, margins, control)
         if out.exists():
             old = out.with_name(f".{out.name}-old")
             shutil.rmtree(old, ignore_errors=True)
@@ -88,7 +91,7 @@ def main(argv=None) -> None:
             print(f"{len(written)} run records in {args.export_runs}")
             return
         out = args.out or args.dirs[0] / "report"
-        for path in build(args.dirs, out, args.format, args.margin, args.metric):
+        for path in build(args.dirs, out, args.format, args.margin, args.metric, args.control):
             print(path)
     except UserError as e:
         print(f"mptrain-report: error: {e}", file=sys.stderr)

@@ -226,6 +226,31 @@ def fp8_operands(group: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def mx_operands(group: pd.DataFrame, path: Path) -> Path | None:
+    """What each block format does to the operands of each product, per arm (precision=mx runs with numerics):
+    the quantisation error and the share of non-zero values flushed inside their block, averaged over the
+    layers and measured steps of the arm's first seed."""
+    arms = {}
+    for _, run in group[group["precision"] == "mx"].sort_values("seed").iterrows():
+        records = [r for r in load_numerics(run["run_dir"]) if r["kind"] == "mx"]
+        if records and run["arm"] not in arms:
+            arms[run["arm"]] = records
+    if not arms:
+        return None
+    operands = sorted({".".join(r["layer"].split(".")[-2:]) for rs in arms.values() for r in rs})  # input.forward, ...
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2 + 0.3 * len(arms)), sharey=True)
+    width = 0.8 / len(operands)
+    for ax, (field, title) in zip(axes, (("rel_error", "quantisation error ||q(x) - x|| / ||x||"),
+                                         ("flushed_frac", "non-zero values flushed in their block"))):
+        for i, operand in enumerate(operands):
+            means = [np.mean([r[field] for r in rs if r["layer"].endswith("." + operand)] or [np.nan])
+                     for rs in arms.values()]
+            ax.barh(np.arange(len(arms)) + i * width, means, height=width, color=f"C{i}", label=operand)
+        ax.set(title=title, yticks=np.arange(len(arms)) + 0.4 - width / 2, yticklabels=list(arms))
+    axes[0].legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
 def _scale_to_show(group: pd.DataFrame) -> tuple[str, float] | None:
     for _, run in group.sort_values("mode_rank").iterrows():
         scale = run["final_loss_scale"]

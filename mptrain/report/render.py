@@ -17,8 +17,9 @@ from mptrain.report.runs import forward_amax
 from mptrain.report.tables import comparison, delta_with_ci, headroom_markdown, plan_markdown, to_markdown, verdict_cell
 
 
-def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: dict | None = None) -> Path:
-    tables = comparison(runs, margins)
+def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: dict | None = None,
+                   control: str | None = None) -> Path:
+    tables = comparison(runs, margins, control)
     lines = [
         "# mptrain report",
         "",
@@ -67,7 +68,7 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
         if table.attrs.get("plan"):
             lines += [plan_markdown(table.attrs["plan"], metric), ""]
         if table.attrs.get("control", "fp32") != "fp32":
-            lines += [f"Control: **{table.attrs['control']}** (the plan's): every Δ, ratio and verdict below, the "
+            lines += [f"Control: **{table.attrs['control']}**: every Δ, ratio and verdict below, the "
                       "columns' \"vs fp32\" included, is against it.", ""]
         lines += [_environment(group), "", to_markdown(table), ""]
         amax = forward_amax(group)  # read once: the chart and the table
@@ -85,6 +86,8 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
              "per-layer forward amax against FP16's 65504 (forward overflow headroom)"),
             (plots.fp8_operands(group, out / f"{stem}-fp8-operands.png"),
              "Linear operands once tensorwise-scaled, against the FP8 formats' limits (Fig. 3 for FP8)"),
+            (plots.mx_operands(group, out / f"{stem}-mx-operands.png"),
+             "what each block format does to each product's operands: quantisation error and values flushed"),
         ]  # fmt: skip
         lines += [f"![{caption}]({path.name})" for path, caption in figures if path is not None]
         headroom = headroom_markdown(amax)
@@ -128,9 +131,10 @@ def write_html(markdown_path: Path) -> Path:
     return path
 
 
-def write_machine(runs: pd.DataFrame, out: Path, fmt: str, margins: dict | None = None) -> list[Path]:
+def write_machine(runs: pd.DataFrame, out: Path, fmt: str, margins: dict | None = None,
+                  control: str | None = None) -> list[Path]:
     frames = []
-    for (model, dataset, setting), table in comparison(runs, margins).items():
+    for (model, dataset, setting), table in comparison(runs, margins, control).items():
         plan = table.attrs.get("plan")
         frames.append(table.assign(model=model, dataset=dataset, setting=setting, metric=table.attrs["metric"],
                                    plan=json.dumps(plan) if plan else None))
