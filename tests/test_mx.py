@@ -258,3 +258,21 @@ def test_the_report_draws_each_formats_operand_statistics(tmp_path):
     path = plots.mx_operands(pd.DataFrame(rows), tmp_path / "mx.png")
     assert path is not None and path.stat().st_size > 0
     assert plots.mx_operands(pd.DataFrame(rows[-1:]), tmp_path / "none.png") is None
+
+
+def test_the_instrument_measures_what_storing_moments_in_8_bits_rounds_away(compose_cfg, tmp_path):
+    """optim.state=8bit: per weight, the stored moments against an FP32 twin's from the same state; tensors under
+    4096 values keep FP32 moments and differ by nothing."""
+    from mptrain.bench.measure import RecordingLogger
+    from mptrain.build import build_trainer
+    from mptrain.telemetry.numerics import NumericsProbe
+
+    cfg = compose_cfg(*LM, "precision=bf16", "optim.state=8bit", "optim.weight_decay=0")
+    probe = NumericsProbe(every=2, run_dir=tmp_path)
+    trainer = build_trainer(cfg, torch.device("cpu"), tmp_path, RecordingLogger(), probe, [])
+    trainer.fit(evaluate=False)
+    records = [json.loads(line) for line in (tmp_path / "numerics.jsonl").read_text().splitlines()]
+    errors = {r["layer"]: r["moment_error"] for r in records if r["kind"] == "optimizer_state" and r["step"] == 8}
+    big = [n for n, p in trainer.task.networks()["model"].named_parameters() if p.numel() >= 4096]
+    assert big and all(0 < errors[f"model.{n}"] < 0.2 for n in big)
+    assert any(e == 0 for layer, e in errors.items() if layer.removeprefix("model.") not in big)

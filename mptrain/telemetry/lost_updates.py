@@ -58,9 +58,42 @@ def _twin(optimizer: torch.optim.Optimizer, shadow_of: dict[int, torch.Tensor]) 
 
 
 def _upcast(value):
+    if hasattr(value, "dequantize") and hasattr(value, "__tensor_flatten__"):  # torchao's 8-bit/4-bit/FP8 state
+        return value.dequantize().float()
     if torch.is_tensor(value):
         return value.float() if value.dtype in LOW else value.clone()
     return copy.deepcopy(value)
+
+
+def low_precision_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer holds a moment below FP32 (optim.state=bf16/8bit/4bit/fp8) for FP32 weights."""
+    return any(torch.is_tensor(v) and v.numel() > 1 and (hasattr(v, "__tensor_flatten__") or v.dtype in LOW)
+               for state in optimizer.state.values() for v in state.values())
+
+
+def fp32_moments(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The moments `optimizer` would hold after stepping now from its state dequantized to FP32 and kept in FP32
+    (an FP32 twin's; the real optimizer is left as it is). torchao's step updates with the moments it has just
+    computed in FP32 and rounds only what it stores: the rounding reaches the next step's update, through these."""
+    shadows = []
+    for p in params:
+        shadow = p.detach().float().clone()
+        shadow.grad = None if p.grad is None else p.grad.detach().to(torch.float32, copy=True)
+        shadows.append(shadow)
+    twin = _twin(optimizer, {id(p): s for p, s in zip(params, shadows)})
+    twin.step()
+    return [{k: v for k, v in twin.state[s].items() if torch.is_tensor(v) and v.numel() > 1} for s in shadows]
+
+
+def moment_stats(stored: dict, exact: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[values, sum of (stored - exact)^2, sum of exact^2] over a weight's moments: what storing them in low
+    precision rounded away this step."""
+    pairs = [(_upcast(stored[k]), v) for k, v in exact.items() if k in stored]
+    count = sum(v.numel() for _, v in pairs)
+    device = next(iter(exact.values())).device if exact else None
+    return torch.stack([torch.tensor(float(count), device=device),
+                        sum(((s - v).square().sum() for s, v in pairs), torch.zeros((), device=device)),
+                        sum((v.square().sum() for _, v in pairs), torch.zeros((), device=device))])
 
 
 def effective_weights(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -17,6 +17,9 @@ Every `telemetry.numerics.every` steps (off by default: no hook exists otherwise
 * Block-scaled operands (`telemetry/mx_stats.py`, precision=mx): per Linear layer, operand and product, the
   shares flushed inside their block and clamped at the element max, blocks whose scale hit its range, and the
   quantisation error.
+* Optimizer-state precision (`optim.state`): per weight, the moments as stored (8-bit, 4-bit, FP8, BF16, read
+  back) against those an FP32 twin computes from the same state this step: ||m - m_fp32|| / ||m_fp32||, what
+  storing them rounded away (torchao updates with the FP32 moments of the step; the rounding reaches the next).
 * Lost updates (the paper's case for master weights): with FP32 weights or masters, the fraction of weight
   elements whose update this step is smaller than half an FP16 ulp of the weight, i.e. would vanish if added
   in FP16. Where weights are updated in their own FP16/bf16 (fp16_naive, bf16_pure, bf16_sr, bf16_kahan;
@@ -149,6 +152,11 @@ class NumericsProbe:
                                      lost_updates.effective_weights(optimizer, params))
                 stepper.pre_update_hooks.append(keep_intended)
                 update_hooks.append((stepper, keep_intended))
+            elif lost_updates.low_precision_state(stepper.optimizer):  # optim.state: the moments FP32 would hold
+                def keep_intended(optimizer, params=stepper.params, key=net_name):
+                    intended[key] = lost_updates.fp32_moments(optimizer, params)
+                stepper.pre_update_hooks.append(keep_intended)
+                update_hooks.append((stepper, keep_intended))
         try:
             yield
         finally:
@@ -168,6 +176,10 @@ class NumericsProbe:
                 continue
             for name, old, new in zip(names, before[net_name], stepper.params):
                 self._stats[("lost_update", name)] = self._lost(old, new)
+            for name, p, exact in zip(names, stepper.params, intended.get(net_name, ())):
+                if exact:
+                    stored = stepper.optimizer.state[p]
+                    self._stats[("optimizer_state", name)] = lost_updates.moment_stats(stored, exact)
 
     def _recorder(self, kind: str, name: str, scale):
         def record(grad):
@@ -265,6 +277,8 @@ class NumericsProbe:
             scalars.update(_fraction_tags(record))
             if kind == "forward":
                 scalars["numerics/forward_amax/all"] = record["amax"]
+            elif kind == "optimizer_state":
+                scalars["numerics/moment_error/all"] = record["moment_error"]
             elif kind != "lost_update":
                 histograms[f"numerics/grad_log2/{kind}/all"] = record["log2_hist"]
         tb.scalars(scalars, step)
@@ -283,6 +297,9 @@ class NumericsProbe:
         if kind == "lost_update":
             return {"step": step, "kind": kind, "layer": layer, "count": v[0], "lost_update_frac": v[1] / n,
                     **lost_updates.to_fields(v)}  # fmt: skip
+        if kind == "optimizer_state":
+            return {"step": step, "kind": kind, "layer": layer, "count": v[0],
+                    "moment_error": math.sqrt(v[1] / v[2]) if v[2] > 0 else 0.0}
         sums = dict(zip(SUMS, v[: len(SUMS)]))
         record = {"step": step, "kind": kind, "layer": layer, "count": v[0]}
         record.update({f"{k}_frac": sums[k] / n for k in SUMS[1:]})
