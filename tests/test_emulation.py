@@ -322,3 +322,54 @@ def test_runs_with_the_weight_cache_are_bit_identical_to_runs_without(compose_cf
     assert ends[0].keys() == ends[1].keys()
     for key, value in ends[0].items():
         assert torch.equal(value, ends[1][key]), key
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_bf16_attention_in_fp32_is_the_emulated_bf16_attention_bit_for_bit(is_causal):
+    """cpu_bf16=auto on a CPU with BF16 units: torch's BF16 kernels, but the attention as the emulated BF16 kernels
+    compute it (FP32 flash attention on the BF16 values, outputs rounded): output and input gradients equal."""
+    from mptrain.precision.attention import FP32Attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    grad = torch.randn(2, 4, 16, 8).to(torch.bfloat16)
+    results = []
+    for context in (FP32Attention(), EmulatedKernels(torch.bfloat16)):
+        for t in (q, k, v):
+            t.grad = None
+        with context:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+            out.backward(grad)
+        results.append([out.detach(), q.grad, k.grad, v.grad])
+    assert all(a.dtype == torch.bfloat16 and torch.equal(a, b) for a, b in zip(*results))
+    native = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    assert (native.float() - results[0][0].float()).abs().max() < 0.05  # torch's BF16 kernel: within its rounding
+
+
+def test_only_plain_bf16_attention_is_routed(monkeypatch):
+    from mptrain.precision import attention
+
+    calls = []
+    monkeypatch.setattr(attention._Attention, "apply", lambda *a: calls.append(a) or a[0])
+    q = torch.randn(1, 2, 4, 8)
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    with attention.FP32Attention():
+        F.scaled_dot_product_attention(q, q, q)  # FP32: torch's own
+        F.scaled_dot_product_attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), mask)  # a mask: torch's own
+        F.scaled_dot_product_attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), None, 0.0, True)  # routed
+    assert len(calls) == 1 and calls[0][3] is True
+
+
+def test_cpu_bf16_auto_routes_the_attention_only_where_bf16_runs_natively(compose_cfg, monkeypatch):
+    from mptrain.precision import Precision
+    from mptrain.precision.attention import FP32Attention
+
+    def make(*overrides):
+        return Precision(compose_cfg("trainer.device=cpu", *overrides).precision, torch.device("cpu"))
+
+    monkeypatch.setattr(emulation, "cpu_has_bf16_units", lambda: True)
+    assert isinstance(make("precision=bf16").kernels(), FP32Attention)
+    assert not isinstance(make("precision=bf16", "precision.cpu_bf16=native").kernels(), FP32Attention)
+    assert not isinstance(make("precision=fp32").kernels(), FP32Attention)
+    monkeypatch.setattr(emulation, "cpu_has_bf16_units", lambda: False)
+    assert isinstance(make("precision=bf16").kernels(), EmulatedKernels)

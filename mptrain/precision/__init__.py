@@ -19,6 +19,7 @@ from torch import nn
 
 from mptrain.errors import UserError
 from mptrain.precision import emulation
+from mptrain.precision.attention import FP32Attention
 from mptrain.precision.casting import cast_model
 from mptrain.precision.emulation import EmulatedKernels, emulates
 from mptrain.precision.modes import MODES, ModeSpec
@@ -54,6 +55,9 @@ class Precision:
         #: which kernels the FP16 (BF16) arithmetic runs on (summary.json `fp16_kernels`, `bf16_kernels`)
         self.fp16_kernels = kernels if low == torch.float16 else None
         self.bf16_kernels = kernels if low == torch.bfloat16 else None
+        #: cpu_bf16=auto on a CPU with BF16 units: torch's BF16 kernels, the attention in FP32 from BF16 values
+        self.fp32_attention = (device.type == "cpu" and low == torch.bfloat16 and not self.emulate
+                               and cfg.cpu_bf16 == "auto")
         #: the CPU's policies as resolved, for every mode alike: the report's setting, shared by a sweep's fp32 control
         self.cpu_fp16, self.cpu_bf16 = (None if device.type != "cpu" else ("emulate" if resolved[dtype] else "native")
                                         for dtype in (torch.float16, torch.bfloat16))
@@ -108,7 +112,10 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.spec.autocast_dtype)
 
     def kernels(self):
-        """Where forward and backward run: emulated tensor-core kernels under cpu_fp16 (cpu_bf16)=emulate."""
+        """Where forward and backward run: emulated tensor-core kernels under cpu_fp16 (cpu_bf16)=emulate; torch's
+        BF16 kernels with the attention in FP32 from BF16 values under cpu_bf16=auto (precision/attention.py)."""
+        if self.fp32_attention:
+            return FP32Attention()
         if not self.emulate:
             return contextlib.nullcontext()
         block = self.cfg.accumulate_block if self.cfg.accumulate == "fp16" else None

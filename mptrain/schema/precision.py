@@ -60,9 +60,10 @@ class PrecisionConfig:
     cpu_fp16: str = knob("auto", "CPU fp16 modes: auto (emulate unless the CPU has FP16 units) | emulate (the same "
                                  "FP16 values at FP32 speed) | native (torch's FP16 kernels: 10-40x slower)",
                          one_of(*CPU_FP16))
-    cpu_bf16: str = knob("auto", "CPU bf16 modes (bf16*, fp8's bf16 parts): auto (emulate unless the CPU has BF16 units: "
-                                 "AVX512-BF16, AMX) | emulate (the same BF16 values at FP32 speed) | native (torch's "
-                                 "BF16 kernels)", one_of(*CPU_FP16))
+    cpu_bf16: str = knob("auto", "CPU bf16 modes (bf16*, fp8's and mx's bf16 parts): auto (emulate unless the CPU has BF16 "
+                                 "units: AVX512-BF16, AMX; with them torch's BF16 kernels, the attention in FP32 from "
+                                 "BF16 values) | emulate (the same BF16 values at FP32 speed) | native (torch's BF16 "
+                                 "kernels throughout)", one_of(*CPU_FP16))
     accumulate: str = knob("fp32", "FP16 products' partial sums: fp32 (the paper's sec. 3.3, a tensor core's) | fp16 "
                                    "(rounded to FP16 as they accumulate; emulated CPU kernels only)",
                            one_of(*ACCUMULATE), example="fp32")
