@@ -247,7 +247,7 @@ def mx_operands(group: pd.DataFrame, path: Path) -> Path | None:
                      for rs in arms.values()]
             ax.barh(np.arange(len(arms)) + i * width, means, height=width, color=f"C{i}", label=operand)
         ax.set(title=title, yticks=np.arange(len(arms)) + 0.4 - width / 2, yticklabels=list(arms))
-    axes[0].legend(fontsize=7, loc="lower right")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))  # outside: 4-bit bars fill the panels
     return _save(fig, path)
 
 
