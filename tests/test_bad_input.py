@@ -103,6 +103,8 @@ CASES = [
     ("mx-block-24", [*RUN, "precision=mx", "precision.block_size=24"], "precision.block_size must be null or a power of two"),
     ("mx-format-unknown", [*RUN, "precision=mx", "precision.block_format=mxfp3"],
      "precision.block_format must be mxfp8_e4m3, mxfp8_e5m2"),
+    ("mx-knob-without-mx", [*RUN, "precision=bf16", "precision.block_format=mxfp4"],
+     "precision.block_format applies to precision=mx"),
     ("state-sgd", [*RUN, "optim=sgd", "optim.state=8bit"], "optim=sgd keeps its momentum in FP32"),
     ("state-own-weights", [*RUN, "optim=adam", "optim.state=4bit", "precision=bf16_pure"],
      "precision=bf16_pure updates its own 16-bit weights"),

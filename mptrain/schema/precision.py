@@ -100,6 +100,14 @@ class PrecisionConfig:
 
 
 SCHEMAS = {"precision_schema": PrecisionConfig}
+MX_KNOBS = ("block_format", "block_format_grad_input", "block_format_grad_weight", "block_size", "scale_rounding",
+            "weight_blocks", "grad_rounding", "hadamard", "mx_keep", "mx_only")
+
+
+def _plain(value):
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def check(cfg) -> None:
@@ -124,6 +132,12 @@ def check(cfg) -> None:
         if p[key] == "fp16" and p.cpu_fp16 == "native":
             raise UserError(f"precision.{key}=fp16 runs inside the emulated FP16 kernels: drop precision.cpu_fp16="
                             "native (auto or emulate)")
+    if p.mode != "mx":
+        defaults = PrecisionConfig(mode=p.mode)
+        changed = [k for k in MX_KNOBS if k in p and _plain(p[k]) != getattr(defaults, k)]
+        if changed:
+            raise UserError(f"precision.{changed[0]} applies to precision=mx (block formats), not precision={p.mode}: "
+                            f"add precision=mx, or drop precision.{changed[0]}")
     if p.mode == "mx" and "nvfp4" in (p.block_format, p.block_format_grad_input, p.block_format_grad_weight) \
             and p.block_size not in (None, 16):
         raise UserError(f"precision.block_size={p.block_size}: NVFP4's blocks are 16 values (its E4M3 scales are "
