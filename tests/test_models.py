@@ -99,7 +99,7 @@ def test_model_yamls_name_registered_models_and_tasks(compose_cfg):
     for path in files:
         cfg = compose_cfg(f"model={path.stem}").model
         assert schema_key(cfg) == path.stem and schema_key(cfg) in MODELS  # a registry family: its registry
-        assert cfg.family in ("cnn", "rnn", "gan", "mlp", "transformer", "custom") and cfg.task in TASKS
+        assert cfg.family in ("cnn", "rnn", "gan", "mlp", "transformer", "detector", "custom") and cfg.task in TASKS
 
 
 def test_mlp_is_plain_and_its_gradients_shrink_with_depth():

@@ -28,7 +28,7 @@ def comparison(runs: pd.DataFrame, margins: dict[str, float] | None = None,
                control: str | None = None) -> dict[tuple[str, str, str], pd.DataFrame]:
     """Per section, one row per arm; `margins` as `verdict.parse_margins` gives them (None: the defaults); `control`:
     the arm (label or preset) every other is paired with (None: the plan's, else fp32)."""
-    tables = {}
+    tables, chosen = {}, control  # `control` is reused below for the control's row
     for key, group in runs.groupby(SECTION, sort=True):
         metric = group["metric_name"].dropna().iloc[0] if group["metric_name"].notna().any() else "?"
         higher = bool(group["higher_is_better"].iloc[0])
@@ -36,7 +36,7 @@ def comparison(runs: pd.DataFrame, margins: dict[str, float] | None = None,
         # the plan's margin judges the plan's metric; any other metric, margin or arm is exploratory
         planned = plan is not None and plan.get("metric") == metric and not margins
         arms = dict(list(group.groupby("arm", sort=False)))
-        control_arm = _control_arm({"control": control} if control else plan, arms)
+        control_arm = _control_arm({"control": chosen} if chosen else plan, arms)
         table = pd.DataFrame([_arm_row(arm, g, control_arm) for arm, g in arms.items()], columns=COLUMNS)
         control = table[table["control"]]
         if len(control):

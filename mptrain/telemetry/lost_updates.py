@@ -65,9 +65,9 @@ def _upcast(value):
     return copy.deepcopy(value)
 
 
-def low_precision_state(optimizer: torch.optim.Optimizer) -> bool:
+def low_precision_state(optimizer: torch.optim.Optimizer | None) -> bool:
     """Whether the optimizer holds a moment below FP32 (optim.state=bf16/8bit/4bit/fp8) for FP32 weights."""
-    return any(torch.is_tensor(v) and v.numel() > 1 and (hasattr(v, "__tensor_flatten__") or v.dtype in LOW)
+    return optimizer is not None and any(torch.is_tensor(v) and v.numel() > 1 and (hasattr(v, "__tensor_flatten__") or v.dtype in LOW)
                for state in optimizer.state.values() for v in state.values())
 
 

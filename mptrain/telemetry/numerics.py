@@ -152,7 +152,7 @@ class NumericsProbe:
                                      lost_updates.effective_weights(optimizer, params))
                 stepper.pre_update_hooks.append(keep_intended)
                 update_hooks.append((stepper, keep_intended))
-            elif lost_updates.low_precision_state(stepper.optimizer):  # optim.state: the moments FP32 would hold
+            elif lost_updates.low_precision_state(getattr(stepper, "optimizer", None)):  # optim.state: the moments FP32 would hold
                 def keep_intended(optimizer, params=stepper.params, key=net_name):
                     intended[key] = lost_updates.fp32_moments(optimizer, params)
                 stepper.pre_update_hooks.append(keep_intended)
