@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from mptrain.errors import Interrupted, RunEnded, UserError
 from mptrain.replicas import Replicas, join
 from mptrain.schema import validate
+from mptrain.schema.precision import preset_name
 from mptrain.signals import StopRequest, stop_signals_to
 
 log = logging.getLogger("mptrain")
@@ -62,7 +63,7 @@ def run(cfg) -> float | None:
         _remove_stray(run_dir)  # a refused config leaves no run folder behind (a sweep's job keeps its record)
     elif replicas.is_main:
         summary = _summary(cfg, list(hydra_cfg.overrides.task), outcome, started)
-        summary["precision_preset"] = hydra_cfg.runtime.choices.get("precision")  # a plan names its arms by preset
+        summary["precision_preset"] = preset_name(hydra_cfg.runtime.choices.get("precision"), cfg.precision.mode)
         _write_summary(run_dir, summary)
     if outcome.bug is not None:  # a bug, not a user's mistake: keep the traceback
         if in_sweep:

@@ -145,3 +145,15 @@ def test_a_plan_may_name_every_tasks_primary_metric():
 
     for task in (ClassificationTask, DetectionTask, GanTask, LanguageModelTask):
         assert task.primary_metric in METRICS, task.__name__
+
+
+def test_a_run_is_known_by_the_preset_of_the_mode_it_ran():
+    """An experiment that sets precision.mode over the default preset (fp32) ran that mode: the plan's arm is the
+    mode, not 'fp32' (which would make every arm the control's namesake and every verdict exploratory)."""
+    from mptrain.schema.precision import preset_name
+
+    assert preset_name("fp32", "bf16") == "bf16"  # mode: bf16 set over the default preset
+    assert preset_name("mixed_scale1", "mixed") == "mixed_scale1"  # a variant keeps its own name
+    assert preset_name("fp16_naive_norm16", "fp16_naive") == "fp16_naive_norm16"
+    assert preset_name("bf16_pure", "bf16") == "bf16"  # another mode's preset, its mode overridden
+    assert preset_name(None, "mx") == "mx"

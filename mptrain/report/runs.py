@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from mptrain.errors import UserError
-from mptrain.schema.precision import MODES
+from mptrain.schema.precision import MODES, preset_name
 
 CONTROL = "fp32"
 ARM_OPTIM = ("optim.state",)  # optim.* overrides that make an arm (not a setting)
@@ -102,7 +102,7 @@ def load_runs(dirs: list[Path], metric_choice: str = "primary") -> pd.DataFrame:
             "family": summary.get("family"),
             "setting": setting_label(summary),
             "precision": summary.get("precision"),
-            "preset": summary.get("precision_preset") or summary.get("precision"),
+            "preset": preset_name(summary.get("precision_preset"), summary.get("precision")),  # a plan names arms by preset
             "arm": arm_label(summary),
             "plan": summary.get("plan"),
             "seed": summary.get("seed"),

@@ -36,6 +36,14 @@ LAYER_NAMES = list_of(Rule(lambda v: isinstance(v, str) and bool(v), "a layer na
 LOSS_SCALE = Rule(lambda v: v == "dynamic" or (is_number(v) and 0 < v < math.inf), "dynamic, null or a finite number > 0")
 
 
+def preset_name(choice: str | None, mode: str) -> str:
+    """The precision preset a run's plan knows it by: the config group's choice (mixed_scale1, fp16_naive_norm16,
+    ...) when it is `mode` or a variant of it, else the mode itself (an experiment that sets precision.mode over
+    the default preset, or a user's precision.mode=... override, ran `mode`, not the preset's name)."""
+    variant = choice not in MODES and str(choice).startswith(mode + "_")
+    return choice if choice and (choice == mode or variant) else mode
+
+
 @dataclass
 class PrecisionConfig:
     mode: str = knob(MISSING, "fp32 | fp16_naive | fp16_master | mixed | amp | bf16 | bf16_pure | bf16_sr | "
@@ -57,8 +65,9 @@ class PrecisionConfig:
                                       "math stay FP32")
     keep_batchnorm_fp32: bool = knob(True, "the older name of keep_norm_fp32 (false in either turns it off)")
     allow_tf32: bool = knob(False, "CUDA only: TF32 changes FP32 arithmetic, so the control keeps it off")
-    cpu_fp16: str = knob("auto", "CPU fp16 modes: auto (emulate unless the CPU has FP16 units) | emulate (the same "
-                                 "FP16 values at FP32 speed) | native (torch's FP16 kernels: 10-40x slower)",
+    cpu_fp16: str = knob("auto", "CPU fp16 modes: auto (emulate on every CPU: FP16 units speed only the matrix "
+                                 "products) | emulate (the same FP16 values at FP32 speed) | native (torch's FP16 "
+                                 "kernels: 10-100x slower)",
                          one_of(*CPU_FP16))
     cpu_bf16: str = knob("auto", "CPU bf16 modes (bf16*, fp8's and mx's bf16 parts): auto (emulate unless the CPU has BF16 "
                                  "units: AVX512-BF16, AMX; with them torch's BF16 kernels, the attention in FP32 from "
