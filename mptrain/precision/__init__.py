@@ -70,13 +70,14 @@ class Precision:
         self.arithmetic = None if not self.spec.uses_fp16 else {
             "accumulate": cfg.accumulate, "accumulate_block": cfg.accumulate_block if cfg.accumulate == "fp16" else None,
             "reductions": cfg.reductions}
-        if device.type == "cpu" and low is not None and policies[low] == "native" and not emulation.cpu_has_units(low):
-            name, slow = ("fp16", "10-40x") if low == torch.float16 else ("bf16", "1.5-3x")
+        if device.type == "cpu" and low is not None and policies[low] == "native" and not emulation.native_is_fast(low):
+            name, slow = ("fp16", "10-100x") if low == torch.float16 else ("bf16", "1.5-3x")
+            why = ("this CPU's FP16 units speed torch's FP16 matrix products but not its convolutions or recurrent "
+                   "layers" if emulation.cpu_has_units(low) else f"this CPU has no {name.upper()} arithmetic")
             self.notes.append(
-                f"precision={self.spec.name} with precision.cpu_{name}=native is slow: this CPU has no {name.upper()} "
-                f"arithmetic, so torch's {name} kernels run {slow} slower than fp32 (the numerics are the same; "
-                f"precision.cpu_{name}=auto, the default, computes them from the same {name.upper()} values at FP32 "
-                "speed)"
+                f"precision={self.spec.name} with precision.cpu_{name}=native is slow: {why}, so torch's {name} "
+                f"kernels run up to {slow} slower than fp32 (the numerics are the same; precision.cpu_{name}=auto, "
+                f"the default, computes them from the same {name.upper()} values at FP32 speed)"
             )
 
     @property

@@ -76,7 +76,9 @@ def same_state(model: str = "resnet", warm: int = 20, batch: int = 64, dataset: 
     from mptrain.telemetry.numerics import NumericsProbe
 
     def config(way: str, steps: int):
+        # the one step past the warm state: both ways replan the warm run's schedule alike (checkpoint.restore)
         data = [f"dataset={dataset}"] if dataset else []
+        data += ["trainer.replan_schedule=true"] if steps > warm else []
         return compose([f"model={model}", *data, f"precision={mode}", f"{_policy(mode)}={way}",
                         f"dataset.batch_size={batch}", f"trainer.max_steps={steps}", "trainer.progress=false",
                         "trainer.log_every=1"])  # fmt: skip
@@ -118,7 +120,8 @@ def same_state(model: str = "resnet", warm: int = 20, batch: int = 64, dataset: 
     rel = lambda x, y: float((x - y).norm() / y.norm().clamp_min(1e-30))  # noqa: E731
     by_depth = [(n, rel(b["grads"][n], g)) for n, g in a["grads"].items()]  # input side first
     grad_errors = sorted(e for _, e in by_depth)
-    print(f"logits: relative error {rel(b['logits'], a['logits']):.2e}; weight gradients (scaled, FP16): relative "
+    grads = "scaled, FP16" if _policy(mode).endswith("fp16") else "BF16"
+    print(f"logits: relative error {rel(b['logits'], a['logits']):.2e}; weight gradients ({grads}): relative "
           f"error median {statistics.median(grad_errors):.2e}, max {grad_errors[-1]:.2e} over {len(grad_errors)} tensors; "
           f"nearest the output {by_depth[-1][0]} {by_depth[-1][1]:.2e}, nearest the input {by_depth[0][0]} "
           f"{by_depth[0][1]:.2e}")
@@ -153,7 +156,15 @@ def numerics(native_dir: str, emulated_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    what, rest = sys.argv[1], sys.argv[2:]
+    what, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
+    if what in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0)
+    if what not in ("speed", "same-state", "numerics") or (what == "numerics" and len(rest) != 2) or any(
+            what != "numerics" and "=" not in a for a in rest):  # fmt: skip
+        print("usage: python -m mptrain.scripts.emulation_check speed|same-state [key=value ...] | numerics "
+              "<native sweep dir> <emulated sweep dir>   (--help: what each does)", file=sys.stderr)
+        sys.exit(2)
     if what in ("speed", "same-state"):
         kwargs = {k: (v if k in ("model", "dataset", "mode") else int(v)) for k, v in (a.split("=") for a in rest)}
         (speed if what == "speed" else same_state)(**kwargs)
