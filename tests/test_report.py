@@ -323,3 +323,28 @@ def test_the_plan_names_the_control_and_optim_state_makes_an_arm():
     assert _control_arm({"control": "bf16 state=fp32"}, arms) == "bf16 state=fp32"
     assert _control_arm({"control": "mx"}, arms) == "mx"  # by preset
     assert _control_arm(None, arms) == "fp32" and _control_arm({"control": "fp32"}, arms) == "fp32"
+
+
+def test_dose_response_pairs_each_settings_delta_with_the_updates_it_lost(tmp_path):
+    """Sec. 3.1's chart: one point per learning rate, x the arm's own lost-update share, y its paired Δ in points;
+    a model seen in one setting only draws nothing."""
+    import pandas as pd
+
+    from mptrain.report import plots
+
+    def table(delta, lost):
+        t = pd.DataFrame({"arm": ["fp32", "fp16_naive"], "control": [True, False], "paired_delta": [None, delta],
+                          "ci_low": [None, delta - 0.002], "ci_high": [None, delta + 0.002],
+                          "lost_update_frac": [0.01, lost]})
+        t.attrs["metric"] = "accuracy"
+        return t
+
+    tables = {("resnet", "fashion_mnist", "experiment=x optim.lr=0.1"): table(-0.001, 0.05),
+              ("resnet", "fashion_mnist", "experiment=x optim.lr=0.01"): table(-0.02, 0.40)}
+    points = plots.dose_points(tables)
+    assert list(points) == [("resnet", "fashion_mnist", "accuracy", "fp16_naive")]
+    (lr1, *first), (lr2, *second) = points[("resnet", "fashion_mnist", "accuracy", "fp16_naive")]
+    assert (lr1, lr2) == ("optim.lr=0.1", "optim.lr=0.01")  # by share, labelled by what differs
+    assert first == pytest.approx([5.0, -0.1, -0.3, 0.1]) and second == pytest.approx([40.0, -2.0, -2.2, -1.8])
+    assert plots.dose_response(tables, tmp_path / "d.png").stat().st_size > 0
+    assert plots.dose_response(dict(list(tables.items())[:1]), tmp_path / "e.png") is None

@@ -119,6 +119,53 @@ def forest(tables: dict, titles: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def dose_points(tables: dict) -> dict[tuple, list[tuple]]:
+    """Per (model, dataset, metric, arm) seen in >= 2 settings: (what the setting changes, lost-update share in %,
+    paired Δ, 95 % interval low, high) per setting, by share; Δ in the metric's reading unit (accuracy in points)."""
+    from mptrain.report.tables import unit_of
+
+    found: dict[tuple, list] = {}
+    for (model, dataset, setting), t in tables.items():
+        shown = t[~t["control"] & t["paired_delta"].notna() & t["lost_update_frac"].notna()]
+        for _, r in shown.iterrows():
+            found.setdefault((model, dataset, t.attrs["metric"], r["arm"]), []).append((setting, r))
+    points = {}
+    for key, rows in found.items():
+        if len({setting for setting, _ in rows}) < 2:
+            continue
+        k, _ = unit_of(key[2])
+        common = set.intersection(*(set(setting.split()) for setting, _ in rows))
+        points[key] = sorted(((" ".join(o for o in setting.split() if o not in common) or "-",
+                               100 * r["lost_update_frac"], k * r["paired_delta"], k * r["ci_low"], k * r["ci_high"])
+                              for setting, r in rows), key=lambda p: p[1])
+    return points
+
+
+def dose_response(tables: dict, path: Path) -> Path | None:
+    """Sec. 3.1's dose-response: where one model and dataset ran in several settings (learning rates, say), each arm's
+    paired Δ (95 % interval) against the share of its weight updates lost that it measured; one line per arm."""
+    from mptrain.report.tables import unit_of
+
+    points = dose_points(tables)
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, ((model, dataset, metric, arm), rows) in enumerate(sorted(points.items())):
+        labels, x, y, low, high = zip(*rows)
+        err = [[max(0.0, d - lo) if pd.notna(lo) else 0.0 for d, lo in zip(y, low)],
+               [max(0.0, hi - d) if pd.notna(hi) else 0.0 for d, hi in zip(y, high)]]
+        ax.errorbar(x, y, yerr=err, fmt="o-", color=f"C{i}", capsize=3,
+                    label=f"{model} on {dataset}, {arm}: {metric}{' (points)' if unit_of(metric)[1] else ''}")
+        for label, xi, yi in zip(labels, x, y):
+            ax.annotate(label, (xi, yi), fontsize=7, textcoords="offset points", xytext=(4, 4))
+    ax.axhline(0, color="k", linewidth=0.8)
+    ax.set_xlabel("share of the arm's weight updates lost (%, its numerics)")
+    ax.set_ylabel("paired Δ vs the control (95 % CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def speed_memory_bars(table: pd.DataFrame, path: Path) -> Path | None:
     """Per arm, samples/s (the median run, with the runs' range as an error bar) and peak memory, values written."""
     if table["samples_per_s"].isna().all():

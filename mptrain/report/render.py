@@ -48,6 +48,10 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
     if chart is not None:  # the answer at a glance, first
         lines[-2:-2] = [f"![each arm's paired Δ vs fp32 with its 95 % (thin) and 90 % (thick) intervals against ±δ]"
                         f"({chart.name})", ""]
+    dose = plots.dose_response(tables, out / "dose-response.png")
+    if dose is not None:  # sec. 3.1's mechanism against its cost, across the settings a sweep varied
+        lines[-2:-2] = [f"![paired Δ against the share of weight updates each arm lost, one point per setting]"
+                        f"({dose.name})", ""]
     for (model, dataset, setting), table in tables.items():
         for _, r in table[~table["control"]].iterrows():
             better = "↑" if table.attrs["higher_is_better"] else "↓"
