@@ -28,11 +28,13 @@ def train(overrides: Sequence[str] = ()) -> dict:
 
 def study(model: str | Sequence[str] | None = None, data: str | Sequence[str] | None = None,
           precisions: Sequence[str] | None = None, seeds: int = 3, steps: int | None = None,
-          overrides: Sequence[str] = (), numerics_steps: int = 20, out: str | Path | None = None):
+          overrides: Sequence[str] = (), numerics_steps: int = 20, out: str | Path | None = None,
+          margin: str | Sequence[str] | None = None):
     """The precision study `mptrain-study` runs (mptrain/studies.py): the FP32 numerics scan, one run per precision
     and seed, the report's paired verdicts. `model` and `data` are a group option ("timm", "image_folder") or
     overrides (["model=timm", "model.name=resnet18"]); `overrides` go on top. Returns a StudyResult: `.table`
-    (pandas), `.numerics`, `.out` (runs/, report/); print it for the summary."""
+    (pandas), `.numerics`, `.out` (runs/, report/); print it for the summary. `margin`: the verdicts' equivalence
+    margin as mptrain-report's --margin gives it ("0.3", "perplexity=2"; default: its defaults)."""
     from mptrain.studies import DEFAULT_MODES, run_study
 
     def as_overrides(value, group):
@@ -42,7 +44,8 @@ def study(model: str | Sequence[str] | None = None, data: str | Sequence[str] | 
             [value] if isinstance(value, str) else [str(v) for v in value]  # fmt: skip
 
     return run_study([*as_overrides(model, "model"), *as_overrides(data, "dataset"), *overrides],
-                     list(precisions or DEFAULT_MODES), seeds, steps, numerics_steps, out)
+                     list(precisions or DEFAULT_MODES), seeds, steps, numerics_steps, out,
+                     margin=[margin] if isinstance(margin, str) else margin)
 
 
 def check(model, batch, loss_fn=None, coverage: float = 0.999, headroom: float = 8.0):

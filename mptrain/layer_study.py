@@ -59,10 +59,11 @@ def group_layers(layers: Sequence[str], by: str) -> list[str]:
 
 def run_layer_study(overrides: Sequence[str] = (), block_format: str = "mxfp4", seeds: int = 3,
                     steps: int | None = None, by: str = "kind", out: str | Path | None = None,
-                    announce=print) -> LayerStudyResult:
+                    announce=print, margin: Sequence[str] | None = None) -> LayerStudyResult:
     from mptrain.console import compose
     from mptrain.inprocess import run_overrides
     from mptrain.report.cli import build
+    from mptrain.report.paired_verdict import parse_margins
     from mptrain.report.runs import load_runs
     from mptrain.report.tables import comparison
     from mptrain.schema import validate
@@ -72,6 +73,7 @@ def run_layer_study(overrides: Sequence[str] = (), block_format: str = "mxfp4", 
         raise UserError("the layer study sets precision and seed itself: give the format (--layers) and --seeds")
     if seeds < 2:
         raise UserError(f"a study needs seeds >= 2 for a paired verdict (got {seeds})")
+    margins = parse_margins(margin)  # a bad margin is said before anything runs
     out = Path(out or f"studies/layers_{time.strftime('%Y-%m-%d_%H-%M-%S')}").expanduser().resolve()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: give the study a new folder (nothing there is overwritten)")
@@ -99,7 +101,7 @@ def run_layer_study(overrides: Sequence[str] = (), block_format: str = "mxfp4", 
         train(f"only {group}", [*mx, f"precision.mx_only={_hydra_list([group])}"])
 
     def table():
-        tables = comparison(load_runs([out / "runs"]), control=CONTROL)
+        tables = comparison(load_runs([out / "runs"]), margins, control=CONTROL)
         return next(iter(tables.values()))
 
     def row(t, arm: str):
@@ -122,7 +124,7 @@ def run_layer_study(overrides: Sequence[str] = (), block_format: str = "mxfp4", 
             keep = trial
             break
     announce("4/4 report")
-    build([out / "runs"], out / "report", "md", control=CONTROL)
+    build([out / "runs"], out / "report", "md", margin, control=CONTROL)
     (out / "layers.json").write_text(json.dumps({"block_format": block_format, "groups": groups,
                                                  "ranking": ranking, "keep": keep}, indent=2) + "\n")
     return LayerStudyResult(block_format, ranking, keep, t, out)

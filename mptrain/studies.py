@@ -36,8 +36,9 @@ class StudyResult:
 
 def run_study(overrides: Sequence[str] = (), modes: Sequence[str] = DEFAULT_MODES, seeds: int = 3,
               steps: int | None = None, numerics_steps: int = 20, out: str | Path | None = None,
-              announce=print) -> StudyResult:
-    """The study of the model the overrides pick (the command line's and the Python API's one path)."""
+              announce=print, margin: Sequence[str] | None = None) -> StudyResult:
+    """The study of the model the overrides pick (the command line's and the Python API's one path); `margin`:
+    mptrain-report's --margin specs (None: its defaults)."""
     import logging
 
     import pandas as pd
@@ -47,6 +48,7 @@ def run_study(overrides: Sequence[str] = (), modes: Sequence[str] = DEFAULT_MODE
     from mptrain.numerics_cli import analyse, compose_scan, scan
     from mptrain.paths import group_options
     from mptrain.report.cli import build
+    from mptrain.report.paired_verdict import parse_margins
     from mptrain.report.runs import load_runs
     from mptrain.report.tables import comparison
     from mptrain.schema import validate
@@ -61,6 +63,7 @@ def run_study(overrides: Sequence[str] = (), modes: Sequence[str] = DEFAULT_MODE
                         f"(options: {', '.join(group_options('precision'))})")
     if seeds < 2:
         raise UserError(f"a study needs seeds >= 2 for a paired verdict (got {seeds})")
+    margins = parse_margins(margin)  # a bad margin is said before anything runs
     out = Path(out or f"studies/{time.strftime('%Y-%m-%d_%H-%M-%S')}").expanduser().resolve()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: give the study a new folder (nothing there is overwritten)")
@@ -82,8 +85,8 @@ def run_study(overrides: Sequence[str] = (), modes: Sequence[str] = DEFAULT_MODE
                            f"hydra.run.dir='{run_dir}'"])
     announce("3/3 report")
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its reader's per-file notes, under the runs' INFO
-    build([out / "runs"], out / "report", "md")
-    tables = comparison(load_runs([out / "runs"]))
+    build([out / "runs"], out / "report", "md", margin)
+    tables = comparison(load_runs([out / "runs"]), margins)
     table = pd.concat([t.assign(model=k[0], dataset=k[1], setting=k[2]) for k, t in tables.items()],
                       ignore_index=True) if tables else pd.DataFrame(columns=SHOWN)
     table.attrs["metric"] = next(iter(tables.values())).attrs.get("metric") if tables else None

@@ -35,6 +35,9 @@ def parse_args(argv):
                              "the smallest keep-list that is equivalent)")
     parser.add_argument("--by", choices=("kind", "layer"), default="kind",
                         help="--layers: group layers by kind across blocks (blocks.*.attn.qkv; default) or one by one")
+    parser.add_argument("--margin", action="append", metavar="[METRIC=]X",
+                        help="equivalence margin of the verdicts, as mptrain-report's: accuracy in points (default "
+                             "0.5), other metrics in %% of the control (default 1), e.g. --margin perplexity=2")
     parser.add_argument("--out", type=Path, help="a new folder for runs/, report/ and numerics.json "
                                                  "(default studies/<date>_<time>)")
     return parser.split_overrides(argv)
@@ -49,10 +52,12 @@ def main(argv=None) -> None:
         if args.layers:
             from mptrain.layer_study import run_layer_study
 
-            print(run_layer_study(overrides, args.layers, args.seeds, args.steps, args.by, args.out, announce))
+            print(run_layer_study(overrides, args.layers, args.seeds, args.steps, args.by, args.out, announce,
+                                  args.margin))
             return
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        result = run_study(overrides, modes, args.seeds, args.steps, args.numerics_steps, args.out, announce)
+        result = run_study(overrides, modes, args.seeds, args.steps, args.numerics_steps, args.out, announce,
+                           args.margin)
     except UserError as e:
         print(f"mptrain-study: error: {e}", file=sys.stderr)
         sys.exit(2)

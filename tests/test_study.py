@@ -118,7 +118,10 @@ def test_a_layer_study_ranks_each_group_against_bf16_and_finds_a_keep_list(tmp_p
 
     lm = ["debug=tiny_lm", "model=transformer", "model.heads=2", "model.width=32", "model.context=8",
           "trainer.device=cpu"]
-    result = run_layer_study(lm, "mxfp4", seeds=2, steps=4, out=tmp_path / "study", announce=lambda _: None)
+    result = run_layer_study(lm, "mxfp4", seeds=2, steps=4, out=tmp_path / "study", announce=lambda _: None,
+                             margin=["perplexity=30"])
+    control = result.table[result.table["control"]].iloc[0]
+    assert result.table["margin"].dropna().iloc[0] == pytest.approx(0.30 * control["metric_mean"])  # --margin's
     groups = ["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.0", "blocks.*.mlp.2"]
     assert sorted(g for g, _, _ in result.ranking) == sorted(groups)
     assert result.keep is None or set(result.keep) <= set(groups)
@@ -128,3 +131,11 @@ def test_a_layer_study_ranks_each_group_against_bf16_and_finds_a_keep_list(tmp_p
     report = (result.out / "report" / "report.md").read_text()
     assert "Control: **bf16**" in report
     assert "smallest keep-list" in str(result) or "no keep-list" in str(result)
+
+
+def test_a_bad_study_margin_is_one_line_before_anything_runs(tmp_path):
+    import mptrain
+
+    with pytest.raises(mptrain.UserError, match=r"--margin 'perplexity=x'"):
+        mptrain.study(model=TINY, steps=1, margin="perplexity=x", out=tmp_path / "s")
+    assert not (tmp_path / "s").exists()
