@@ -267,8 +267,8 @@ def test_fp16_accumulation_trains_and_says_so_in_the_summary(tmp_path):
                   cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = read_summary(tmp_path / "a")
-    assert summary["arithmetic"] == {"accumulate": "fp16", "accumulate_block": 1, "reductions": "fp32"}
-    assert "products accumulate in FP16, blocks of 1" in out.stdout
+    assert summary["arithmetic"] == {"accumulate": "fp16", "accumulate_block": 1, "reductions": "fp32", "norms": "fp32"}
+    assert "products accumulate in FP16, blocks of 1; reductions in FP32; norms in FP32" in out.stdout
     assert summary["env"]["git_commit"] and "torch" in summary["env"]["packages"]
 
 
@@ -283,3 +283,14 @@ def test_fp16_reductions_train_a_resnet_end_to_end(tmp_path):
     summary = read_summary(tmp_path / "a")
     assert summary["status"] == "completed" and summary["arithmetic"]["reductions"] == "fp16"
     assert "reductions in FP16" in out.stdout
+
+
+@pytest.mark.parametrize("mode, keep, norms", [("fp16_naive", False, "fp16"), ("fp16_naive", True, "fp32"),
+                                               ("mixed", True, "fp32"), ("amp", True, None)])
+def test_the_summary_says_where_the_norms_ran(mode, keep, norms):
+    """fp16_naive_norm16 (keep_norm_fp32=false in a preset) must be told apart from fp16_naive in the report; with
+    FP32 weights (amp) the norms are the model's own and the field is None."""
+    from mptrain.precision import Precision
+
+    precision = Precision({"mode": mode, "keep_norm_fp32": keep}, torch.device("cpu"))
+    assert precision.arithmetic["norms"] == norms

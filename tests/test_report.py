@@ -348,3 +348,18 @@ def test_dose_response_pairs_each_settings_delta_with_the_updates_it_lost(tmp_pa
     assert first == pytest.approx([5.0, -0.1, -0.3, 0.1]) and second == pytest.approx([40.0, -2.0, -2.2, -1.8])
     assert plots.dose_response(tables, tmp_path / "d.png").stat().st_size > 0
     assert plots.dose_response(dict(list(tables.items())[:1]), tmp_path / "e.png") is None
+
+
+def test_a_preset_that_puts_the_norms_in_fp16_is_an_arm_of_its_own():
+    """fp16_naive_norm16 sets keep_norm_fp32=false inside its preset, unseen in the overrides: its runs were pooled
+    with fp16_naive's until the summary said where the norms ran."""
+    from mptrain.report.runs import arm_label
+
+    def summary(norms, *overrides):
+        return {"precision": "fp16_naive", "overrides": list(overrides),
+                "arithmetic": {"accumulate": "fp32", "accumulate_block": None, "reductions": "fp32", "norms": norms}}
+
+    assert arm_label(summary("fp32")) == "fp16_naive"
+    assert arm_label(summary("fp16")) == "fp16_naive keep_norm_fp32=false"
+    assert arm_label(summary("fp16", "precision.keep_norm_fp32=false")) == "fp16_naive keep_norm_fp32=false"
+    assert arm_label(summary(None)) == "fp16_naive"  # records from before the field

@@ -69,7 +69,10 @@ class Precision:
         #: the paper's third technique as run (summary.json `arithmetic`); None: the mode has no FP16 products
         self.arithmetic = None if not self.spec.uses_fp16 else {
             "accumulate": cfg.accumulate, "accumulate_block": cfg.accumulate_block if cfg.accumulate == "fp16" else None,
-            "reductions": cfg.reductions}
+            "reductions": cfg.reductions,
+            # the norms' weights and statistics where the weights are 16-bit (fp16_naive_norm16: in FP16 too)
+            "norms": None if not self.spec.low_precision_params else
+            "fp32" if cfg.keep_norm_fp32 and cfg.keep_batchnorm_fp32 else "fp16"}
         if device.type == "cpu" and low is not None and policies[low] == "native" and not emulation.native_is_fast(low):
             name, slow = ("fp16", "10-100x") if low == torch.float16 else ("bf16", "1.5-3x")
             why = ("this CPU's FP16 units speed torch's FP16 matrix products but not its convolutions or recurrent "

@@ -51,6 +51,8 @@ def arm_label(summary: dict) -> str:
                        ("reductions", "fp16")):
         if arithmetic.get(key) == value and value is not None and f"{key}={value}" not in extra:
             extra.append(f"{key}={value}")
+    if arithmetic.get("norms") == "fp16" and not any(o.startswith(("keep_norm_fp32", "keep_batchnorm")) for o in extra):
+        extra.append("keep_norm_fp32=false")  # a preset (fp16_naive_norm16) puts the norms in FP16 unseen too
     return " ".join([summary.get("precision") or "?", *extra])
 
 

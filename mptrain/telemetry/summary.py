@@ -98,7 +98,8 @@ def _arithmetic(s: dict) -> str:
     if not a:
         return "-"
     accumulate = "FP32" if a.get("accumulate") != "fp16" else f"FP16, blocks of {a.get('accumulate_block')}"
-    return f"products accumulate in {accumulate}; reductions in {str(a.get('reductions', 'fp32')).upper()}"
+    norms = f"; norms in {a['norms'].upper()}" if a.get("norms") else ""
+    return f"products accumulate in {accumulate}; reductions in {str(a.get('reductions', 'fp32')).upper()}{norms}"
 
 
 def _scales(value) -> str:
