@@ -157,3 +157,19 @@ def test_a_run_is_known_by_the_preset_of_the_mode_it_ran():
     assert preset_name("fp16_naive_norm16", "fp16_naive") == "fp16_naive_norm16"
     assert preset_name("bf16_pure", "bf16") == "bf16"  # another mode's preset, its mode overridden
     assert preset_name(None, "mx") == "mx"
+
+
+def test_a_section_that_changes_what_its_plan_registered_is_exploratory():
+    """The sec. 3.1 check with weight decay off reused repro_master_weights' plan: its section must not read as
+    the registered verdict; a plan's own swept keys (settings: [optim.lr]) and the CPU's kernels are not changes."""
+    from mptrain.report.render import experiment_title
+    from mptrain.report.tables import off_plan_settings, plan_markdown
+
+    plan = {"metric": "perplexity", "margin": 2.0, "settings": ["optim.lr"]}
+    setting = "experiment=p optim.lr=0.01 optim.weight_decay=0 precision.cpu_fp16=emulate"
+    assert off_plan_settings(setting, plan) == ["optim.weight_decay=0"]
+    assert off_plan_settings("experiment=p optim.lr=0.01 precision.cpu_bf16=native", plan) == []
+    assert "changed what the plan registered (optim.weight_decay=0): **exploratory**" in \
+        plan_markdown(plan, "perplexity", ["optim.weight_decay=0"])
+    assert experiment_title("transformer", "text", setting) == \
+        "transformer on text · p (optim.lr=0.01 optim.weight_decay=0)"

@@ -40,7 +40,8 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
         "| experiment | metric | arm | paired Δ vs fp32 (95 % CI) | verdict (±δ) |",
         "|---|---|---|---|---|",
     ]
-    plans = [f"{experiment_title(*key)}. " + plan_markdown(table.attrs["plan"], table.attrs["metric"]) + "\n"
+    plans = [f"{experiment_title(*key)}. " + plan_markdown(table.attrs["plan"], table.attrs["metric"],
+                                                          table.attrs.get("off_plan")) + "\n"
              for key, table in tables.items() if table.attrs.get("plan")]
     lines[-2:-2] = plans  # the registered plans above the verdicts they judge
     titles = {key: experiment_title(*key) for key in tables}
@@ -70,7 +71,7 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
         if setting:
             lines += [f"Setting: `{setting}`.", ""]
         if table.attrs.get("plan"):
-            lines += [plan_markdown(table.attrs["plan"], metric), ""]
+            lines += [plan_markdown(table.attrs["plan"], metric, table.attrs.get("off_plan")), ""]
         if table.attrs.get("control", "fp32") != "fp32":
             lines += [f"Control: **{table.attrs['control']}**: every Δ, ratio and verdict below, the "
                       "columns' \"vs fp32\" included, is against it.", ""]
@@ -175,7 +176,9 @@ def _environment(group: pd.DataFrame) -> str:
 def experiment_title(model: str, dataset: str, setting: str) -> str:
     """`resnet on fashion_mnist · repro_cnn_parity`: the experiment preset names it; other overrides stay below."""
     presets = [o.split("=", 1)[1] for o in setting.split() if o.startswith("experiment=")]
-    return f"{model} on {dataset}" + (f" · {', '.join(presets)}" if presets else "")
+    others = [o for o in setting.split() if not o.startswith(("experiment=", "precision.cpu_"))] if presets else []
+    return f"{model} on {dataset}" + (f" · {', '.join(presets)}" if presets else "") + \
+        (f" ({' '.join(others)})" if others else "")
 
 
 def run_id(r) -> str:

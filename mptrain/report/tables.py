@@ -33,8 +33,10 @@ def comparison(runs: pd.DataFrame, margins: dict[str, float] | None = None,
         metric = group["metric_name"].dropna().iloc[0] if group["metric_name"].notna().any() else "?"
         higher = bool(group["higher_is_better"].iloc[0])
         plan = section_plan(group)
-        # the plan's margin judges the plan's metric; any other metric, margin or arm is exploratory
-        planned = plan is not None and plan.get("metric") == metric and not margins
+        # the plan's margin judges the plan's metric at the plan's settings; any other metric, margin, arm or
+        # setting is exploratory
+        off_plan = off_plan_settings(key[2], plan) if plan is not None else []
+        planned = plan is not None and plan.get("metric") == metric and not margins and not off_plan
         arms = dict(list(group.groupby("arm", sort=False)))
         control_arm = _control_arm({"control": chosen} if chosen else plan, arms)
         table = pd.DataFrame([_arm_row(arm, g, control_arm) for arm, g in arms.items()], columns=COLUMNS)
@@ -57,7 +59,7 @@ def comparison(runs: pd.DataFrame, margins: dict[str, float] | None = None,
                 for column, value in verdict.items():
                     table.loc[i, column] = value
         table.attrs["metric"], table.attrs["higher_is_better"] = metric, higher
-        table.attrs["plan"], table.attrs["control"] = plan, control_arm
+        table.attrs["plan"], table.attrs["control"], table.attrs["off_plan"] = plan, control_arm, off_plan
         tables[key] = table
     return tables
 
@@ -80,7 +82,15 @@ def section_plan(group: pd.DataFrame) -> dict | None:
     return plans[0] if plans else None
 
 
-def plan_markdown(plan: dict, metric: str) -> str:
+def off_plan_settings(setting: str, plan: dict) -> list[str]:
+    """The overrides of a section that its plan did not register (a plan lists the keys its sweep varies under
+    `settings`, e.g. [optim.lr]); how the CPU ran FP16/BF16 is the machine's, not the experiment's."""
+    allowed = set(plan.get("settings") or [])
+    return [o for o in setting.split() if not o.startswith(("experiment=", "precision.cpu_"))
+            and o.split("=", 1)[0] not in allowed]
+
+
+def plan_markdown(plan: dict, metric: str, off_plan: list[str] | None = None) -> str:
     """The plan, as registered, above the verdicts it judges."""
     unit = "points" if metric == "accuracy" else "% of the control's mean"
     arms = ", ".join(plan.get("arms") or []) or "every arm"
@@ -93,6 +103,8 @@ def plan_markdown(plan: dict, metric: str) -> str:
              f"- refuted if: {plan.get('refuted_if')}"]
     if plan.get("metric") != metric:
         lines.append(f"- these verdicts are on {metric}, not the plan's {plan.get('metric')}: **exploratory**")
+    if off_plan:
+        lines.append(f"- these runs changed what the plan registered ({' '.join(off_plan)}): **exploratory**")
     return "\n".join(lines)
 
 
