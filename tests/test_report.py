@@ -348,6 +348,8 @@ def test_dose_response_pairs_each_settings_delta_with_the_updates_it_lost(tmp_pa
     assert first == pytest.approx([5.0, -0.1, -0.3, 0.1]) and second == pytest.approx([40.0, -2.0, -2.2, -1.8])
     assert plots.dose_response(tables, tmp_path / "d.png").stat().st_size > 0
     assert plots.dose_response(dict(list(tables.items())[:1]), tmp_path / "e.png") is None
+    tables[("resnet", "fashion_mnist", "experiment=x optim.lr=0.01")] = table(-0.02, 0.055)
+    assert plots.dose_points(tables) == {}  # 5.0 % and 5.5 %: one dose, whatever the settings
 
 
 def test_a_preset_that_puts_the_norms_in_fp16_is_an_arm_of_its_own():

@@ -173,3 +173,44 @@ def test_a_section_that_changes_what_its_plan_registered_is_exploratory():
         plan_markdown(plan, "perplexity", ["optim.weight_decay=0"])
     assert experiment_title("transformer", "text", setting) == \
         "transformer on text · p (optim.lr=0.01 optim.weight_decay=0)"
+
+
+def _summaries(tmp_path, arms, seeds, machine):
+    """Fixture summaries re-labelled: `machine` is how its CPU resolved cpu_fp16; the arms are bf16 ones."""
+    template = json.loads(next(FIXTURE.rglob("summary.json")).read_text())
+    for arm in arms:
+        for seed in seeds:
+            s = dict(template, precision=arm, precision_preset=arm, seed=seed, cpu_fp16=machine, cpu_bf16="native",
+                     loss_scale=None, arithmetic=None,
+                     fp16_kernels=None, bf16_kernels=None if arm == "fp32" else "native",
+                     overrides=["+experiment=fixture", f"precision={arm}", f"seed={seed}"],
+                     final={"accuracy": 0.90 + (0.002 * seed if arm == "fp32" else 0.002 * seed - 0.01)})
+            folder = tmp_path / machine / f"{arm}-{seed}"
+            folder.mkdir(parents=True)
+            (folder / "summary.json").write_text(json.dumps(s))
+
+
+def test_seeds_from_another_machine_pool_where_its_policy_decided_nothing(tmp_path):
+    """mx_optim_state's seeds 3-4 ran where cpu_fp16=auto resolves to emulate, its seeds 0-2 where it resolved to
+    native: no run of it had FP16 arithmetic, so they are one experiment; cpu_bf16, which its arms used, stays."""
+    from mptrain.report.runs import load_runs
+
+    _summaries(tmp_path, ["fp32", "bf16"], [0, 1, 2], "native")
+    _summaries(tmp_path, ["fp32", "bf16"], [3, 4], "emulate")
+    runs = load_runs([tmp_path])
+    assert runs["setting"].nunique() == 1 and "precision.cpu_bf16=native" in runs["setting"].iloc[0]
+    assert "cpu_fp16" not in runs["setting"].iloc[0]
+
+
+def test_seeds_added_after_the_plan_make_its_verdict_exploratory(tmp_path):
+    """Adding seeds to an inconclusive arm until it decides is optional stopping: past the plan's seeds (the
+    fixture's plan registers 4) the verdict is exploratory and says why."""
+    from mptrain.report.runs import load_runs
+    from mptrain.report.tables import comparison
+
+    _summaries(tmp_path, ["fp32", "mixed"], [0, 1, 2, 3, 4], "emulate")  # mixed: the fixture plan's arm
+    row = next(iter(comparison(load_runs([tmp_path])).values())).query("arm == 'mixed'").iloc[0]
+    assert row["pairs"] == 5 and row["exploratory"] and "more than the plan's 4" in row["verdict_note"]
+    shutil.rmtree(tmp_path / "emulate" / "fp32-4")
+    row = next(iter(comparison(load_runs([tmp_path])).values())).query("arm == 'mixed'").iloc[0]
+    assert row["pairs"] == 4 and not row["exploratory"]

@@ -119,6 +119,9 @@ def forest(tables: dict, titles: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+MIN_DOSE_SPAN = 1.0  # percentage points of lost updates between the settings' extremes
+
+
 def dose_points(tables: dict) -> dict[tuple, list[tuple]]:
     """Per (model, dataset, metric, arm) seen in >= 2 settings: (what the setting changes, lost-update share in %,
     paired Δ, 95 % interval low, high) per setting, by share; Δ in the metric's reading unit (accuracy in points)."""
@@ -131,8 +134,9 @@ def dose_points(tables: dict) -> dict[tuple, list[tuple]]:
             found.setdefault((model, dataset, t.attrs["metric"], r["arm"]), []).append((setting, r))
     points = {}
     for key, rows in found.items():
-        if len({setting for setting, _ in rows}) < 2:
-            continue
+        shares = [100 * r["lost_update_frac"] for _, r in rows]
+        if len({setting for setting, _ in rows}) < 2 or max(shares) - min(shares) < MIN_DOSE_SPAN:
+            continue  # one dose, or settings that barely change it (weight decay off): no dose-response to draw
         k, _ = unit_of(key[2])
         common = set.intersection(*(set(setting.split()) for setting, _ in rows))
         points[key] = sorted(((" ".join(o for o in setting.split() if o not in common) or "-",

@@ -76,6 +76,23 @@ def setting_label(summary: dict) -> str:
     return " ".join(sorted(keep))
 
 
+def drop_unused_policies(runs: pd.DataFrame) -> pd.DataFrame:
+    """A CPU policy (`precision.cpu_fp16=...`) keeps runs apart only where it decided something: where no run of an
+    experiment ran FP16 (BF16) kernels, its cpu_fp16 (cpu_bf16) is dropped from the setting, so the seeds one machine
+    added to another's sweep (whose CPU resolves `auto` differently) pool with them."""
+    if runs.empty:
+        return runs
+    base = runs["setting"].map(lambda s: " ".join(o for o in s.split() if not o.startswith("precision.cpu_")))
+    for name in ("fp16", "bf16"):
+        unused = runs.groupby([runs["model"], runs["dataset"], base])[f"{name}_kernels"].transform(
+            lambda kernels: kernels.isna().all())  # None: the mode ran none (UNKNOWN: a summary too old to say)
+        policy = f"precision.cpu_{name}="
+        runs.loc[unused, "setting"] = runs.loc[unused, "setting"].map(
+            lambda s, policy=policy: " ".join(o for o in s.split() if not o.startswith(policy)))
+    return runs
+
+
+UNKNOWN = "unknown"
 SCALARS_FILE = "scalars.json"  # an exported run's TensorBoard scalars
 # how a run was handled, not what it computed: a resumed run is the same experiment as its first part
 RUN_HANDLING = ("trainer.progress", "trainer.resume", "trainer.checkpoint_every")
@@ -124,8 +141,9 @@ def load_runs(dirs: list[Path], metric_choice: str = "primary") -> pd.DataFrame:
             **lost_updates(load_numerics(run_dir)),
             "wall_time_s": summary.get("wall_time_s"),
             "error": summary.get("error"),
+            **{f"{name}_kernels": summary.get(f"{name}_kernels", UNKNOWN) for name in ("fp16", "bf16")},
         })  # fmt: skip
-    runs = pd.DataFrame(rows)
+    runs = drop_unused_policies(pd.DataFrame(rows))
     runs["mode_rank"] = runs["precision"].map(lambda m: MODE_ORDER.index(m) if m in MODE_ORDER else len(MODE_ORDER))
     return runs.sort_values(["model", "dataset", "setting", "mode_rank", "arm", "seed"], ignore_index=True)
 

@@ -55,7 +55,13 @@ def comparison(runs: pd.DataFrame, margins: dict[str, float] | None = None,
                 table.loc[i, "exploratory"] = plan is not None and not (
                     planned and (not plan.get("arms") or preset in plan["arms"]))
                 verdict = paired_verdict(arms[row["arm"]], arms[control_arm], higher, margin)
-                table.loc[i, "verdict_note"] = verdict.pop("note", "")
+                note = verdict.pop("note", "")
+                registered = (plan or {}).get("seeds")
+                if planned and isinstance(registered, int) and verdict.get("pairs", 0) > registered:
+                    table.loc[i, "exploratory"] = True  # seeds added after the plan's runs: optional stopping
+                    note = "; ".join(filter(None, [note, f"{verdict['pairs']} seed pairs, more than the plan's "
+                                                         f"{registered}"]))
+                table.loc[i, "verdict_note"] = note
                 for column, value in verdict.items():
                     table.loc[i, column] = value
         table.attrs["metric"], table.attrs["higher_is_better"] = metric, higher

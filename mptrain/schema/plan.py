@@ -3,7 +3,8 @@
 A verdict is only as good as the promise made before the data: the claim, the held-out metric it is judged on,
 the equivalence margin in that metric's own unit, the seeds and steps, and what result would refute the claim.
 Every run of the preset records the plan in summary.json; `mptrain-report` prints it above the verdicts, judges
-on its metric with its margin, and labels a verdict on any other metric exploratory.
+on its metric with its margin, and labels exploratory a verdict on any other metric, at settings it did not
+register, or on more seeds than it registered.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ class PlanConfig:
                               "% of the control's mean (on the metric itself, not the loss)", POSITIVE)
     control: str = knob("fp32", "the arm every other arm is paired against, by seed", TEXT)
     arms: List[str] = knob([], "the arms (precision presets) the plan judges")
-    seeds: int = knob(3, "completed seed pairs per arm the verdict is read at", POSITIVE_INT)
+    seeds: int = knob(3, "completed seed pairs per arm the verdict is read at (more: exploratory)", POSITIVE_INT)
     steps: Optional[int] = knob(None, "optimizer steps per run (null: the preset's epochs decide)", POSITIVE_INT)
+    settings: List[str] = knob([], "override keys the plan's sweep varies besides mode and seed (e.g. optim.lr): "
+                                   "each value is a section it judges; any other override makes a section exploratory")
     refuted_if: str = knob("???", "the result that would refute the claim", TEXT)
     registered: Optional[str] = knob(None, "when the plan was committed (a date), before its first run", TEXT)
 
