@@ -376,3 +376,20 @@ def test_cpu_bf16_auto_routes_the_attention_only_where_bf16_runs_natively(compos
     assert not isinstance(make("precision=fp32").kernels(), FP32Attention)
     monkeypatch.setattr(emulation, "cpu_has_bf16_units", lambda: False)
     assert isinstance(make("precision=bf16").kernels(), EmulatedKernels)
+
+
+@pytest.mark.parametrize("args, says", [
+    ([], "usage: python -m mptrain.scripts.emulation_check"),
+    (["speed", "foo=1"], "foo is not one of its settings"),
+    (["same-state", "warm=x"], "warm=x must be a whole number"),
+    (["numerics", "one-dir"], "usage: "),
+])
+def test_emulation_check_usage_mistakes_are_one_line(args, says):
+    """The script behind results/*/emulation_check.md: a mistyped setting is one line and exit 2, no traceback."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "mptrain.scripts.emulation_check", *args], capture_output=True,
+                          text=True, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and says in lines[0], done.stderr

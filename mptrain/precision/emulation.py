@@ -72,9 +72,10 @@ def cpu_has_units(dtype: torch.dtype) -> bool:
 
 def native_is_fast(dtype: torch.dtype) -> bool:
     """Whether torch's own CPU kernels for `dtype` run near FP32 speed here. BF16: where the CPU has BF16 units
-    (oneDNN's AMX / AVX512-BF16 kernels: ResNet-20 2.1x the emulation on an AMX Xeon). FP16: never, FP16 units or
-    not: on an AVX512-FP16 Xeon torch 2.14's FP16 convolutions ran ResNet-20 106x slower than the emulation and the
-    LSTM 1.7x; only plain matrix products gained (the MLP 1.7x faster native), results/bench."""
+    (oneDNN's AMX / AVX512-BF16 kernels: ResNet-20 2.6x the emulation on an AMX Xeon). FP16: never, FP16 units or
+    not: on an AVX512-FP16 Xeon torch 2.14's FP16 kernels ran ResNet-20 83x slower than the emulation and the LSTM
+    1.7x; only plain matrix products gained (the MLP 1.6x faster native): results/cpu-intel-xeon-amx-2core_torch2.14.1/
+    emulation_check.md."""
     return dtype == torch.bfloat16 and cpu_has_bf16_units()
 
 

@@ -166,7 +166,19 @@ if __name__ == "__main__":
               "<native sweep dir> <emulated sweep dir>   (--help: what each does)", file=sys.stderr)
         sys.exit(2)
     if what in ("speed", "same-state"):
-        kwargs = {k: (v if k in ("model", "dataset", "mode") else int(v)) for k, v in (a.split("=") for a in rest)}
-        (speed if what == "speed" else same_state)(**kwargs)
+        import inspect
+
+        command = speed if what == "speed" else same_state
+        known = inspect.signature(command).parameters
+        kwargs = dict(a.split("=", 1) for a in rest)
+        unknown = [k for k in kwargs if k not in known]
+        not_counts = [k for k in kwargs if k in known and k not in ("model", "dataset", "mode")
+                      and not kwargs[k].isdigit()]  # fmt: skip
+        if unknown or not_counts:
+            problem = (f"{unknown[0]} is not one of its settings ({', '.join(f'{k}=' for k in known)})" if unknown
+                       else f"{not_counts[0]}={kwargs[not_counts[0]]} must be a whole number, e.g. {not_counts[0]}=6")
+            print(f"emulation_check {what}: {problem}", file=sys.stderr)
+            sys.exit(2)
+        command(**{k: (v if k in ("model", "dataset", "mode") else int(v)) for k, v in kwargs.items()})
     else:
         numerics(*rest)
