@@ -14,7 +14,15 @@ import pandas as pd
 from mptrain.report import plots
 from mptrain.report.paired_verdict import CONFIDENCE
 from mptrain.report.runs import forward_amax
-from mptrain.report.tables import comparison, delta_with_ci, headroom_markdown, plan_markdown, to_markdown, verdict_cell
+from mptrain.report.tables import (
+    comparison,
+    delta_with_ci,
+    headroom_markdown,
+    plan_markdown,
+    setting_overrides,
+    to_markdown,
+    verdict_cell,
+)
 
 
 def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: dict | None = None,
@@ -176,7 +184,7 @@ def _environment(group: pd.DataFrame) -> str:
 def experiment_title(model: str, dataset: str, setting: str) -> str:
     """`resnet on fashion_mnist · repro_cnn_parity`: the experiment preset names it; other overrides stay below."""
     presets = [o.split("=", 1)[1] for o in setting.split() if o.startswith("experiment=")]
-    others = [o for o in setting.split() if not o.startswith(("experiment=", "precision.cpu_"))] if presets else []
+    others = setting_overrides(setting) if presets else []
     return f"{model} on {dataset}" + (f" · {', '.join(presets)}" if presets else "") + \
         (f" ({' '.join(others)})" if others else "")
 

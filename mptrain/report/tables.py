@@ -88,12 +88,17 @@ def section_plan(group: pd.DataFrame) -> dict | None:
     return plans[0] if plans else None
 
 
+def setting_overrides(setting: str) -> list[str]:
+    """A section's overrides besides its preset (`experiment=`) and how the CPU ran FP16/BF16 (the machine's, not
+    the experiment's): `optim.lr=0.01`."""
+    return [o for o in setting.split() if not o.startswith(("experiment=", "precision.cpu_"))]
+
+
 def off_plan_settings(setting: str, plan: dict) -> list[str]:
     """The overrides of a section that its plan did not register (a plan lists the keys its sweep varies under
-    `settings`, e.g. [optim.lr]); how the CPU ran FP16/BF16 is the machine's, not the experiment's."""
+    `settings`, e.g. [optim.lr])."""
     allowed = set(plan.get("settings") or [])
-    return [o for o in setting.split() if not o.startswith(("experiment=", "precision.cpu_"))
-            and o.split("=", 1)[0] not in allowed]
+    return [o for o in setting_overrides(setting) if o.split("=", 1)[0] not in allowed]
 
 
 def plan_markdown(plan: dict, metric: str, off_plan: list[str] | None = None) -> str:
