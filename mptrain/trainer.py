@@ -174,7 +174,7 @@ class Trainer:
                     window.close(self, bar)
                 if self.replicas.is_main:
                     self.save_checkpoint()
-                if self.stop.signal:
+                if stop:
                     raise Interrupted(f"{self.stop.signal} at step {self.step}; checkpoint saved in "
                                       f"{self.checkpoint_path.parent}")
                 self.throughput.begin()
@@ -182,14 +182,17 @@ class Trainer:
 
     def _stop_requested(self, logged: bool) -> bool:
         """Whether a signal asked to stop. Data-parallel ranks decide together, at logging steps only
-        (a per-step vote would cost a sync per step): a signal to any rank stops all within log_every steps."""
+        (a per-step vote would cost a sync per step): a signal to any rank stops all within log_every steps.
+        The vote's result is the answer: a signal landing just after the vote waits for the next one, or this rank
+        would stop alone and leave the others waiting in their next collective."""
         if not self.replicas.enabled:
             return self.stop.signal is not None
         if not logged:
             return False
-        if self.replicas.any(self.stop.signal is not None, self.device) and self.stop.signal is None:
+        voted = self.replicas.any(self.stop.signal is not None, self.device)
+        if voted and self.stop.signal is None:
             self.stop.signal = "a signal to another rank"
-        return self.stop.signal is not None
+        return voted
 
     def save_checkpoint(self) -> None:
         from mptrain import checkpoint

@@ -151,6 +151,28 @@ def test_torchrun_starts_the_ranks_and_only_rank_0_writes(tmp_path):
     assert summary["status"] == "completed" and summary["env"]["world_size"] == 2 and summary["steps"] == 4
 
 
+def test_a_signal_landing_just_after_the_stop_vote_waits_for_the_next_vote():
+    """Every rank must act on the vote's result: a rank that re-read its own flag after the vote stopped alone
+    and left the others waiting in DDP's next all-reduce (a hang found by signalling at random moments)."""
+    from types import SimpleNamespace
+
+    from mptrain.signals import StopRequest
+    from mptrain.trainer import Trainer
+
+    stop = StopRequest()
+
+    class SignalAfterTheVote:
+        enabled = True
+
+        def any(self, flag, _device):
+            stop.signal = "SIGTERM"  # the handler runs between the all-reduce and the return
+            return flag
+
+    trainer = SimpleNamespace(replicas=SignalAfterTheVote(), stop=stop, device=torch.device("cpu"))
+    assert Trainer._stop_requested(trainer, logged=True) is False  # the others voted to go on, so does this rank
+    assert Trainer._stop_requested(trainer, logged=True) is True  # and every rank stops at the next vote
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_checkpoints_every_rank_and_records_interrupted(tmp_path):
