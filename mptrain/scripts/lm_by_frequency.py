@@ -33,6 +33,9 @@ BANDS = (
 )  # fmt: skip  (training counts; <unk> is its own band whatever its count)
 
 
+_DATA: dict = {}  # dataset config → its DataModule
+
+
 def evaluate_run(run_dir: Path) -> dict:
     """One run's held-out loss summed per band, its decoder bias per band, and its identity."""
     import torch
@@ -56,7 +59,10 @@ def evaluate_run(run_dir: Path) -> dict:
     device = resolve_device("cpu")
     seed_everything(cfg.seed)
     precision = Precision(cfg.precision, device)
-    data = build_data(cfg.dataset, device, cfg.seed, augment=False)
+    key = OmegaConf.to_yaml(cfg.dataset)  # the held-out split and training counts do not depend on the seed
+    if key not in _DATA:  # tokenizing the text is most of a run's time here: once per dataset
+        _DATA[key] = build_data(cfg.dataset, device, cfg.seed, augment=False)
+    data = _DATA[key]
     task = build_task(cfg.model, data, precision)
     model = task.networks()["model"]
     try:
