@@ -63,6 +63,18 @@ def test_mean_meter_weights_by_batch_and_sets_nonfinite_apart():
     assert means["loss"] == pytest.approx(13 / 4) and nonfinite["loss"] == 1
 
 
+def test_mean_meter_pools_steps_that_log_different_metrics_and_reduces_them_together():
+    meter = MeanMeter()
+    meter.add({"loss": torch.tensor(1.0), "accuracy": torch.tensor(0.5)}, n=2)
+    meter.add({"loss": torch.tensor(math.nan), "accuracy": torch.tensor(1.0)}, n=2)
+    meter.add({"loss": torch.tensor(3.0, dtype=torch.float16)}, n=6)  # a step without accuracy, in FP16
+    means, nonfinite = meter.read(reduce=lambda stacked: stacked * 2)  # two ranks that saw the same
+    assert means == {"loss": pytest.approx(20 / 8), "accuracy": pytest.approx(0.75)}
+    assert nonfinite == {"loss": 2, "accuracy": 0}
+    meter.reset()
+    assert meter.read() == ({}, {})
+
+
 def test_throughput_excludes_warmup_segments():
     tp = Throughput(torch.device("cpu"), warmup_steps=2)
     for samples in (10, 10):
