@@ -30,8 +30,10 @@ def test_it_reproduces_each_runs_perplexity_and_splits_it_by_band(tmp_path, caps
         assert record["perplexity"] == pytest.approx(final, rel=1e-5)  # the run's own evaluation, recomputed
         total_loss = sum(record["loss_sum"]) / sum(record["tokens"])
         assert math.exp(total_loss) == pytest.approx(record["perplexity"])  # the bands add up to the whole
+    assert records[0]["unk_flushed_share"] is None  # fp32 has no FP16 gradient to flush
+    assert records[1]["final_loss_scale"] == 1 and 0 <= records[1]["unk_flushed_share"] <= 1
     table = capsys.readouterr().out
-    assert "| mixed_scale1 | **all** |" in table and "(n=1)" in table
+    assert "| mixed_scale1 | **all** |" in table and "(n=1)" in table and "| mixed_scale1 | " in table.split("<unk>)")[-1]
     assert (tmp_path / "bands.md").read_text().startswith("| mode | band")
 
 
@@ -39,3 +41,12 @@ def test_a_folder_without_a_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
     assert lm_by_frequency.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a run dir with a checkpoint" in err[0]
+
+
+@pytest.mark.parametrize("tokens, scale", [(2048, 128.0), (2048, 1.0), (2048, 65536.0), (32, 1.0)])
+def test_the_flush_threshold_is_where_fp16_rounds_the_logit_gradient_to_zero(tokens, scale):
+    import torch
+
+    p = math.exp(lm_by_frequency.flush_logprob(tokens, scale))
+    gradient = torch.tensor([p * 0.999, p * 1.001], dtype=torch.float64) / tokens * scale  # as the loss's mean gives
+    assert gradient.half().tolist() == [0.0, 2.0**-24]

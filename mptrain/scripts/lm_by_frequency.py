@@ -11,7 +11,10 @@ count. The table gives, per mode (seeds averaged), each frequency band's share o
 loss, and the paired Δ against fp32 (same seeds), with the band's contribution to the whole Δ of the mean loss
 (share × Δ): which words a precision mode's held-out perplexity gains or loses on. Beside it, the decoder's
 output bias per band (the rarest words' logits are what Adam drifts on tiny gradients: README of
-results/.../repro_loss_scaling). Nothing is written except --json / --md.
+results/.../repro_loss_scaling). A second table follows the word the training split never contains, `<unk>`
+(its logit learns only from the softmax's normaliser, a gradient of p(<unk>) / tokens per step): the median of
+-log p(<unk>) over all held-out contexts, and where, at the run's final loss scale, that gradient's FP16 value
+rounds to zero. Nothing is written except --json / --md.
 """
 
 from __future__ import annotations
@@ -77,13 +80,16 @@ def evaluate_run(run_dir: Path) -> dict:
     loss_sum = torch.zeros(len(BANDS), dtype=torch.float64)
     tokens = torch.zeros(len(BANDS), dtype=torch.float64)
     state = None
+    unk_logprob = []  # log p(<unk>) in every held-out context, whatever the target
     with torch.no_grad(), precision.kernels():
         for x, y in data.test:
             if state is None:
                 state = model.initial_state(x.shape[0], device)
             with precision.autocast():
                 logits, state = model(x, state)
-            nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").double()
+            logprob = F.log_softmax(logits.float().flatten(0, 1), dim=-1)  # cross_entropy's own first step
+            nll = -logprob.gather(1, y.flatten().unsqueeze(1)).squeeze(1).double()
+            unk_logprob.append(logprob[:, 0])
             bands = band_of[y.flatten()]
             loss_sum += torch.zeros(len(BANDS), dtype=torch.float64).index_add_(0, bands, nll)
             tokens += torch.bincount(bands, minlength=len(BANDS)).double()
@@ -91,6 +97,10 @@ def evaluate_run(run_dir: Path) -> dict:
     bias_by_band = [float(bias.detach().float()[band_of == i].mean()) if bias is not None and (band_of == i).any() else None
                     for i in range(len(BANDS))]  # fmt: skip
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    unk = torch.cat(unk_logprob)
+    scale = summary.get("final_loss_scale")
+    per_step = cfg.dataset.batch_size * cfg.dataset.bptt
+    flush_below = flush_logprob(per_step, scale) if scale and cfg.precision.mode != "fp32" else None
     return {
         "run_dir": str(run_dir),
         "precision": summary.get("precision_preset") or cfg.precision.mode,
@@ -100,7 +110,17 @@ def evaluate_run(run_dir: Path) -> dict:
         "perplexity": math.exp(float(loss_sum.sum() / tokens.sum())),
         "reported_perplexity": (summary.get("final") or {}).get("perplexity"),
         "decoder_bias": bias_by_band,
+        "unk_nll_median": float(-unk.median()),
+        "final_loss_scale": scale,
+        "unk_flush_below_nll": None if flush_below is None else -flush_below,
+        "unk_flushed_share": None if flush_below is None else float((unk < flush_below).float().mean()),
     }
+
+
+def flush_logprob(tokens_per_step: int, scale: float) -> float:
+    """log p below which a word's logit gradient in one context, p / tokens_per_step (the loss is a mean) times the
+    loss scale, rounds to zero in FP16: below half the smallest subnormal, 2^-25 (a tie rounds to the even 0)."""
+    return math.log(2.0**-25 * tokens_per_step / scale)
 
 
 def _bands(counts):
@@ -150,6 +170,22 @@ def table(runs: list[dict], control: str = "fp32") -> str:
             ratios = [math.log(seeds[s]["perplexity"] / by_mode[control][s]["perplexity"]) for s in paired]
             delta = f"{statistics.mean(ratios):+.4f} (n={len(paired)})"
         lines.append(f"| {mode} | **all** | 100 % | {whole:.4f} | {delta} | | |")
+    return "\n".join(lines) + "\n\n" + _unk_table(by_mode)
+
+
+def _unk_table(by_mode: dict) -> str:
+    """The never-trained word: how far each mode pushed its probability down, against where its FP16 gradient flushes."""
+    lines = ["| mode | −log p(<unk>), median over held-out contexts (nats) | final loss scale | its FP16 logit gradient "
+             "rounds to 0 beyond (nats) | held-out contexts beyond it |", "|---|---|---|---|---|"]  # fmt: skip
+    for mode, seeds in sorted(by_mode.items()):
+        runs = list(seeds.values())
+        median = statistics.mean(r["unk_nll_median"] for r in runs)
+        scales = sorted({r["final_loss_scale"] for r in runs if r["final_loss_scale"] is not None})
+        flush = [r["unk_flush_below_nll"] for r in runs if r["unk_flush_below_nll"] is not None]
+        shares = [r["unk_flushed_share"] for r in runs if r["unk_flushed_share"] is not None]
+        lines.append(f"| {mode} | {median:.2f} | {', '.join(f'{s:g}' for s in scales) or '-'} | "
+                     f"{f'{statistics.mean(flush):.2f}' if flush else '-'} | "
+                     f"{f'{statistics.mean(shares):.1%}' if shares else '-'} |")  # fmt: skip
     return "\n".join(lines)
 
 
