@@ -5,6 +5,7 @@
     mptrain-report multirun/... --format csv        # or json, for machines
     mptrain-report multirun/... --margin 0.3        # verdicts against ±0.3 accuracy points (default 0.5)
     mptrain-report multirun/... --export-runs records/   # compact per-run records to commit; report them later
+    mptrain-report --check results       # do the committed reports still come out of their committed records?
 
 Reads every run folder (one holding summary.json) under the given folders, with its
 TensorBoard scalars (every point) and numerics.jsonl, and writes into `<first dir>/report/`
@@ -17,6 +18,7 @@ previous report whole.
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import sys
 import tempfile
@@ -32,7 +34,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv):
     parser = _OneLineParser(prog="mptrain-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders")
+    parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders (with --check: folders of reports)")
     parser.add_argument("--out", type=Path, help="where the report goes (default: <first dir>/report)")
     parser.add_argument("--format", choices=("md", "csv", "json"), default="md",
                         help="md: report.md + report.html + PNG (default); csv or json: tables for machines")
@@ -49,7 +51,19 @@ def parse_args(argv):
     parser.add_argument("--control", metavar="ARM",
                         help="the arm every other is paired with: a mode or an arm's label, e.g. bf16 (default: a "
                              "registered plan's control, else fp32)")
+    parser.add_argument("--check", action="store_true",
+                        help="remake every report.md under the folders from the records and options its header "
+                             "names, and compare their tables; exit 1 if one differs")
     return parser.parse_args(argv)
+
+
+def options_said(margin_specs: list[str] | None, metric: str, control: str | None) -> str:
+    """The options that shape a report's tables, as a command line would give them."""
+    said = [] if metric == "primary" else ["--metric", metric]
+    for spec in margin_specs or []:
+        said += ["--margin", spec]
+    said += ["--control", control] if control else []
+    return shlex.join(said)
 
 
 def build(dirs: list[Path], out: Path, fmt: str, margin_specs: list[str] | None = None,
@@ -64,7 +78,8 @@ def build(dirs: list[Path], out: Path, fmt: str, margin_specs: list[str] | None 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         if fmt == "md":
-            markdown = write_markdown(runs, dirs, staging, margins, control)
+            markdown = write_markdown(runs, dirs, staging, margins, control,
+                                      options_said(margin_specs, metric, control))
             written = [markdown, write_html(markdown)]
         else:
             written = write_machine(runs, staging, fmt, margins, control)
@@ -90,12 +105,28 @@ def main(argv=None) -> None:
             written = export_runs(args.dirs, args.export_runs)
             print(f"{len(written)} run records in {args.export_runs}")
             return
+        if args.check:
+            sys.exit(_check(args.dirs))
         out = args.out or args.dirs[0] / "report"
         for path in build(args.dirs, out, args.format, args.margin, args.metric, args.control):
             print(path)
     except UserError as e:
         print(f"mptrain-report: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _check(dirs: list[Path]) -> int:
+    from mptrain.report.check import check
+
+    results = check(dirs)
+    if not results:
+        raise UserError(f"no report.md written by mptrain-report under {', '.join(map(str, dirs))}")
+    for checked in results:
+        print(f"{checked.status:10} {checked.report}" + (f": {checked.detail}" if checked.detail else ""))
+    counts = {s: sum(c.status == s for c in results) for s in ("same", "differs", "no records")}
+    print(f"{counts['same']} reports remade the same, {counts['differs']} differ, {counts['no records']} without "
+          "their records in the repository")
+    return 1 if counts["differs"] else 0
 
 
 if __name__ == "__main__":

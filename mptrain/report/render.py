@@ -26,13 +26,15 @@ from mptrain.report.tables import (
 
 
 def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: dict | None = None,
-                   control: str | None = None) -> Path:
+                   control: str | None = None, options: str = "") -> Path:
+    """`options`: the command-line options that shaped the tables, said in the header so that
+    `mptrain-report --check` can remake the report from its sources."""
     tables = comparison(runs, margins, control)
     lines = [
         "# mptrain report",
         "",
         f"{len(runs)} runs from {', '.join(f'`{s}`' for s in sources)}; written by `mptrain-report` on "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC." + (f" Options: `{options}`." if options else ""),
         "",
         "## The answer",
         "",

@@ -1,0 +1,78 @@
+"""`mptrain-report --check DIR`: do the committed reports under DIR still come out of their committed records?
+
+Each report.md names the folders it was made from and the options that shape its tables (its header line); the
+check remakes it from them, in a scratch folder, with the code of today, and compares every table row. A report
+whose records are not in the repository (made from a sweep folder outside it) is listed as not checkable, never
+as passing.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+HEADER = re.compile(r"runs from (?P<sources>(?:`[^`]+`(?:, )?)+); written by `mptrain-report` on [^.]*\.(?: "
+                    r"Options: `(?P<options>[^`]*)`\.)?")  # fmt: skip
+
+
+@dataclass
+class Checked:
+    report: Path
+    status: str  # "same", "differs", "no records"
+    detail: str = ""
+
+
+def recipe(report_md: Path) -> tuple[list[str], list[str]] | None:
+    """The folders and options a report.md was written from (its header), or None for a file that is no report."""
+    lines = report_md.read_text().splitlines()
+    match = next((m for m in map(HEADER.search, lines[:5]) if m), None)
+    if match is None:
+        return None
+    sources = re.findall(r"`([^`]+)`", match["sources"])
+    return sources, shlex.split(match["options"] or "")
+
+
+def _locate(source: str, report_md: Path) -> Path | None:
+    """A recorded folder as the report's writer named it: from the working directory, or from the folder that holds
+    the report's folder (a report made from inside its experiment's folder names `runs`)."""
+    for candidate in (Path(source), report_md.parent.parent / source):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def table_rows(markdown: str) -> list[str]:
+    return [line for line in markdown.splitlines() if line.startswith("|")]
+
+
+def check_report(report_md: Path) -> Checked | None:
+    from mptrain.report.cli import build, parse_args
+
+    made = recipe(report_md)
+    if made is None:
+        return None
+    sources, options = made
+    found = [_locate(s, report_md) for s in sources]
+    if None in found:
+        missing = ", ".join(s for s, f in zip(sources, found) if f is None)
+        return Checked(report_md, "no records", f"not in the repository: {missing}")
+    args = parse_args([*map(str, found), *options])
+    with tempfile.TemporaryDirectory(prefix="mptrain-check-") as scratch:
+        out = Path(scratch) / "report"
+        build(args.dirs, out, "md", args.margin, args.metric, args.control)
+        fresh = table_rows((out / "report.md").read_text())
+    committed = table_rows(report_md.read_text())
+    if fresh == committed:
+        return Checked(report_md, "same")
+    first = next((i for i, (a, b) in enumerate(zip(committed, fresh)) if a != b), min(len(committed), len(fresh)))
+    was = committed[first] if first < len(committed) else "(no row)"
+    now = fresh[first] if first < len(fresh) else "(no row)"
+    return Checked(report_md, "differs", f"table row {first + 1}: committed {was[:160]!r}, remade {now[:160]!r}")
+
+
+def check(dirs: list[Path]) -> list[Checked]:
+    reports = sorted({p for d in dirs for p in ([d] if d.name == "report.md" else d.rglob("report.md"))})
+    return [c for c in map(check_report, reports) if c is not None]
