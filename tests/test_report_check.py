@@ -64,3 +64,13 @@ def test_every_committed_report_with_committed_records_remakes_its_tables():
     same = [line for line in out.stdout.splitlines() if line.startswith("same")]
     assert any("repro_loss_scaling/report/" in line for line in same)
     assert len(same) >= 10
+
+
+def test_every_link_in_the_results_pages_resolves():
+    """Remaking a report renames its figures when a section's setting changes: the pages that link them follow."""
+    import re
+
+    broken = [(str(page.relative_to(RESULTS)), target) for page in RESULTS.rglob("*.md") if page.name != "report.md"
+              for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", page.read_text())
+              if not (page.parent / target).exists()]  # fmt: skip
+    assert not broken
