@@ -49,9 +49,13 @@ def test_a_report_without_its_records_is_listed_never_passed(tmp_path):
     assert "0 reports remade the same, 0 differ, 1 without their records" in out.stdout
 
 
-def test_a_folder_without_reports_is_one_line(tmp_path):
-    out = report("--check", str(tmp_path), cwd=tmp_path)
-    assert out.returncode == 2 and "no report.md written by mptrain-report" in out.stderr
+@pytest.mark.parametrize("extra, says", [
+    ([], "no report.md written by mptrain-report"),
+    (["--metric", "train_loss"], "--check remakes each report with the options its own header names; drop --metric"),
+])  # fmt: skip
+def test_a_folder_without_reports_or_an_option_the_check_would_ignore_is_one_line(tmp_path, extra, says):
+    out = report("--check", str(tmp_path), *extra, cwd=tmp_path)
+    assert out.returncode == 2 and says in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 

@@ -99,14 +99,14 @@ def build(dirs: list[Path], out: Path, fmt: str, margin_specs: list[str] | None 
 def main(argv=None) -> None:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
+        if args.check:
+            sys.exit(_check(args))
         if args.export_runs:
             from mptrain.report.export import export_runs
 
             written = export_runs(args.dirs, args.export_runs)
             print(f"{len(written)} run records in {args.export_runs}")
             return
-        if args.check:
-            sys.exit(_check(args.dirs))
         out = args.out or args.dirs[0] / "report"
         for path in build(args.dirs, out, args.format, args.margin, args.metric, args.control):
             print(path)
@@ -115,12 +115,17 @@ def main(argv=None) -> None:
         sys.exit(2)
 
 
-def _check(dirs: list[Path]) -> int:
+def _check(args) -> int:
     from mptrain.report.check import check
 
-    results = check(dirs)
+    given = [flag for flag, value in (("--out", args.out), ("--format", args.format != "md"), ("--margin", args.margin),
+                                      ("--metric", args.metric != "primary"), ("--control", args.control),
+                                      ("--export-runs", args.export_runs)) if value]  # fmt: skip
+    if given:
+        raise UserError(f"--check remakes each report with the options its own header names; drop {', '.join(given)}")
+    results = check(args.dirs)
     if not results:
-        raise UserError(f"no report.md written by mptrain-report under {', '.join(map(str, dirs))}")
+        raise UserError(f"no report.md written by mptrain-report under {', '.join(map(str, args.dirs))}")
     for checked in results:
         print(f"{checked.status:10} {checked.report}" + (f": {checked.detail}" if checked.detail else ""))
     counts = {s: sum(c.status == s for c in results) for s in ("same", "differs", "no records")}
