@@ -62,7 +62,7 @@ def run_layer_study(overrides: Sequence[str] = (), block_format: str = "mxfp4", 
                     announce=print, margin: Sequence[str] | None = None) -> LayerStudyResult:
     from mptrain.console import compose
     from mptrain.inprocess import run_overrides
-    from mptrain.report.cli import build
+    from mptrain.report.make import build
     from mptrain.report.paired_verdict import parse_margins
     from mptrain.report.runs import load_runs
     from mptrain.report.tables import comparison

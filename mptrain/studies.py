@@ -47,7 +47,7 @@ def run_study(overrides: Sequence[str] = (), modes: Sequence[str] = DEFAULT_MODE
     from mptrain.inprocess import run_overrides
     from mptrain.numerics_cli import analyse, compose_scan, scan
     from mptrain.paths import group_options
-    from mptrain.report.cli import build
+    from mptrain.report.make import build
     from mptrain.report.paired_verdict import parse_margins
     from mptrain.report.runs import load_runs
     from mptrain.report.tables import comparison

@@ -78,3 +78,14 @@ def test_every_link_in_the_results_pages_resolves():
               for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", page.read_text())
               if not (page.parent / target).exists()]  # fmt: skip
     assert not broken
+
+
+def test_the_header_options_read_back_as_they_were_said():
+    from mptrain.errors import UserError
+    from mptrain.report.make import options_read, options_said
+
+    said = options_said(["perplexity=2", "0.3"], "train_loss", "bf16 moments")
+    assert options_read(said) == (["perplexity=2", "0.3"], "train_loss", "bf16 moments")
+    assert options_read(options_said(None, "primary", None)) == ([], "primary", None)
+    with pytest.raises(UserError, match="--out does not shape a report's tables"):
+        options_read("--out x")

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from mptrain.report.cli import build, main
+from mptrain.report.cli import main
 from mptrain.report.export import export_runs
+from mptrain.report.make import build
 from mptrain.report.paired_verdict import paired_verdict, seeds_needed
 
 FIXTURE = Path(__file__).parent / "fixtures" / "records"

@@ -9,7 +9,6 @@ as passing.
 from __future__ import annotations
 
 import re
-import shlex
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +24,14 @@ class Checked:
     detail: str = ""
 
 
-def recipe(report_md: Path) -> tuple[list[str], list[str]] | None:
+def recipe(report_md: Path) -> tuple[list[str], str] | None:
     """The folders and options a report.md was written from (its header), or None for a file that is no report."""
     lines = report_md.read_text().splitlines()
     match = next((m for m in map(HEADER.search, lines[:5]) if m), None)
     if match is None:
         return None
     sources = re.findall(r"`([^`]+)`", match["sources"])
-    return sources, shlex.split(match["options"] or "")
+    return sources, match["options"] or ""
 
 
 def _locate(source: str, report_md: Path) -> Path | None:
@@ -49,7 +48,7 @@ def table_rows(markdown: str) -> list[str]:
 
 
 def check_report(report_md: Path) -> Checked | None:
-    from mptrain.report.cli import build, parse_args
+    from mptrain.report.make import build, options_read
 
     made = recipe(report_md)
     if made is None:
@@ -59,10 +58,10 @@ def check_report(report_md: Path) -> Checked | None:
     if None in found:
         missing = ", ".join(s for s, f in zip(sources, found) if f is None)
         return Checked(report_md, "no records", f"not in the repository: {missing}")
-    args = parse_args([*map(str, found), *options])
+    margins, metric, control = options_read(options)
     with tempfile.TemporaryDirectory(prefix="mptrain-check-") as scratch:
         out = Path(scratch) / "report"
-        build(args.dirs, out, "md", args.margin, args.metric, args.control)
+        build(found, out, "md", margins or None, metric, control)
         fresh = table_rows((out / "report.md").read_text())
     committed = table_rows(report_md.read_text())
     if fresh == committed:

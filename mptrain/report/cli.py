@@ -18,13 +18,11 @@ previous report whole.
 from __future__ import annotations
 
 import argparse
-import shlex
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from mptrain.errors import UserError
+from mptrain.report.make import build
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -55,45 +53,6 @@ def parse_args(argv):
                         help="remake every report.md under the folders from the records and options its header "
                              "names, and compare their tables; exit 1 if one differs")
     return parser.parse_args(argv)
-
-
-def options_said(margin_specs: list[str] | None, metric: str, control: str | None) -> str:
-    """The options that shape a report's tables, as a command line would give them."""
-    said = [] if metric == "primary" else ["--metric", metric]
-    for spec in margin_specs or []:
-        said += ["--margin", spec]
-    said += ["--control", control] if control else []
-    return shlex.join(said)
-
-
-def build(dirs: list[Path], out: Path, fmt: str, margin_specs: list[str] | None = None,
-          metric: str = "primary", control: str | None = None) -> list[Path]:
-    from mptrain.report.paired_verdict import parse_margins
-    from mptrain.report.render import write_html, write_machine, write_markdown
-    from mptrain.report.runs import load_runs
-
-    margins = parse_margins(margin_specs)
-    runs = load_runs(dirs, metric)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        if fmt == "md":
-            markdown = write_markdown(runs, dirs, staging, margins, control,
-                                      options_said(margin_specs, metric, control))
-            written = [markdown, write_html(markdown)]
-        else:
-            written = write_machine(runs, staging, fmt, margins, control)
-        if out.exists():
-            old = out.with_name(f".{out.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            staging.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return [out / p.name for p in written]
 
 
 def main(argv=None) -> None:

@@ -1,0 +1,67 @@
+"""Build one report (md + html + PNG, or csv/json) from run folders, and say the options that shaped its tables
+so that it can be built again (`mptrain-report --check`)."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import tempfile
+from pathlib import Path
+
+from mptrain.errors import UserError
+
+
+def options_said(margin_specs: list[str] | None, metric: str, control: str | None) -> str:
+    """The options that shape a report's tables, as a command line would give them."""
+    said = [] if metric == "primary" else ["--metric", metric]
+    for spec in margin_specs or []:
+        said += ["--margin", spec]
+    said += ["--control", control] if control else []
+    return shlex.join(said)
+
+
+def build(dirs: list[Path], out: Path, fmt: str, margin_specs: list[str] | None = None,
+          metric: str = "primary", control: str | None = None) -> list[Path]:
+    from mptrain.report.paired_verdict import parse_margins
+    from mptrain.report.render import write_html, write_machine, write_markdown
+    from mptrain.report.runs import load_runs
+
+    margins = parse_margins(margin_specs)
+    runs = load_runs(dirs, metric)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        if fmt == "md":
+            markdown = write_markdown(runs, dirs, staging, margins, control,
+                                      options_said(margin_specs, metric, control))
+            written = [markdown, write_html(markdown)]
+        else:
+            written = write_machine(runs, staging, fmt, margins, control)
+        if out.exists():
+            old = out.with_name(f".{out.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out / p.name for p in written]
+
+
+def options_read(said: str) -> tuple[list[str], str, str | None]:
+    """`options_said`'s line back into (margin specs, metric, control)."""
+    words, margins, metric, control = shlex.split(said), [], "primary", None
+    if len(words) % 2:
+        raise UserError(f"options {said!r}: each option takes one value")
+    for flag, value in zip(words[::2], words[1::2]):
+        if flag == "--margin":
+            margins.append(value)
+        elif flag == "--metric":
+            metric = value
+        elif flag == "--control":
+            control = value
+        else:
+            raise UserError(f"options {said!r}: {flag} does not shape a report's tables")
+    return margins, metric, control
