@@ -35,9 +35,10 @@ def recipe(report_md: Path) -> tuple[list[str], str] | None:
 
 
 def _locate(source: str, report_md: Path) -> Path | None:
-    """A recorded folder as the report's writer named it: from the working directory, or from the folder that holds
-    the report's folder (a report made from inside its experiment's folder names `runs`)."""
-    for candidate in (Path(source), report_md.parent.parent / source):
+    """A recorded folder as the report's writer named it: from the working directory, else from the nearest folder
+    above the report that holds it (the repository's root for `results/...`; the experiment's folder for a report
+    made from inside it, which names `runs`), so the check finds the records from any working directory."""
+    for candidate in (Path(source), *(above / source for above in report_md.resolve().parents)):
         if candidate.is_dir():
             return candidate
     return None
