@@ -13,8 +13,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-HEADER = re.compile(r"runs from (?P<sources>(?:`[^`]+`(?:, )?)+); written by `mptrain-report` on [^.]*\.(?: "
-                    r"Options: `(?P<options>[^`]*)`\.)?")  # fmt: skip
+from mptrain.report.make import build, options_read
+from mptrain.report.render import HEADER
 
 
 @dataclass
@@ -24,10 +24,9 @@ class Checked:
     detail: str = ""
 
 
-def recipe(report_md: Path) -> tuple[list[str], str] | None:
+def recipe(markdown: str) -> tuple[list[str], str] | None:
     """The folders and options a report.md was written from (its header), or None for a file that is no report."""
-    lines = report_md.read_text().splitlines()
-    match = next((m for m in map(HEADER.search, lines[:5]) if m), None)
+    match = next((m for m in map(HEADER.search, markdown.splitlines()[:5]) if m), None)
     if match is None:
         return None
     sources = re.findall(r"`([^`]+)`", match["sources"])
@@ -49,9 +48,8 @@ def table_rows(markdown: str) -> list[str]:
 
 
 def check_report(report_md: Path) -> Checked | None:
-    from mptrain.report.make import build, options_read
-
-    made = recipe(report_md)
+    text = report_md.read_text()
+    made = recipe(text)
     if made is None:
         return None
     sources, options = made
@@ -64,7 +62,7 @@ def check_report(report_md: Path) -> Checked | None:
         out = Path(scratch) / "report"
         build(found, out, "md", margins or None, metric, control)
         fresh = table_rows((out / "report.md").read_text())
-    committed = table_rows(report_md.read_text())
+    committed = table_rows(text)
     if fresh == committed:
         return Checked(report_md, "same")
     first = next((i for i, (a, b) in enumerate(zip(committed, fresh)) if a != b), min(len(committed), len(fresh)))

@@ -24,6 +24,10 @@ from mptrain.report.tables import (
     verdict_cell,
 )
 
+# write_markdown's header line, as `mptrain-report --check` reads it back (report/check.py)
+HEADER = re.compile(r"runs from (?P<sources>(?:`[^`]+`(?:, )?)+); written by `mptrain-report` on [^.]*\.(?: "
+                    r"Options: `(?P<options>[^`]*)`\.)?")  # fmt: skip
+
 
 def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: dict | None = None,
                    control: str | None = None, options: str = "") -> Path:
@@ -34,7 +38,7 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
         "# mptrain report",
         "",
         f"{len(runs)} runs from {', '.join(f'`{s}`' for s in sources)}; written by `mptrain-report` on "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC." + (f" Options: `{options}`." if options else ""),
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC." + (f" Options: `{options}`." if options else ""),  # read back by HEADER
         "",
         "## The answer",
         "",
