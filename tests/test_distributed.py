@@ -31,10 +31,12 @@ def _rank(rank: int, world: int, port: int, cfg_yaml: str, out: str, env: dict) 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), **env)  # fmt: skip
     torch.set_num_threads(1)
-    if env.get("UNCACHED"):  # the reference: every product casts its FP16 weights itself
+    if env.get("UNCACHED"):  # the reference: every product, in the dispatch mode, casts its FP16 weights itself
+        from mptrain.precision import emulated_layers
         from mptrain.precision.emulation import WeightCache
 
         WeightCache.up = lambda self, t: t.float()
+        emulated_layers.install = lambda model: 0
     from mptrain.bench.measure import RecordingLogger
     from mptrain.build import build_trainer
     from mptrain.replicas import join
@@ -87,6 +89,7 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(compose_cfg, tmp_p
 
 
 def test_the_weight_cache_under_ddp_and_a_skipped_step_trains_bit_identically_to_no_cache(compose_cfg, tmp_path):
+    """Steps 3-5 run on the layers' emulated products (past the audit), the reference on the dispatch mode."""
     cfg = compose_cfg(*SMALL, "precision=mixed", "trainer.max_steps=5", "dataset.batch_size=16",
                       "precision.cpu_fp16=emulate")  # fmt: skip
     fault = {"MPTRAIN_FAULT_OVERFLOW": "1:2"}  # step 2 is skipped on both ranks

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mptrain.errors import UserError
-from mptrain.precision import emulation
+from mptrain.precision import emulated_layers, emulation
 from mptrain.precision.attention import FP32Attention
 from mptrain.precision.casting import cast_model
 from mptrain.precision.emulation import EmulatedKernels, emulates
@@ -45,6 +45,8 @@ class Precision:
         self.fp8_report: dict | None = None  # precision=fp8: which layers run in FP8 (summary.json `fp8`)
         self.mx_report: dict | None = None  # precision=mx: which layers run in which block format (summary.json `mx`)
         self._weights: list[torch.Tensor] = []  # the prepared networks' parameters
+        self._layers = 0  # layers that compute their emulated products themselves (emulated_layers.py)
+        self._coverage: emulated_layers.Coverage | None = None
         low = self.spec.arithmetic_dtype
         policies = {torch.float16: cfg.cpu_fp16, torch.bfloat16: cfg.cpu_bf16}
         resolved = {dtype: emulates(policy, device, dtype) for dtype, policy in policies.items()}
@@ -108,7 +110,23 @@ class Precision:
             report = mx.convert(model, self.cfg, prefix=f"{network}." if network else "")
             self.mx_report = fp8.merge(self.mx_report, report)
             self.notes.append(mx.describe(report, network))
+        if self.emulate and self._plain_products and not (self.spec.fp8 or self.spec.mx):
+            self._layers += emulated_layers.install(model)
+            self._coverage = None  # audited afresh with the new network
         return model
+
+    @property
+    def _plain_products(self) -> bool:
+        """FP32 accumulation and reductions: the emulated products are all that differs from torch's kernels."""
+        return self.cfg.accumulate != "fp16" and self.cfg.reductions != "fp16"
+
+    @property
+    def emulation_path(self) -> str | None:
+        """summary.json `emulation`: where the emulated products ran ("layers": in the model's Linear and
+        convolution layers; "dispatch mode": a TorchDispatchMode around every op); None without emulation."""
+        if not self.emulate:
+            return None
+        return self._coverage.path if self._coverage is not None else "dispatch mode"
 
     def autocast(self):
         if self.spec.autocast_dtype is None:
@@ -123,8 +141,11 @@ class Precision:
         if not self.emulate:
             return contextlib.nullcontext()
         block = self.cfg.accumulate_block if self.cfg.accumulate == "fp16" else None
-        return EmulatedKernels(self.emulated_dtype, accumulate_block=block,
-                               fp16_reductions=self.cfg.reductions == "fp16", weights=self._weights)
+        if self._coverage is None:
+            self._coverage = emulated_layers.Coverage(self._layers)
+        return EmulatedKernels(self.emulated_dtype, accumulate_block=block, fp16_reductions=self.cfg.reductions == "fp16",
+                               weights=self._weights, dispatch=self._coverage.dispatch_next(),
+                               on_exit=self._coverage.record)
 
     def stepper(self, model, make_optimizer, make_scheduler=None, max_grad_norm=None,
                 agree_on_overflow=None) -> PrecisionStepper:

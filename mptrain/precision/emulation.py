@@ -159,11 +159,18 @@ class EmulatedKernels(TorchDispatchMode):
     active: list[EmulatedKernels] = []  # the entered modes: recurrent layers ask (`emulating`) to run fused
 
     def __init__(self, dtype: torch.dtype = torch.float16, accumulate_block: int | None = None,
-                 fp16_reductions: bool = False, weights=()):
+                 fp16_reductions: bool = False, weights=(), dispatch: bool = True, on_exit=None):
         super().__init__()
         if dtype != torch.float16 and (accumulate_block is not None or fp16_reductions):
             raise ValueError("FP16 accumulation and reductions are FP16 settings")
+        if not dispatch and (accumulate_block is not None or fp16_reductions):
+            raise ValueError("FP16 accumulation and reductions need the dispatch mode: they change every op")
         self.calls = 0  # kernels emulated: tests check the path is really taken
+        self.dispatched = 0  # of which the dispatch mode itself computed (not a layer: emulated_layers.py)
+        #: whether the TorchDispatchMode is entered; without it only the installed layers (emulated_layers.py)
+        #: and the recurrent layers (low_recurrence) emulate, finding the mode in `active`
+        self.dispatch = dispatch
+        self.on_exit = on_exit  # called with this mode when it is left without an error (emulated_layers.Coverage)
         self.dtype = dtype
         self.cache = WeightCache(weights, dtype)
         self.down = _down(dtype)
@@ -175,13 +182,25 @@ class EmulatedKernels(TorchDispatchMode):
         """An input of a product in FP32: a low-precision tensor's values (a weight's cached copy), else as it is."""
         return self.cache.up(t) if _is_cpu(t, self.dtype) else t
 
+    @property
+    def plain(self) -> bool:
+        """Whether products are all this mode changes (no FP16 accumulation or reductions): a layer may compute
+        them itself (emulated_layers.py)."""
+        return self.block is None and not self.reductions
+
+    def forget_weights(self) -> None:
+        """Drop every FP32 weight copy: the weights were written (an optimizer step) where no dispatch saw it."""
+        self.cache.copies.clear()
+
     def __enter__(self):
         EmulatedKernels.active.append(self)
-        return super().__enter__()
+        return super().__enter__() if self.dispatch else self
 
     def __exit__(self, *exc):
         EmulatedKernels.active.remove(self)
-        return super().__exit__(*exc)
+        if self.on_exit is not None and exc[0] is None:
+            self.on_exit(self)
+        return super().__exit__(*exc) if self.dispatch else None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in _PASSED_THROUGH:  # most ops (views, element-wise): the fewest Python steps, as each op pays them
@@ -191,11 +210,13 @@ class EmulatedKernels(TorchDispatchMode):
             self.cache.forget_written(func, args, kwargs)
         if func in HEAVY and any(_is_cpu(a, self.dtype) for a in args):
             self.calls += 1
+            self.dispatched += 1
             if self.block is not None:
                 return _blocked(func, args, kwargs, self.block)
             return tree_map(self.down, func(*tree_map(self.up, args), **tree_map(self.up, kwargs)))
         if func in ATTENTION and any(_is_cpu(a, self.dtype) for a in args):
             self.calls += 1
+            self.dispatched += 1
             if self.block is not None or self.reductions:
                 return _decomposed_attention(func, args, kwargs, self.block, self.softmax)
             out = func(*tree_map(self.up, args), **tree_map(self.up, kwargs))
@@ -204,6 +225,7 @@ class EmulatedKernels(TorchDispatchMode):
             out = REDUCTIONS[func](*args, **kwargs)
             if out is not None:
                 self.calls += 1
+                self.dispatched += 1
                 return out
         if func not in HEAVY and func not in ATTENTION and func not in REDUCTIONS and not func._schema.is_mutable:
             _PASSED_THROUGH.add(func)
@@ -291,6 +313,19 @@ def emulating(x: torch.Tensor) -> bool:
 
 def _mode_for(x: torch.Tensor) -> EmulatedKernels | None:
     return next((m for m in EmulatedKernels.active if _is_cpu(x, m.dtype)), None)
+
+
+def layer_mode(x: torch.Tensor) -> EmulatedKernels | None:
+    """The entered mode whose products a layer with input `x` computes itself (emulated_layers.py), if any."""
+    mode = _mode_for(x)
+    return mode if mode is not None and mode.plain else None
+
+
+def forget_weights() -> None:
+    """The weights were written (the optimizer, the masters' copy): no entered mode serves an old FP32 copy. The
+    version counter misses fused optimizer kernels (torch's fused Adam leaves it unchanged)."""
+    for mode in EmulatedKernels.active:
+        mode.forget_weights()
 
 
 def low_recurrence(rnn: torch.nn.RNNBase, weights: dict, x: torch.Tensor, state):

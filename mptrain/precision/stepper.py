@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from mptrain.precision import emulation
 from mptrain.precision.master import MasterWeights
 from mptrain.precision.scaler import Scaler
 
@@ -96,6 +97,7 @@ class PrecisionStepper:
         self._update()
         if self.masters:
             self.masters.master_to_model()
+        emulation.forget_weights()  # the emulated kernels' FP32 weight copies are stale now
         return self._advance()
 
     def _update(self) -> None:
@@ -178,6 +180,7 @@ class PrecisionStepper:
         if self.masters:
             torch._foreach_copy_(self.masters.master_params, state["master_params"])
             self.masters.master_to_model()
+        emulation.forget_weights()
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None:

@@ -33,6 +33,7 @@ def collect(trainer) -> dict:
         "bytes_per_parameter": {name: s.bytes_per_parameter() for name, s in trainer.steppers.items()},
         "fp16_kernels": trainer.precision.fp16_kernels,
         "bf16_kernels": trainer.precision.bf16_kernels,
+        "emulation": trainer.precision.emulation_path,
         "bf16_attention": "fp32 from bf16 values" if trainer.precision.fp32_attention else None,
         "fp8": trainer.precision.fp8_report,
         "mx": trainer.precision.mx_report,
