@@ -186,7 +186,7 @@ def test_a_write_the_version_counter_misses_is_forgotten_by_the_stepper():
                                   "model.fid.enabled=false", "precision=mixed"],  # D read by both networks' steps
                                  ["debug=tiny_lm", "model=lstm_lm", "precision=mixed"],
                                  ["debug=tiny", "model=mlp", "precision=bf16_pure", "precision.cpu_bf16=emulate"]])
-def test_runs_on_the_layers_are_bit_identical_to_runs_on_the_dispatch_mode(compose_cfg, tmp_path, monkeypatch, run):
+def test_runs_on_the_layers_are_bit_identical_to_runs_on_the_dispatch_mode(compose_cfg, tmp_path, run):
     """Past the audit, across optimizer steps, a skipped step and a resume, the layers' path trains exactly as the
     dispatch mode does."""
     from mptrain.bench.measure import RecordingLogger
@@ -194,14 +194,13 @@ def test_runs_on_the_layers_are_bit_identical_to_runs_on_the_dispatch_mode(compo
 
     steps = emulated_layers.AUDITED_FIRST + 4
     ends, paths = [], []
-    for layers in (True, False):
-        if not layers:
-            monkeypatch.setattr(emulated_layers, "install", lambda model: 0)
-        run_dir = tmp_path / str(layers)
+    for products in ("auto", "dispatch"):
+        run_dir = tmp_path / products
         run_dir.mkdir()
         for max_steps in (steps - 2, steps):  # stop, then resume from the checkpoint
             cfg = compose_cfg(*run, "precision.cpu_fp16=emulate", f"trainer.max_steps={max_steps}",
-                              "trainer.progress=false", "trainer.checkpoint_every=2", "trainer.resume=auto")
+                              f"precision.emulated_products={products}", "trainer.progress=false",
+                              "trainer.checkpoint_every=2", "trainer.resume=auto")
             trainer = build_trainer(cfg, torch.device("cpu"), run_dir, RecordingLogger(), None, [])
             trainer.fit(evaluate=False)
         paths.append(trainer.precision.emulation_path)

@@ -110,7 +110,8 @@ class Precision:
             report = mx.convert(model, self.cfg, prefix=f"{network}." if network else "")
             self.mx_report = fp8.merge(self.mx_report, report)
             self.notes.append(mx.describe(report, network))
-        if self.emulate and self._plain_products and not (self.spec.fp8 or self.spec.mx):
+        if (self.emulate and self._plain_products and self.cfg.emulated_products == "auto"
+                and not (self.spec.fp8 or self.spec.mx)):
             self._layers += emulated_layers.install(model)
             self._coverage = None  # audited afresh with the new network
         return model

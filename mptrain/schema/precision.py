@@ -27,6 +27,7 @@ MODES = ("fp32", "fp16_naive", "fp16_master", "mixed", "amp", "bf16", "bf16_pure
 CPU_FP16 = ("auto", "emulate", "native")  # precision.cpu_fp16 and precision.cpu_bf16
 FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao's float8 recipe names
 ACCUMULATE = ("fp32", "fp16")  # precision.accumulate and precision.reductions
+EMULATED_PRODUCTS = ("auto", "dispatch")  # precision.emulated_products: where the emulated kernels compute
 FP16_ARITHMETIC = ("fp16_naive", "fp16_master", "mixed", "amp")  # the modes with FP16 products
 BF16_ARITHMETIC = ("bf16", "bf16_pure", "bf16_sr", "bf16_kahan", "fp8", "mx")  # BF16 products (fp8, mx: around theirs)
 BLOCK_FORMATS = ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4", "nvfp4")  # precision/blockfmt.py
@@ -73,6 +74,11 @@ class PrecisionConfig:
                                  "units: AVX512-BF16, AMX; with them torch's BF16 kernels, the attention in FP32 from "
                                  "BF16 values) | emulate (the same BF16 values at FP32 speed) | native (torch's BF16 "
                                  "kernels throughout)", one_of(*CPU_FP16))
+    emulated_products: str = knob("auto", "where the emulated FP16/BF16 kernels compute (the same bits either way): "
+                                          "auto (in the model's Linear and convolution layers when an audit of the "
+                                          "first steps finds every product there; else a dispatch mode over every op) "
+                                          "| dispatch (always the dispatch mode: the reference, slower)",
+                                  one_of(*EMULATED_PRODUCTS))
     accumulate: str = knob("fp32", "FP16 products' partial sums: fp32 (the paper's sec. 3.3, a tensor core's) | fp16 "
                                    "(rounded to FP16 as they accumulate; emulated CPU kernels only)",
                            one_of(*ACCUMULATE), example="fp32")
