@@ -108,6 +108,17 @@ def test_the_plan_is_printed_above_the_verdicts_and_other_metrics_are_explorator
     assert pd.read_csv(tmp_path / "m" / "comparison.csv").query("not control")["exploratory"].all()
 
 
+def test_an_amended_plan_says_so_and_its_schema_takes_the_date():
+    from mptrain.report.tables import plan_markdown
+    from mptrain.schema.plan import check
+
+    plan = {"claim": "c", "metric": "perplexity", "margin": 1.0, "arms": ["mixed"], "seeds": 3,
+            "refuted_if": "r", "registered": "2026-12-04", "amended": "2026-12-06"}
+    assert plan_markdown(plan, "perplexity").startswith("**Plan** (registered 2026-12-04, amended 2026-12-06 before")
+    check({"plan": plan})  # a known key: no refusal
+    assert "amended" not in plan_markdown({**plan, "amended": None}, "perplexity")
+
+
 def test_exported_records_regenerate_the_same_tables(tmp_path):
     source = tmp_path / "runs"
     shutil.copytree(FIXTURE, source)

@@ -105,7 +105,8 @@ def plan_markdown(plan: dict, metric: str, off_plan: list[str] | None = None) ->
     """The plan, as registered, above the verdicts it judges."""
     unit = "points" if metric == "accuracy" else "% of the control's mean"
     arms = ", ".join(plan.get("arms") or []) or "every arm"
-    lines = [f"**Plan** (registered {plan.get('registered') or 'before the runs'}): {plan.get('claim')}",
+    amended = f", amended {plan['amended']} before its runs" if plan.get("amended") else ""
+    lines = [f"**Plan** (registered {plan.get('registered') or 'before the runs'}{amended}): {plan.get('claim')}",
              f"- judged on: held-out {plan.get('metric')}, equivalence margin ±{plan.get('margin')} {unit}, "
              f"two one-sided tests at α = 0.05 (90 % interval inside ±δ), paired by seed against "
              f"{plan.get('control', 'fp32')}",

@@ -34,6 +34,8 @@ class PlanConfig:
                                    "each value is a section it judges; any other override makes a section exploratory")
     refuted_if: str = knob("???", "the result that would refute the claim", TEXT)
     registered: Optional[str] = knob(None, "when the plan was committed (a date), before its first run", TEXT)
+    amended: Optional[str] = knob(None, "when the plan was changed (a date), still before its first run; the preset's "
+                                        "comment says what and why", TEXT)
 
 
 SCHEMAS = {"plan_schema": PlanConfig}
