@@ -4,6 +4,7 @@ dispatch mode left only where an audit saw every product in a layer."""
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -102,7 +103,19 @@ def test_install_leaves_parameters_hooks_and_other_forwards_alone():
         model[1](model[0](torch.randn(2, 4).half()))
     assert seen == [torch.float16] and mode.calls == 1  # the hook ran; only the plain Linear emulated
     twin = copy.deepcopy(model)  # the installed forward follows the copy, not the original
-    assert twin[0].forward.__self__ is twin[0]
+    assert twin[0].forward.args[0] is twin[0]
+
+
+def test_a_model_with_installed_layers_pickles_whole():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv1d(1, 1, 1), nn.ConvTranspose1d(1, 1, 1))
+    emulated_layers.install(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the whole module, as a user may save one
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert loaded[0].forward.args[0] is loaded[0] and loaded[1]._conv_forward.args[0] is loaded[1]
+    with EmulatedKernels(dispatch=False) as mode:
+        loaded.half()[0](torch.randn(2, 4).half())
+    assert mode.calls == 1
 
 
 def test_without_an_entered_mode_a_layer_runs_torchs_path():

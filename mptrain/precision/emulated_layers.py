@@ -16,7 +16,7 @@ reductions=fp16) need the mode for every op: their steps always dispatch.
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -132,12 +132,13 @@ def install(model: nn.Module) -> int:
     installed = 0
     for module in model.modules():
         kind = type(module)
+        # a partial, not a bound method: a pickled model (torch.save(model)) and its deep copies keep it
         if issubclass(kind, nn.Linear) and kind.forward is nn.Linear.forward:
-            module.forward = types.MethodType(_linear_forward, module)
+            module.forward = functools.partial(_linear_forward, module)
         elif issubclass(kind, CONVOLUTIONS) and kind._conv_forward in [c._conv_forward for c in CONVOLUTIONS]:
-            module._conv_forward = types.MethodType(_conv_forward, module)
+            module._conv_forward = functools.partial(_conv_forward, module)
         elif issubclass(kind, TRANSPOSED) and kind.forward in [c.forward for c in TRANSPOSED]:
-            module.forward = types.MethodType(_conv_transpose_forward, module)
+            module.forward = functools.partial(_conv_transpose_forward, module)
         else:
             continue
         installed += 1
