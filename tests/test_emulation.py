@@ -88,6 +88,7 @@ def test_emulated_run_through_the_cli(tmp_path):
     assert summary["status"] == "completed" and not any("is slow" in w for w in summary["warnings"])
     assert summary["fp16_kernels"] == "emulated" and summary["cpu_fp16"] == "emulate"  # on every CPU
     assert "fp16 kernels      emulated" in out.stdout
+    assert summary["emulation"] == "layers" and "computed in the Linear/conv layers" in out.stdout  # ResNet-20's all
 
 
 @pytest.mark.e2e

@@ -71,7 +71,9 @@ def _kernels(s: dict) -> tuple[str, str]:
     name = "bf16" if s.get("bf16_kernels") else "fp16"
     kernels = s.get(f"{name}_kernels")
     if kernels == "emulated":
-        kernels = f"emulated ({name.upper()} values, FP32 arithmetic inside each product: precision.cpu_{name})"
+        where = {"layers": "; computed in the Linear/conv layers", "dispatch mode": "; through a dispatch mode over "
+                 "every op"}.get(s.get("emulation"), "")
+        kernels = f"emulated ({name.upper()} values, FP32 arithmetic inside each product: precision.cpu_{name}{where})"
     return f"{name} kernels", kernels or "none (no FP16 arithmetic in this mode)"
 
 
