@@ -365,3 +365,24 @@ def test_a_preset_that_puts_the_norms_in_fp16_is_an_arm_of_its_own():
     assert arm_label(summary("fp16")) == "fp16_naive keep_norm_fp32=false"
     assert arm_label(summary("fp16", "precision.keep_norm_fp32=false")) == "fp16_naive keep_norm_fp32=false"
     assert arm_label(summary(None)) == "fp16_naive"  # records from before the field
+
+
+def test_a_resumed_runs_relogged_steps_count_once_with_the_resumed_value(tmp_path):
+    """A run cut off after step 230 and resumed from its step-200 checkpoint logs step 230 again: the report's
+    curves and exported records keep one point per step, the resumed one (two points once broke the plots)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from mptrain.report.runs import SCALARS_FILE, load_scalars
+
+    run = tmp_path / "run"
+    for points in (((100, 9.0), (200, 8.0), (230, 7.9)), ((230, 7.5), (300, 7.0))):  # before the cut; resumed
+        writer = SummaryWriter(str(run / "tb"))
+        for step, value in points:
+            writer.add_scalar("eval/perplexity", value, step)
+        writer.close()
+    series = load_scalars(run, ("eval/",))["eval/perplexity"]
+    assert list(series.index) == [100, 200, 230, 300] and series[230] == 7.5
+    exported = tmp_path / "record"
+    exported.mkdir()
+    (exported / SCALARS_FILE).write_text(json.dumps({"eval/perplexity": [[230, 7.9], [300, 7.0], [230, 7.5]]}))
+    assert load_scalars(exported, ("eval/",))["eval/perplexity"].to_dict() == {230: 7.5, 300: 7.0}

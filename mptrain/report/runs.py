@@ -183,7 +183,7 @@ def load_scalars(run_dir: str | Path, prefixes: tuple[str, ...]) -> dict[str, pd
         if not exported.is_file():
             return {}
         points = json.loads(exported.read_text())
-        return {tag: pd.Series([v for _, v in values], index=[s for s, _ in values], name=tag)
+        return {tag: _by_step(tag, [s for s, _ in values], [v for _, v in values])
                 for tag, values in points.items() if tag.startswith(prefixes)}
     acc = EventAccumulator(str(tb), size_guidance={SCALARS: 0})
     acc.Reload()
@@ -191,8 +191,15 @@ def load_scalars(run_dir: str | Path, prefixes: tuple[str, ...]) -> dict[str, pd
     for tag in acc.Tags()["scalars"]:
         if tag.startswith(prefixes):
             events = acc.Scalars(tag)
-            series[tag] = pd.Series([e.value for e in events], index=[e.step for e in events], name=tag)
+            series[tag] = _by_step(tag, [e.step for e in events], [e.value for e in events])
     return series
+
+
+def _by_step(tag: str, steps: list[int], values: list[float]) -> pd.Series:
+    """One value per step, the last written: a run resumed from a checkpoint logs again the steps it had logged
+    after that checkpoint before it was cut off, and the resumed values are the ones its later steps follow."""
+    series = pd.Series(values, index=steps, name=tag)
+    return series[~series.index.duplicated(keep="last")].sort_index()
 
 
 def train_loss_tail(run_dir: str | Path) -> float:
@@ -200,7 +207,6 @@ def train_loss_tail(run_dir: str | Path) -> float:
     series = load_scalars(run_dir, ("train/loss",)).get("train/loss")
     if series is None or series.empty:
         return math.nan
-    series = series[~series.index.duplicated(keep="last")].sort_index()  # a resumed run may log a step twice
     return _finite(float(series[series.index >= (1 - TRAIN_TAIL) * series.index.max()].mean()))
 
 
