@@ -5,7 +5,8 @@ or not, takes a Python hop (about 5 us: 222 ops a step for the MLP, where the pr
 Here the layers that hold a model's products compute them as the dispatch mode would, inside an autograd Function:
 the forward product, the input- and weight-gradient products, each from the same FP16 (BF16) values in FP32 and
 rounded once, with the same kernels and the same saved tensors, so the results are bit for bit the dispatch mode's.
-Element-wise ops run natively in both.
+Element-wise ops run natively in both. Measured side by side (results/bench/intel-xeon-amx_torch2.14.1): `mixed`
+against fp32, MLP 0.43x -> 0.61x, LSTM LM 0.88x -> 1.06x, DCGAN 0.75x -> 0.84x, ResNet-20 1.00x -> 1.07x.
 
 Whether a model's products all sit in such layers is seen, not assumed (`Coverage`): its first steps run under
 the dispatch mode, which counts the low-precision products that reached it; if none did, later steps run without

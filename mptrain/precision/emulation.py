@@ -13,7 +13,9 @@ paper's third technique, as a setting.
 
 It works below autograd (a TorchDispatchMode), so forward and backward kernels
 (`convolution_backward`, the `mm`s of a Linear's backward) are both covered; under autocast it sees the
-products after autocast's casts, so `bf16` (autocast) and `bf16_pure` (BF16 weights) are covered alike.
+products after autocast's casts, so `bf16` (autocast) and `bf16_pure` (BF16 weights) are covered alike. Where a
+model's every product sits in a Linear or convolution layer, the layers compute them themselves, bit for bit
+alike, and the steps leave the dispatch mode and its per-op cost (emulated_layers.py).
 
 Recurrent layers are emulated whole (`low_recurrence`): FP16/BF16 at the layer's boundaries, FP32 inside, as a
 fused GPU RNN kernel computes; op by op, the per-time-step products and their conversions cost 4x FP32.
