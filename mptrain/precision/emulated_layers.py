@@ -153,7 +153,6 @@ class Coverage:
     def __init__(self, layers: int):
         self.entries = 0
         self.uncovered = layers == 0  # nothing installed: every product needs the dispatch mode
-        self.dispatched_products = 0  # products the audits found outside the layers (summary: why it dispatches)
 
     def dispatch_next(self) -> bool:
         audit = self.uncovered or self.entries < AUDITED_FIRST or self.entries % REAUDIT_EVERY == 0
@@ -161,10 +160,10 @@ class Coverage:
         return audit
 
     def record(self, mode) -> None:
-        """A step's EmulatedKernels, left: if it dispatched, how many products reached the dispatch mode itself."""
+        """A step's EmulatedKernels, left: if it dispatched and a product reached the dispatch mode itself, the
+        model has products outside the layers."""
         if mode.dispatch and mode.dispatched:
             self.uncovered = True
-            self.dispatched_products += mode.dispatched
 
     @property
     def path(self) -> str:
