@@ -181,7 +181,7 @@ def test_optimi_library_with_stochastic_rounding_is_refused_in_one_line(compose_
     from mptrain.errors import UserError
     from mptrain.schema import validate
 
-    with pytest.raises(UserError, match="^precision=bf16_sr updates with torchao's optimizer"):
+    with pytest.raises(UserError, match="^precision=bf16_sr updates with mptrain's stochastic-rounding"):
         validate(compose_cfg("precision=bf16_sr", "optim.library=optimi"))
     with pytest.raises(UserError, match="^optim.library=optimi updates with torch-optimi's SGD, which has no Nesterov"):
         validate(compose_cfg("precision=fp32", "optim.library=optimi"))

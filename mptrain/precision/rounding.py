@@ -1,9 +1,9 @@
 """Updating BF16 weights without an FP32 master copy: the optimizers of the bf16_sr and bf16_kahan modes.
 
 - `stochastic`: the update is computed in FP32 and rounded to BF16 stochastically (up with probability equal to
-  the remainder), so updates below half a BF16 ulp survive in expectation. Adam/AdamW: torchao's `_AdamW(
-  bf16_stochastic_round=True)`; SGD: `StochasticRoundingSGD` below, which rounds with torchao's own
-  `_fp32_to_bf16_sr`.
+  the remainder), so updates below half a BF16 ulp survive in expectation. Adam/AdamW: `StochasticRoundingAdam`
+  below, torchao's `_AdamW(bf16_stochastic_round=True)` arithmetic as multi-tensor ops; SGD:
+  `StochasticRoundingSGD`. Both round with torchao's own `_fp32_to_bf16_sr`.
 - `kahan`: torch-optimi's SGD/Adam/AdamW with `kahan_sum=True`: a BF16 compensation buffer per weight carries what
   rounding dropped into the next step.
 Both libraries are optional (`pip install 'mptrain[lowp]'`); without them the mode refuses in one line.
@@ -27,8 +27,8 @@ def _need(module: str, mode: str, package: str):
 def stochastic_optimizer(cfg, groups):
     if cfg.name == "sgd":
         return StochasticRoundingSGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov))
-    optim = _need("torchao.optim", "bf16_sr", "torchao")
-    return optim._AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, bf16_stochastic_round=True)
+    _need("torchao.optim", "bf16_sr", "torchao")
+    return StochasticRoundingAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, adamw=cfg.name == "adamw")
 
 
 def optimi_optimizer(cfg, groups, kahan_sum: bool):
@@ -69,3 +69,77 @@ class StochasticRoundingSGD(torch.optim.Optimizer):
                 new = weight.add_(grad, alpha=-lr)
                 p.copy_(_fp32_to_bf16_sr(new) if p.dtype == torch.bfloat16 else new)
         return None
+
+
+class StochasticRoundingAdam(torch.optim.Optimizer):
+    """Adam (coupled weight decay) or AdamW computed in FP32 and rounded to the BF16 weights stochastically: the
+    arithmetic of torchao's `single_param_adam(bf16_stochastic_round=True)`, op for op, so a step equals torchao's
+    run eagerly bit for bit (tests/test_stochastic_adam.py), and the same state (`step`, and the moments in the
+    weights' dtype, rounded to nearest). torchao steps each parameter through its own compiled call, whose guards
+    cost more than the update on a CPU (15.5 of a 26 ms transformer step); here every parameter of a group goes
+    through one chain of multi-tensor (`torch._foreach_*`) ops and one rounding pass over them all."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 adamw: bool = True):
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        self.adamw = adamw
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._step_group(group, params)
+        return None
+
+    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        from torchao.optim.quant_utils import _fp32_to_bf16_sr
+
+        lr = torch.as_tensor(group["lr"], dtype=torch.float32)  # a tensor, as torchao keeps it
+        beta1, beta2 = group["betas"]
+        decay, eps = group["weight_decay"], group["eps"]
+        states = [self._state(p) for p in params]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        weights = [p.float() for p in params]
+        grads = [p.grad.float() for p in params]
+        if decay and self.adamw:
+            torch._foreach_sub_(weights, torch._foreach_mul(weights, lr * decay))
+        elif decay:
+            torch._foreach_add_(grads, torch._foreach_mul(weights, decay))
+        exp_avgs = [s["exp_avg"].float() for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"].float() for s in states]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), 1 - beta2)
+        torch._foreach_copy_([s["exp_avg"] for s in states], exp_avgs)
+        torch._foreach_copy_([s["exp_avg_sq"] for s in states], exp_avg_sqs)
+        corrections = {n: _bias_corrections(s, beta1, beta2) for n, s in {float(s): s for s in steps}.items()}
+        correction1 = [corrections[float(s)][0] for s in steps]
+        root_correction2 = [corrections[float(s)][1] for s in steps]
+        denoms = torch._foreach_div(torch._foreach_sqrt(exp_avg_sqs), root_correction2)
+        torch._foreach_add_(denoms, eps)
+        updates = torch._foreach_div(exp_avgs, correction1)
+        torch._foreach_mul_(updates, lr)
+        torch._foreach_div_(updates, denoms)
+        torch._foreach_sub_(weights, updates)
+        low = [p for p, w in zip(params, weights) if p.dtype == torch.bfloat16]
+        if low:  # one rounding pass over every BF16 weight: one draw of random bits, in parameter order
+            flat = torch.cat([w.reshape(-1) for p, w in zip(params, weights) if p.dtype == torch.bfloat16])
+            rounded = _fp32_to_bf16_sr(flat).split([p.numel() for p in low])
+            torch._foreach_copy_(low, [r.view_as(p) for r, p in zip(rounded, low)])
+        high = [(p, w) for p, w in zip(params, weights) if p.dtype != torch.bfloat16]
+        if high:
+            torch._foreach_copy_([p for p, _ in high], [w for _, w in high])
+
+    def _state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        return state
+
+
+def _bias_corrections(step: torch.Tensor, beta1: float, beta2: float) -> tuple[float, float]:
+    """Adam's 1 - beta1^t and sqrt(1 - beta2^t) as torchao computes them: FP32 arithmetic on the FP32 step count."""
+    return (1 - beta1**step).item(), (1 - beta2**step).sqrt().item()

@@ -130,16 +130,13 @@ def check(cfg) -> None:
     check_fields(p, PrecisionConfig, "precision")
     library = cfg.optim.get("library", "torch")
     if p.mode == "bf16_sr" and library == "optimi":
-        raise UserError("precision=bf16_sr updates with torchao's optimizer (stochastic rounding); optim.library="
+        raise UserError("precision=bf16_sr updates with mptrain's stochastic-rounding optimizers; optim.library="
                         "optimi applies to the other modes: drop it, or use precision=bf16_kahan")
     if (p.mode == "bf16_kahan" or library == "optimi") and cfg.optim.name == "sgd" and cfg.optim.nesterov \
             and cfg.optim.momentum > 0:
         who = "precision=bf16_kahan" if p.mode == "bf16_kahan" else "optim.library=optimi"
         raise UserError(f"{who} updates with torch-optimi's SGD, which has no Nesterov momentum; set "
                         "optim.nesterov=false (heavy-ball momentum), or use another mode")
-    if p.mode == "bf16_sr" and cfg.optim.name == "adam" and cfg.optim.weight_decay:
-        raise UserError("precision=bf16_sr updates Adam with torchao's AdamW, whose weight decay is decoupled; use "
-                        "optim=adamw for decay, or optim.weight_decay=0")
     for key in ("accumulate", "reductions"):
         if p[key] == "fp16" and p.mode not in FP16_ARITHMETIC:
             raise UserError(f"precision.{key}=fp16 concerns FP16 arithmetic, which precision={p.mode} has none of; use "
