@@ -193,12 +193,17 @@ def test_a_write_the_version_counter_misses_is_forgotten_by_the_stepper():
     assert not torch.equal(before, model(x))
 
 
+TINY_TRANSFORMER = ["debug=tiny_lm", "model=transformer", "model.heads=2", "model.width=16", "model.context=8"]
+
+
 @pytest.mark.parametrize("run", [["debug=tiny", "precision=mixed", "precision.init_scale=1e30"],  # step 1: skipped
                                  ["debug=tiny", "precision=fp16_naive", "optim=adam", "optim.eps=1e-4"],  # FP16 weights
                                  ["debug=tiny", "model=dcgan", "dataset.image_size=16", "model.width=4",
                                   "model.fid.enabled=false", "precision=mixed"],  # D read by both networks' steps
                                  ["debug=tiny_lm", "model=lstm_lm", "precision=mixed"],
-                                 ["debug=tiny", "model=mlp", "precision=bf16_pure", "precision.cpu_bf16=emulate"]])
+                                 ["debug=tiny", "model=mlp", "precision=bf16_pure", "precision.cpu_bf16=emulate"],
+                                 [*TINY_TRANSFORMER, "precision=mixed"],  # the attention routed (attention.py)
+                                 [*TINY_TRANSFORMER, "precision=bf16_pure", "precision.cpu_bf16=emulate"]])
 def test_runs_on_the_layers_are_bit_identical_to_runs_on_the_dispatch_mode(compose_cfg, tmp_path, run):
     """Past the audit, across optimizer steps, a skipped step and a resume, the layers' path trains exactly as the
     dispatch mode does."""
@@ -221,3 +226,27 @@ def test_runs_on_the_layers_are_bit_identical_to_runs_on_the_dispatch_mode(compo
     assert paths == ["layers", "dispatch mode"]
     for key, value in ends[0].items():
         assert torch.equal(value, ends[1][key]), key
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_the_audit_routes_a_fused_attention_without_dropout_in_every_step(compose_cfg, tmp_path, dropout):
+    """Without dropout the attention is routed in the audited steps and every later one, and the run leaves the
+    dispatch mode; with dropout it is never routed (torch's own path, wherever its products then run)."""
+    from mptrain.bench.measure import RecordingLogger
+    from mptrain.build import build_trainer
+
+    cfg = compose_cfg(*TINY_TRANSFORMER, "precision=mixed", "precision.cpu_fp16=emulate", f"model.dropout={dropout}",
+                      "trainer.progress=false")
+    trainer = build_trainer(cfg, torch.device("cpu"), tmp_path, RecordingLogger(), None, [])
+    batch = next(iter(trainer.data.train))
+    routed, dispatched = [], []
+    for _ in range(emulated_layers.AUDITED_FIRST + 2):
+        with trainer.precision.kernels() as mode:
+            trainer.task.train_step(batch, trainer.steppers, trainer.precision)
+        routed.append(mode.attention.caught if mode.attention is not None else 0)
+        dispatched.append(mode.dispatch)
+    if dropout:
+        assert not any(routed)
+    else:
+        assert all(routed) and trainer.precision.emulation_path == "layers"
+        assert dispatched == [True] * emulated_layers.AUDITED_FIRST + [False, False]

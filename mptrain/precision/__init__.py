@@ -144,9 +144,10 @@ class Precision:
         block = self.cfg.accumulate_block if self.cfg.accumulate == "fp16" else None
         if self._coverage is None:
             self._coverage = emulated_layers.Coverage(self._layers)
+        dispatch = self._coverage.dispatch_next()
         return EmulatedKernels(self.emulated_dtype, accumulate_block=block, fp16_reductions=self.cfg.reductions == "fp16",
-                               weights=self._weights, dispatch=self._coverage.dispatch_next(),
-                               on_exit=self._coverage.record)
+                               weights=self._weights, dispatch=dispatch, on_exit=self._coverage.record,
+                               attention=self._coverage.routes_attention(dispatch))
 
     def stepper(self, model, make_optimizer, make_scheduler=None, max_grad_norm=None,
                 agree_on_overflow=None) -> PrecisionStepper:

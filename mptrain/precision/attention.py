@@ -1,11 +1,14 @@
-"""BF16 attention on a CPU at FP32 speed: `precision.cpu_bf16=auto` where the CPU has BF16 units.
+"""FP16/BF16 attention computed as the emulated kernels compute it, without a dispatch mode around every op.
 
-torch's CPU BF16 flash-attention backward is several times slower than its FP32 one (measured on an AVX512-BF16
-EPYC: 23.6 against 5.1 ms a step of the transformer LM), while BF16 products elsewhere are faster than FP32's. So
-under `auto` the attention alone runs as the emulated BF16 kernels run it (precision/emulation.py): the FP32
-flash-attention kernels on the BF16 values, the output and the input gradients rounded to BF16, the backward
-given the rounded output, as the forward handed it on. The numerics are the emulation's, bit for bit (tested);
-a BF16 kernel accumulates in FP32 too. `precision.cpu_bf16=native` keeps torch's BF16 attention.
+The FP32 flash-attention kernels on the low-precision values, the output and the input gradients rounded to the
+inputs' dtype, the backward given the rounded output, as the forward handed it on: the numerics of
+precision/emulation.py's dispatch mode, bit for bit (tested). Two users:
+- BF16 on a CPU with BF16 units (`precision.cpu_bf16=auto`): torch's CPU BF16 flash-attention backward is several
+  times slower than its FP32 one (23.6 against 5.1 ms a step of the transformer LM on an AVX512-BF16 EPYC), while
+  BF16 products elsewhere are faster than FP32's; a BF16 kernel accumulates in FP32 too. `cpu_bf16=native` keeps
+  torch's BF16 attention.
+- the emulated kernels' layers path (emulated_layers.py): the attention is the one product a transformer computes
+  outside its Linear layers, so routing it here lets its steps leave the dispatch mode too.
 """
 
 from __future__ import annotations
@@ -18,13 +21,20 @@ aten = torch.ops.aten
 
 
 class FP32Attention(TorchFunctionMode):
-    """Routes F.scaled_dot_product_attention on CPU BF16 tensors (no dropout, no mask) through `_Attention`."""
+    """Routes F.scaled_dot_product_attention on CPU `dtype` tensors (no dropout, no mask) through `_Attention`;
+    `caught` counts the calls it routed."""
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.dtype = dtype
+        self.caught = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             call = _bind(*args, **kwargs)
-            if _applies(**call):
+            if _applies(self.dtype, **call):
+                self.caught += 1
                 return _Attention.apply(call["q"], call["k"], call["v"], bool(call["is_causal"]), call["scale"])
         return func(*args, **kwargs)
 
@@ -35,9 +45,9 @@ def _bind(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
             "scale": scale, "enable_gqa": enable_gqa}
 
 
-def _applies(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
+def _applies(dtype, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
     tensors = (q, k, v)
-    return (all(torch.is_tensor(t) and t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
+    return (all(torch.is_tensor(t) and t.device.type == "cpu" and t.dtype == dtype for t in tensors)
             and attn_mask is None and not dropout_p and not enable_gqa and q.shape[-1] == v.shape[-1])
 
 
@@ -47,7 +57,7 @@ class _Attention(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q.float(), k.float(), v.float(), 0.0,
                                                                         is_causal, scale=scale)
-        out = out.to(torch.bfloat16)
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.is_causal, ctx.scale = is_causal, scale
         return out
@@ -59,4 +69,4 @@ class _Attention(torch.autograd.Function):
             grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad_out.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, ctx.is_causal,
                 scale=ctx.scale)
-        return (*(g.to(torch.bfloat16) for g in grads), None, None)
+        return (*(g.to(q.dtype) for g in grads), None, None)

@@ -10,9 +10,11 @@ against fp32, MLP 0.43x -> 0.61x, LSTM LM 0.88x -> 1.06x, DCGAN 0.75x -> 0.84x, 
 
 Whether a model's products all sit in such layers is seen, not assumed (`Coverage`): its first steps run under
 the dispatch mode, which counts the low-precision products that reached it; if none did, later steps run without
-it, and every REAUDIT_EVERY-th step looks again. A product outside these layers (a functional call, attention,
-autocast) keeps the dispatch mode on for good. FP16 accumulation and reductions (precision.accumulate /
-reductions=fp16) need the mode for every op: their steps always dispatch.
+it, and every REAUDIT_EVERY-th step looks again. The fused attention (F.scaled_dot_product_attention without
+dropout or a mask) is routed through attention.py's Function in the audited steps, and in every later step if
+an audit met it: a transformer leaves the dispatch mode too. A product outside these (a functional call, attention
+with dropout, autocast) keeps the dispatch mode on for good. FP16 accumulation and reductions (precision.accumulate
+/ reductions=fp16) need the mode for every op: their steps always dispatch.
 """
 
 from __future__ import annotations
@@ -153,6 +155,12 @@ class Coverage:
     def __init__(self, layers: int):
         self.entries = 0
         self.uncovered = layers == 0  # nothing installed: every product needs the dispatch mode
+        self.attention = False  # an audited step routed an attention (attention.py): every step routes it
+
+    def routes_attention(self, audit: bool) -> bool:
+        """Whether this step routes the fused attention outside the dispatch mode: while auditing, to see whether
+        there is any (the routing has a Python hop per torch call), and after, where there was."""
+        return not self.uncovered and (audit or self.attention)
 
     def dispatch_next(self) -> bool:
         audit = self.uncovered or self.entries < AUDITED_FIRST or self.entries % REAUDIT_EVERY == 0
@@ -164,6 +172,8 @@ class Coverage:
         model has products outside the layers."""
         if mode.dispatch and mode.dispatched:
             self.uncovered = True
+        if mode.attention is not None and mode.attention.caught:
+            self.attention = True
 
     @property
     def path(self) -> str:

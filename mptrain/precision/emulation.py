@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from mptrain.precision import accumulation, reductions
+from mptrain.precision.attention import FP32Attention
 
 aten = torch.ops.aten
 HEAVY = {aten.convolution.default, aten.convolution_backward.default, aten.mm.default, aten.addmm.default,
@@ -156,12 +157,15 @@ class EmulatedKernels(TorchDispatchMode):
     `accumulate_block=K` (precision.accumulate=fp16) accumulates each product's partial sums in FP16 instead, in
     blocks of K terms (precision/accumulation.py); `fp16_reductions` (precision.reductions=fp16) computes norm
     statistics, softmax and the loss's mean in FP16 (precision/reductions.py). Both are FP16 settings. `weights`:
-    the model's parameters, whose FP32 copies are made once per step (WeightCache) instead of once per product."""
+    the model's parameters, whose FP32 copies are made once per step (WeightCache) instead of once per product.
+    `attention`: route F.scaled_dot_product_attention through attention.py's Function (the same numerics) while
+    entered, so that a transformer's products all run outside the dispatch mode (emulated_layers.py)."""
 
     active: list[EmulatedKernels] = []  # the entered modes: recurrent layers ask (`emulating`) to run fused
 
     def __init__(self, dtype: torch.dtype = torch.float16, accumulate_block: int | None = None,
-                 fp16_reductions: bool = False, weights=(), dispatch: bool = True, on_exit=None):
+                 fp16_reductions: bool = False, weights=(), dispatch: bool = True, on_exit=None,
+                 attention: bool = False):
         super().__init__()
         if dtype != torch.float16 and (accumulate_block is not None or fp16_reductions):
             raise ValueError("FP16 accumulation and reductions are FP16 settings")
@@ -173,6 +177,7 @@ class EmulatedKernels(TorchDispatchMode):
         #: and the recurrent layers (low_recurrence) emulate, finding the mode in `active`
         self.dispatch = dispatch
         self.on_exit = on_exit  # called with this mode when it is left without an error (emulated_layers.Coverage)
+        self.attention = FP32Attention(dtype) if attention else None
         self.dtype = dtype
         self.cache = WeightCache(weights, dtype)
         self.down = _down(dtype)
@@ -196,10 +201,16 @@ class EmulatedKernels(TorchDispatchMode):
 
     def __enter__(self):
         EmulatedKernels.active.append(self)
-        return super().__enter__() if self.dispatch else self
+        entered = super().__enter__() if self.dispatch else self
+        if self.attention is not None:
+            self.attention.__enter__()
+        return entered
 
     def __exit__(self, *exc):
         EmulatedKernels.active.remove(self)
+        if self.attention is not None:
+            self.attention.__exit__(*exc)
+            self.calls += self.attention.caught
         if self.on_exit is not None and exc[0] is None:
             self.on_exit(self)
         return super().__exit__(*exc) if self.dispatch else None
