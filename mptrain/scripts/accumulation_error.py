@@ -76,7 +76,7 @@ def compare(overrides: list[str], arms: list[str], weights_path: str | None) -> 
     with tempfile.TemporaryDirectory(prefix="mptrain-accum-") as tmp:
         ref, ref_loss, _, batch, following = _gradients(overrides, "fp32", weights, None, Path(tmp))
         noise, _, _, _, _ = _gradients(overrides, "fp32", weights, following, Path(tmp) / "next")
-        flat = lambda g: torch.cat([t.reshape(-1) for t in g.values()])  # noqa: E731
+        flat = lambda g: torch.cat([t.reshape(-1) for t in g.values()]).double()  # noqa: E731  (an exact cosine)
         rows = [("fp32, the next batch (sampling noise)", noise, ref_loss, True)]
         for arm in arms:
             grads, loss, applied, _, _ = _gradients(overrides, arm, weights, batch, Path(tmp))
