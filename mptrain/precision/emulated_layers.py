@@ -12,9 +12,10 @@ Whether a model's products all sit in such layers is seen, not assumed (`Coverag
 the dispatch mode, which counts the low-precision products that reached it; if none did, later steps run without
 it, and every REAUDIT_EVERY-th step looks again. The fused attention (F.scaled_dot_product_attention without
 dropout or a mask) is routed through attention.py's Function in the audited steps, and in every later step if
-an audit met it: a transformer leaves the dispatch mode too. A product outside these (a functional call, attention
-with dropout, autocast) keeps the dispatch mode on for good. FP16 accumulation and reductions (precision.accumulate
-/ reductions=fp16) need the mode for every op: their steps always dispatch.
+an audit met it: a transformer leaves the dispatch mode too (an attention with dropout or a mask takes torch's own
+path, and keeps the mode on if its products reach it). A product outside these (a functional call, autocast) keeps
+the dispatch mode on for good. FP16 accumulation and reductions (precision.accumulate / reductions=fp16) need the
+mode for every op: their steps always dispatch.
 """
 
 from __future__ import annotations
