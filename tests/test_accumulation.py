@@ -297,7 +297,7 @@ def test_the_summary_says_where_the_norms_ran(mode, keep, norms):
 
 
 @pytest.mark.e2e
-def test_the_accumulation_error_script_measures_each_arm_against_fp32_and_the_noise(tmp_path, capsys):
+def test_the_accumulation_error_script_measures_each_arm_against_fp32_and_the_noise(tmp_path):
     """scripts/accumulation_error.py, behind repro_accumulation_transformer's rounding-error figures: one state,
     one batch, each arm's gradient against fp32's; FP32 accumulation's error is far below the next batch's."""
     from mptrain.scripts import accumulation_error
