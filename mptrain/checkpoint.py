@@ -78,15 +78,25 @@ def locate(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
-def load(path: Path, cfg, device: torch.device, world_size: int = 1) -> dict:
-    """A checkpoint made for this config (and as many data-parallel ranks); any other gets one clear line."""
+RESUME_REMEDY = "resume from another run dir, or start afresh without trainer.resume"
+
+
+def read(path: Path, device: torch.device, remedy: str = RESUME_REMEDY) -> dict:
+    """The state in an mptrain checkpoint file (tensors and plain data only); an unreadable or foreign file gets
+    one clear line ending in `remedy`."""
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # torch raises many kinds for a truncated or foreign file
         raise UserError(f"checkpoint {path} is unreadable ({first_line(err, limit=160)}); it is corrupt or not an mptrain "
-                        "checkpoint: resume from another run dir, or start afresh without trainer.resume") from None
+                        f"checkpoint: {remedy}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"checkpoint {path} is not an mptrain checkpoint of format {FORMAT}; start afresh")
+    return state
+
+
+def load(path: Path, cfg, device: torch.device, world_size: int = 1) -> dict:
+    """A checkpoint made for this config (and as many data-parallel ranks); any other gets one clear line."""
+    state = read(path, device)
     made, wanted = state["identity"], identity(cfg)
     differ = [f"{k}={made[k]} (this run: {wanted[k]})" for k in IDENTITY if made.get(k) != wanted[k]]
     made_world = state.get("world_size", 1)

@@ -83,9 +83,9 @@ def _compare(task, batch, precision, options: list[str]) -> dict:
     slow = _gradients(lambda: task.check_loss(contiguous, precision, plain), plain, precision)
     # per parameter, the pass furthest from the plain path: the faulty kernel seen so far is right on its first
     # call in a process and wrong after (state left behind), so one pass can miss it
-    fast = {k: max((run[k] for run in fast_runs if k in run), key=lambda g: _relative(g, slow[k]))
+    fast = {k: max((run[k] for run in fast_runs if k in run), key=lambda g: relative_error(g, slow[k]))
             for k in slow if any(k in run for run in fast_runs)}
-    worst = max(((_relative(fast[k], slow[k]), k) for k in fast), default=(0.0, None))
+    worst = max(((relative_error(fast[k], slow[k]), k) for k in fast), default=(0.0, None))
     result = {"options": options, "samples": _samples(batch), "max_rel_diff_vs_plain": worst[0]}
     if worst[0] <= AGREE:
         log.info("%s: gradients agree with the plain path (max relative difference %.1e)", " ".join(options), worst[0])
@@ -96,7 +96,7 @@ def _compare(task, batch, precision, options: list[str]) -> dict:
     for name in slow:  # in parameter order: the first wrong one is the layer nearest the input of its network
         if name not in fast or not torch.isfinite(exact[name]).all() or exact[name].norm() == 0:
             continue
-        fast_err, plain_err = _relative(fast[name], exact[name]), _relative(slow[name], exact[name])
+        fast_err, plain_err = relative_error(fast[name], exact[name]), relative_error(slow[name], exact[name])
         if fast_err > max(AGREE, FACTOR * plain_err):
             raise UserError(_refusal(options, name, nets, fast_err, plain_err))
     log.info("%s: gradients within rounding of an FP64 reference (max relative difference to the plain path %.1e)",
@@ -131,7 +131,8 @@ def _local_gradients(task):
         yield
 
 
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||; 0 where both are non-finite in the same places, inf where they differ."""
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return 0.0 if torch.equal(a.isfinite(), b.isfinite()) else float("inf")
     return float((a - b).norm() / b.norm().clamp_min(1e-30))

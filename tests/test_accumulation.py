@@ -319,3 +319,8 @@ def test_the_accumulation_error_script_refuses_a_missing_checkpoint_in_one_line(
     assert accumulation_error.main(["model=mlp", "--weights", str(tmp_path / "nope.pt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --weights") and err.count("\n") == 1
+    corrupt = tmp_path / "checkpoint.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    assert accumulation_error.main(["model=mlp", "--weights", str(corrupt)]) == 2
+    err = capsys.readouterr().err
+    assert "is unreadable" in err and "give --weights a run's checkpoint.pt" in err and err.count("\n") == 1

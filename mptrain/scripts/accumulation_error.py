@@ -62,17 +62,16 @@ def _gradients(overrides: list[str], arm: str, weights: dict | None, batch, tmp:
     return seen["grads"], float(metrics["loss"]), applied, batch, following
 
 
-def _relative(a, b) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def compare(overrides: list[str], arms: list[str], weights_path: str | None) -> list[str]:
     import torch
 
+    from mptrain import checkpoint
+    from mptrain.speed_check import relative_error
+
     weights = None
     if weights_path:
-        state = torch.load(weights_path, map_location="cpu", weights_only=False)
-        weights = state["networks"]
+        remedy = "give --weights a run's checkpoint.pt, or leave it out (the seeded initialisation)"
+        weights = checkpoint.read(Path(weights_path), torch.device("cpu"), remedy)["networks"]
     with tempfile.TemporaryDirectory(prefix="mptrain-accum-") as tmp:
         ref, ref_loss, _, batch, following = _gradients(overrides, "fp32", weights, None, Path(tmp))
         noise, _, _, _, _ = _gradients(overrides, "fp32", weights, following, Path(tmp) / "next")
@@ -85,15 +84,17 @@ def compare(overrides: list[str], arms: list[str], weights_path: str | None) -> 
              f"torch {torch.__version__}", "",
              "| gradient | relative L2 error vs fp32 | per tensor: median, worst (tensor) | cosine | loss Δ |",
              "|---|---|---|---|---|"]
+    whole_ref = flat(ref)
     for label, grads, loss, applied in rows:
         if not applied:
             lines.append(f"| {label} | step skipped (overflow) | | | |")
             continue
-        per = {n: _relative(grads[n], ref[n]) for n in ref}
+        per = {n: relative_error(grads[n], ref[n]) for n in ref}
         worst = max(per, key=per.get)
-        cosine = float(torch.nn.functional.cosine_similarity(flat(grads), flat(ref), dim=0))
+        whole = flat(grads)
+        cosine = float(torch.nn.functional.cosine_similarity(whole, whole_ref, dim=0))
         delta = "" if label.startswith("fp32") else f"{loss - ref_loss:+.2e}"
-        lines.append(f"| {label} | {_relative(flat(grads), flat(ref)):.2e} | {statistics.median(per.values()):.2e}, "
+        lines.append(f"| {label} | {relative_error(whole, whole_ref):.2e} | {statistics.median(per.values()):.2e}, "
                      f"{per[worst]:.2e} ({worst}) | {cosine:.6f} | {delta} |")
     return lines
 

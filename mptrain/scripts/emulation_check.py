@@ -73,6 +73,7 @@ def same_state(model: str = "resnet", warm: int = 20, batch: int = 64, dataset: 
     from mptrain.bench.measure import RecordingLogger
     from mptrain.build import build_trainer
     from mptrain.console import compose
+    from mptrain.speed_check import relative_error
     from mptrain.telemetry.numerics import NumericsProbe
 
     def config(way: str, steps: int):
@@ -117,11 +118,10 @@ def same_state(model: str = "resnet", warm: int = 20, batch: int = 64, dataset: 
             worst = keys[diffs.index(max(diffs))]
             print(f"{kind:<11} {field}: {len(keys)} layers, mean native {statistics.mean(a['records'][k][field] for k in keys):.4%}, "
                   f"|native - emulated| max {max(diffs):.4%} ({worst[1]}) mean {statistics.mean(diffs):.5%}")
-    rel = lambda x, y: float((x - y).norm() / y.norm().clamp_min(1e-30))  # noqa: E731
-    by_depth = [(n, rel(b["grads"][n], g)) for n, g in a["grads"].items()]  # input side first
+    by_depth = [(n, relative_error(b["grads"][n], g)) for n, g in a["grads"].items()]  # input side first
     grad_errors = sorted(e for _, e in by_depth)
     grads = "scaled, FP16" if _policy(mode).endswith("fp16") else "BF16"
-    print(f"logits: relative error {rel(b['logits'], a['logits']):.2e}; weight gradients ({grads}): relative "
+    print(f"logits: relative error {relative_error(b['logits'], a['logits']):.2e}; weight gradients ({grads}): relative "
           f"error median {statistics.median(grad_errors):.2e}, max {grad_errors[-1]:.2e} over {len(grad_errors)} tensors; "
           f"nearest the output {by_depth[-1][0]} {by_depth[-1][1]:.2e}, nearest the input {by_depth[0][0]} "
           f"{by_depth[0][1]:.2e}")
