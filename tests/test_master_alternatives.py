@@ -1,5 +1,5 @@
 """The master weights' rivals: BF16 weights updated with nearest rounding (bf16_pure), stochastic rounding
-(bf16_sr: torchao's rounding) and Kahan summation (bf16_kahan: torch-optimi)."""
+(bf16_sr: torchao's rounding arithmetic) and Kahan summation (bf16_kahan: torch-optimi)."""
 
 from __future__ import annotations
 

@@ -1,17 +1,63 @@
-"""bf16_sr's Adam/AdamW: torchao's `single_param_adam(bf16_stochastic_round=True)` arithmetic as multi-tensor ops.
-The reference is torchao's own function run eagerly, parameter by parameter, from the same random state."""
+"""bf16_sr's Adam/AdamW: torchao's `single_param_adam(bf16_stochastic_round=True)` arithmetic as multi-tensor ops,
+and its rounding (`stochastic_round_bf16`). The reference is torchao's own function run eagerly, parameter by
+parameter, from the same random bits: our draw (`uniform16`) is replaced by torchao's where bits must match."""
 
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
 
 pytest.importorskip("torchao")
 from torchao.optim.adam import single_param_adam  # noqa: E402
+from torchao.optim.quant_utils import _fp32_to_bf16_sr  # noqa: E402
 
+from mptrain.precision import rounding  # noqa: E402
 from mptrain.precision.rounding import StochasticRoundingAdam  # noqa: E402
+
+
+@pytest.fixture
+def torchaos_random_bits(monkeypatch):
+    """Our rounding drawing torchao's bits: its torch.randint r, as the u = 0xFFFF - r our carry test adds."""
+    monkeypatch.setattr(rounding, "uniform16", lambda n, device: 0xFFFF - torch.randint(
+        0, 1 << 16, (n,), dtype=torch.int32, device=device))
+
+
+def test_the_rounding_equals_torchaos_for_the_same_random_bits(torchaos_random_bits):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50_000, generator=g) * torch.logspace(-44, 38, 50_000)  # subnormals to near FP32's top
+    special = [float("inf"), -float("inf"), float("nan"), 3.3999e38, -3.3999e38, 0.0, -0.0, 1e-45, -1e-45, 1.0]
+    x = torch.cat([x, torch.tensor(special)])
+    torch.manual_seed(1)
+    ref = _fp32_to_bf16_sr(x.clone())
+    torch.manual_seed(1)
+    ours = rounding.stochastic_round_bf16(x.clone())
+    assert ours.dtype == torch.bfloat16
+    assert torch.equal(ours.view(torch.int16), ref.view(torch.int16))
+    assert ours[-7].isinf() and ours[-7] > 0  # above BF16's largest finite value, rounded away: infinity
+
+
+def test_the_draw_is_uniform_over_16_bits_in_each_of_the_four_lanes_of_a_64_bit_word():
+    torch.manual_seed(0)
+    u = rounding.uniform16(400_003)
+    assert u.dtype == torch.int32 and u.numel() == 400_003 and u.min() >= 0 and u.max() <= 0xFFFF
+    for lane in range(4):
+        counts = torch.bincount(u[lane::4] >> 10, minlength=64).double()  # 64 bins of ~1,560
+        chi2 = ((counts - counts.mean()) ** 2 / counts.mean()).sum().item()
+        assert chi2 < 120  # 63 degrees of freedom: p < 1e-5 above this
+        assert (u[lane::4] & 1).double().mean().item() == pytest.approx(0.5, abs=0.01)  # low bits random too
+
+
+def test_bf16_sr_needs_no_torchao(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # importing torchao now fails
+    w = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    cfg = type("Optim", (), {"name": "adamw", "lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8})
+    optimizer = rounding.stochastic_optimizer(cfg, [{"params": [w], "weight_decay": 0.0}])
+    w.grad = torch.ones_like(w)
+    optimizer.step()
+    assert w.dtype == torch.bfloat16 and (w < 1).all()
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -58,7 +104,7 @@ def _ours(params, groups, steps: int, adamw: bool, optimizer=None):
 
 
 @pytest.mark.parametrize("adamw", [True, False])
-def test_a_step_equals_torchao_run_eagerly_bit_for_bit(adamw):
+def test_a_step_equals_torchao_run_eagerly_bit_for_bit(adamw, torchaos_random_bits):
     ref, ours = _params(), _params()
     # two groups as build_optimizer makes them: decayed matrices, undecayed vectors, each its own LR
     def groups(params):
