@@ -66,6 +66,22 @@ def test_layers_compute_the_dispatch_modes_products_bit_for_bit(name, dtype):
         assert mode.dispatched == 0 and mode.calls == by_dispatch.calls  # every product, none left to the mode
 
 
+@pytest.mark.parametrize("name", ["conv2d", "conv_transpose2d", "conv1d_groups_dilation"])
+def test_a_frozen_convolution_gives_the_input_gradient_without_reading_its_saved_input(name, monkeypatch):
+    """A GAN's generator step through the frozen discriminator: no weight gradient, so the layer passes an
+    uninitialised stand-in for the FP32 input; the input gradient must not depend on it (here: all NaN)."""
+    make, shape = LAYERS[name]
+    torch.manual_seed(0)
+    model, x = make(), torch.randn(shape)
+    model.requires_grad_(False)
+    reference, _ = _step(model, x, torch.float16, layers=False, dispatch=True)
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(float("nan")))
+    got, _ = _step(model, x, torch.float16, layers=True, dispatch=False)
+    assert got[1] is not None and all(g is None for g in got[2:])
+    assert torch.equal(got[0], reference[0]) and torch.equal(got[1], reference[1])
+
+
 def test_channels_last_convolutions_match_too():
     make, shape = LAYERS["conv2d"]
     torch.manual_seed(0)

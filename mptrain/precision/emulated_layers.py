@@ -84,7 +84,10 @@ class _Convolution(torch.autograd.Function):
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
         mode.calls += 1
-        grads = torch.ops.aten.convolution_backward(grad.float(), x.float(), mode.up(weight), ctx.bias_sizes,
+        # only the weight gradient reads the input's values; the input gradient needs its shape and layout alone
+        # (a GAN's generator step through the frozen discriminator: a whole pass over each saved input spared)
+        x_up = x.float() if mask[1] else torch.empty_like(x, dtype=torch.float32)
+        grads = torch.ops.aten.convolution_backward(grad.float(), x_up, mode.up(weight), ctx.bias_sizes,
                                                     *ctx.options, mask)
         return *(None if g is None else g.to(dtype) for g in grads), None, None
 
