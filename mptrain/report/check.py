@@ -24,23 +24,23 @@ class Checked:
     detail: str = ""
 
 
-def recipe(markdown: str) -> tuple[list[str], str] | None:
-    """The folders and options a report.md was written from (its header), or None for a file that is no report."""
+def recipe(markdown: str) -> tuple[list[str], str, bool] | None:
+    """The folders and options a report.md was written from (its header), and whether the folders are named
+    relative to the report; None for a file that is no report."""
     match = next((m for m in map(HEADER.search, markdown.splitlines()[:5]) if m), None)
     if match is None:
         return None
     sources = re.findall(r"`([^`]+)`", match["sources"])
-    return sources, match["options"] or ""
+    return sources, match["options"] or "", bool(match["relative"])
 
 
-def _locate(source: str, report_md: Path) -> Path | None:
-    """A recorded folder as the report's writer named it: from the working directory, else from the nearest folder
-    above the report that holds it (the repository's root for `results/...`; the experiment's folder for a report
-    made from inside it, which names `runs`), so the check finds the records from any working directory."""
-    for candidate in (Path(source), *(above / source for above in report_md.resolve().parents)):
-        if candidate.is_dir():
-            return candidate
-    return None
+def _locate(source: str, report_md: Path, relative: bool) -> Path | None:
+    """A recorded folder: relative to the report's own folder, never to the working directory (a user's `runs/`
+    there is not the report's). A header from before 2026-12-07 named folders as they were given: those are looked
+    up from the nearest folder above the report that holds them (the repository's root for `results/...`)."""
+    folder = report_md.resolve().parent
+    candidates = [folder / source] if relative else [above / source for above in (folder, *folder.parents)]
+    return next((c for c in candidates if c.is_dir()), None)
 
 
 def table_rows(markdown: str) -> list[str]:
@@ -52,15 +52,15 @@ def check_report(report_md: Path) -> Checked | None:
     made = recipe(text)
     if made is None:
         return None
-    sources, options = made
-    found = [_locate(s, report_md) for s in sources]
+    sources, options, relative = made
+    found = [_locate(s, report_md, relative) for s in sources]
     if None in found:
         missing = ", ".join(s for s, f in zip(sources, found) if f is None)
         return Checked(report_md, "no records", f"not in the repository: {missing}")
     margins, metric, control = options_read(options)
     with tempfile.TemporaryDirectory(prefix="mptrain-check-") as scratch:
         out = Path(scratch) / "report"
-        build(found, out, "md", margins or None, metric, control)
+        build(found, out, "md", margins or None, metric, control, with_figures=False)  # the tables are compared
         fresh = table_rows((out / "report.md").read_text())
     committed = table_rows(text)
     if fresh == committed:

@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mptrain.errors import UserError
+from mptrain.errors import UserError, is_disk_full
 from mptrain.report.make import build
 
 
@@ -67,7 +67,14 @@ def main(argv=None) -> None:
             print(f"{len(written)} run records in {args.export_runs}")
             return
         out = args.out or args.dirs[0] / "report"
-        for path in build(args.dirs, out, args.format, args.margin, args.metric, args.control):
+        try:
+            written = build(args.dirs, out, args.format, args.margin, args.metric, args.control)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            raise UserError(f"no space left on the device writing the report to {out} (a report already there is "
+                            "left whole); free space there and run mptrain-report again") from None
+        for path in written:
             print(path)
     except UserError as e:
         print(f"mptrain-report: error: {e}", file=sys.stderr)

@@ -17,7 +17,7 @@ import numpy as np
 
 from mptrain.report.runs import SCALARS_FILE, find_runs, load_numerics, load_scalars
 
-SCALAR_PREFIXES = ("eval/", "train/loss", "amp/loss_scale", "numerics/lost_update_frac/all")
+SCALAR_PREFIXES = ("eval/", "train/loss", "scaler/loss_scale", "numerics/lost_update_frac/all")
 KEPT_WHOLE = ("lost_update", "fp8", "mx", "optimizer_state", "forward_first_overflow")
 SUMMED = ("activation", "weight")  # gradient-exponent histograms: one record per kind
 

@@ -3,6 +3,7 @@ so that it can be built again (`mptrain-report --check`)."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import tempfile
@@ -20,8 +21,15 @@ def options_said(margin_specs: list[str] | None, metric: str, control: str | Non
     return shlex.join(said)
 
 
+def sources_said(dirs: list[Path], out: Path) -> list[str]:
+    """The run folders as paths relative to the report's folder: how its header names them, so the report and its
+    records can move together (a results tree, a clone) and a check never reads a same-named folder elsewhere."""
+    return [Path(os.path.relpath(Path(d).resolve(), Path(out).resolve())).as_posix() for d in dirs]
+
+
 def build(dirs: list[Path], out: Path, fmt: str, margin_specs: list[str] | None = None,
-          metric: str = "primary", control: str | None = None) -> list[Path]:
+          metric: str = "primary", control: str | None = None, with_figures: bool = True) -> list[Path]:
+    """`with_figures=False`: report.md's text and tables alone (no plot, no HTML), as `--check` compares them."""
     from mptrain.report.paired_verdict import parse_margins
     from mptrain.report.render import write_html, write_machine, write_markdown
     from mptrain.report.runs import load_runs
@@ -33,8 +41,9 @@ def build(dirs: list[Path], out: Path, fmt: str, margin_specs: list[str] | None 
     try:
         if fmt == "md":
             markdown = write_markdown(runs, dirs, staging, margins, control,
-                                      options_said(margin_specs, metric, control))
-            written = [markdown, write_html(markdown)]
+                                      options_said(margin_specs, metric, control), sources_said(dirs, out),
+                                      with_figures)
+            written = [markdown, write_html(markdown)] if with_figures else [markdown]
         else:
             written = write_machine(runs, staging, fmt, margins, control)
         if out.exists():

@@ -44,7 +44,7 @@ def loss_scale_curves(group: pd.DataFrame, path: Path) -> Path | None:
                 ax.plot(steps, [low * 2 ** (0.3 * i)] * len(steps), "|", markersize=8, color=f"C{i}",
                         label=f"{arm}: skipped steps ({len(steps)})")
 
-    return _curves(group, "amp/loss_scale", "loss scale", path, log=True, extra=skips)
+    return _curves(group, "scaler/loss_scale", "loss scale", path, log=True, extra=skips)
 
 
 def _curves(group: pd.DataFrame, prefix: str, label: str, path: Path, log: bool, extra=None) -> Path | None:
@@ -54,7 +54,7 @@ def _curves(group: pd.DataFrame, prefix: str, label: str, path: Path, log: bool,
         per_tag: dict[str, list[pd.Series]] = {}
         for run_dir in runs["run_dir"]:
             for tag, series in load_scalars(run_dir, (prefix,)).items():
-                if tag == prefix or tag.startswith(prefix + "_"):  # amp/loss_scale_g, amp/loss_scale_d
+                if tag == prefix or tag.startswith(prefix + "_"):  # scaler/loss_scale_g, scaler/loss_scale_d
                     per_tag.setdefault(tag, []).append(series)
         for tag, series in sorted(per_tag.items()):
             frame = pd.concat(series, axis=1).sort_index()
@@ -73,6 +73,7 @@ def _curves(group: pd.DataFrame, prefix: str, label: str, path: Path, log: bool,
         plt.close(fig)
         return None
     ax.set(xlabel="step", ylabel=label)
+    ax.set_xlim(left=0)  # from the first step: a lone end-of-run point sits at its step, not on a 3-step axis
     if log:
         ax.set_yscale("log", base=2)
     if extra is not None:

@@ -18,26 +18,34 @@ from mptrain.report.tables import (
     comparison,
     delta_with_ci,
     headroom_markdown,
+    metric_value,
     plan_markdown,
     setting_overrides,
+    short_run_caution,
     to_markdown,
     verdict_cell,
 )
 
 # write_markdown's header line, as `mptrain-report --check` reads it back (report/check.py)
-HEADER = re.compile(r"runs from (?P<sources>(?:`[^`]+`(?:, )?)+); written by `mptrain-report` on [^.]*\.(?: "
-                    r"Options: `(?P<options>[^`]*)`\.)?")  # fmt: skip
+# (a report written before 2026-12-07 names its folders as they were given, without "relative to this report")
+HEADER = re.compile(r"runs from (?P<sources>(?:`[^`]+`(?:, )?)+)(?P<relative> \(relative to this report\))?; written by "
+                    r"`mptrain-report` on [^.]*\.(?: Options: `(?P<options>[^`]*)`\.)?")  # fmt: skip
+RELATIVE = " (relative to this report)"
 
 
 def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: dict | None = None,
-                   control: str | None = None, options: str = "") -> Path:
-    """`options`: the command-line options that shaped the tables, said in the header so that
-    `mptrain-report --check` can remake the report from its sources."""
+                   control: str | None = None, options: str = "", named: list[str] | None = None,
+                   with_figures: bool = True) -> Path:
+    """`options`: the command-line options that shaped the tables, and `named`: the sources as paths relative to
+    the report's own folder, said in the header so that `mptrain-report --check` remakes the report from them
+    wherever it is run (and never from a folder of the same name elsewhere). `with_figures=False`: the text and
+    tables alone (what `mptrain-report --check` compares), without drawing a plot."""
     tables = comparison(runs, margins, control)
     lines = [
         "# mptrain report",
         "",
-        f"{len(runs)} runs from {', '.join(f'`{s}`' for s in sources)}; written by `mptrain-report` on "
+        f"{len(runs)} runs from {', '.join(f'`{s}`' for s in (named or sources))}{RELATIVE if named else ''}; "
+        "written by `mptrain-report` on "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC." + (f" Options: `{options}`." if options else ""),  # read back by HEADER
         "",
         "## The answer",
@@ -59,11 +67,11 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
              for key, table in tables.items() if table.attrs.get("plan")]
     lines[-2:-2] = plans  # the registered plans above the verdicts they judge
     titles = {key: experiment_title(*key) for key in tables}
-    chart = plots.forest(tables, titles, out / "verdicts-forest.png")
+    chart = plots.forest(tables, titles, out / "verdicts-forest.png") if with_figures else None
     if chart is not None:  # the answer at a glance, first
         lines[-2:-2] = [f"![each arm's paired Δ vs fp32 with its 95 % (thin) and 90 % (thick) intervals against ±δ]"
                         f"({chart.name})", ""]
-    dose = plots.dose_response(tables, out / "dose-response.png")
+    dose = plots.dose_response(tables, out / "dose-response.png") if with_figures else None
     if dose is not None:  # sec. 3.1's mechanism against its cost, across the settings a sweep varied
         lines[-2:-2] = [f"![paired Δ against the share of weight updates each arm lost, one point per setting]"
                         f"({dose.name})", ""]
@@ -73,6 +81,8 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
             lines.append(f"| [{experiment_title(model, dataset, setting)}](#{_anchor(model, dataset, setting)}) | "
                          f"{table.attrs['metric']} {better} | {r['arm']} | {delta_with_ci(r, table.attrs['metric'])} | "
                          f"{verdict_cell(r, table.attrs['metric'])} |")
+    cautions = [short_run_caution(table, titles[key]) for key, table in tables.items()]
+    lines += [text for caution in cautions if caution for text in ("", caution)]
     lines += ["", "Below, per experiment: each row pools the seeds of one precision mode (plus its `precision.*` "
               "overrides); metric, speed and memory average the completed runs; fp32 is the control every Δ and "
               "ratio is taken against."]
@@ -91,7 +101,7 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
                       "columns' \"vs fp32\" included, is against it.", ""]
         lines += [_environment(group), "", to_markdown(table), ""]
         amax = forward_amax(group)  # read once: the chart and the table
-        figures = [
+        figures = [] if not with_figures else [
             (plots.metric_curves(group, metric, out / f"{stem}-{metric}.png"), f"eval {metric} vs step"),
             (plots.train_loss_curves(group, out / f"{stem}-train-loss.png"), "train loss vs step"),
             (plots.loss_scale_curves(group, out / f"{stem}-loss-scale.png"), "loss scale vs step"),
@@ -118,7 +128,7 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
                   "|---|---|---|---|---|---|---|"]
         for _, r in group.iterrows():
             note = "" if pd.isna(r["error"]) else str(r["error"]).replace("|", "\\|")[:160]
-            value = "-" if pd.isna(r["metric"]) else f"{r['metric']:.4f}"
+            value = metric_value(r["metric"], metric)
             folder = _relative(r["run_dir"], sources)
             lines.append(f'| <span title="{folder}">`{run_id(r)}`</span> | {r["arm"]} | {r["seed"]} | {r["status"]} | '
                          f"{value} | {r['scale_verdict'] or '-'} | {note} |")

@@ -173,8 +173,25 @@ def _finite(value):
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.nan
 
 
+# tags as runs before 2026-12-07 wrote them (`amp/` in every scaled mode, AMP or not), read under today's names
+RENAMED_TAGS = {"amp/loss_scale": "scaler/loss_scale", "amp/skipped_steps": "scaler/skipped_steps"}
+
+
+def current_tag(tag: str) -> str:
+    """A tag under today's name: `amp/loss_scale_g` reads as `scaler/loss_scale_g`."""
+    for old, new in RENAMED_TAGS.items():
+        if tag.startswith(old):
+            return new + tag[len(old):]
+    return tag
+
+
 def load_scalars(run_dir: str | Path, prefixes: tuple[str, ...]) -> dict[str, pd.Series]:
-    """Every point of the scalar tags starting with one of `prefixes`, as step-indexed Series."""
+    """Every point of the scalar tags starting with one of `prefixes`, as step-indexed Series, under today's tag
+    names (an older run's `amp/loss_scale` is `scaler/loss_scale`)."""
+    return {current_tag(tag): values for tag, values in _read_scalars(run_dir, prefixes).items()}
+
+
+def _read_scalars(run_dir: str | Path, prefixes: tuple[str, ...]) -> dict[str, pd.Series]:
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
     tb = Path(run_dir) / "tb"
@@ -184,12 +201,12 @@ def load_scalars(run_dir: str | Path, prefixes: tuple[str, ...]) -> dict[str, pd
             return {}
         points = json.loads(exported.read_text())
         return {tag: _by_step(tag, [s for s, _ in values], [v for _, v in values])
-                for tag, values in points.items() if tag.startswith(prefixes)}
+                for tag, values in points.items() if current_tag(tag).startswith(prefixes)}
     acc = EventAccumulator(str(tb), size_guidance={SCALARS: 0})
     acc.Reload()
     series = {}
     for tag in acc.Tags()["scalars"]:
-        if tag.startswith(prefixes):
+        if current_tag(tag).startswith(prefixes):
             events = acc.Scalars(tag)
             series[tag] = _by_step(tag, [e.step for e in events], [e.value for e in events])
     return series

@@ -15,7 +15,7 @@ import pandas as pd
 from mptrain.report.paired_verdict import VERDICT_COLUMNS, margin_for, paired_verdict
 from mptrain.report.runs import CONTROL
 
-COLUMNS = ["arm", "control", "runs", "status", "metric_mean", "metric_std", "delta_vs_fp32", *VERDICT_COLUMNS,
+COLUMNS = ["arm", "control", "runs", "steps", "status", "metric_mean", "metric_std", "delta_vs_fp32", *VERDICT_COLUMNS,
            "verdict_note", "exploratory", "samples_per_s", "speed_spread", "speedup_vs_fp32", "peak_memory_mb", "memory_ratio_vs_fp32",
            "bytes_per_param", "skipped_steps", "final_loss_scale", "lost_update_frac",
            "nearest_drop_frac", "drop_kept_frac"]  # fmt: skip
@@ -128,6 +128,7 @@ def _arm_row(arm: str, runs: pd.DataFrame, control: str = CONTROL) -> dict:
         "arm": arm,
         "control": arm == control,
         "runs": len(runs),
+        "steps": done["steps"].median() if "steps" in done and len(done) else math.nan,
         "status": ", ".join(f"{n} {status}" for status, n in counts.items()),
         "metric_mean": done["metric"].mean(),
         "metric_std": done["metric"].std(ddof=1) if len(done) > 1 else math.nan,
@@ -257,13 +258,43 @@ def verdict_cell(r, metric: str = "") -> str:
     verdict = f"**{r['verdict']}**{margin}" if r["verdict"] in ("worse", "better", "equivalent") else r["verdict"] + margin
     if r.get("differs") and r["verdict"] == "equivalent":
         verdict += f", differs: {r['differs']}"
+    if r["verdict"] == "no control":
+        return ("no control: no fp32 run with these seeds among the runs; add one (mptrain -m precision=fp32,<mode> "
+                "seed=0,1,2) or name another arm with --control")
     needed = r.get("seeds_needed")
     if r["verdict"] == "inconclusive" and not _missing(needed):
         verdict += (f"; needs ≈{int(needed)} seed pairs at this spread" if math.isfinite(needed)
                     else f"; more than {1000} seed pairs at this spread")
+    elif r["verdict"] == "inconclusive" and not _missing(r.get("pairs")) and r["pairs"] < 2:
+        verdict += (f"; {int(r['pairs'])} seed pair{'' if r['pairs'] == 1 else 's'} show no spread: at least 2 are "
+                    "needed for any verdict, 3 or more to judge (seed=0,1,2)")
     if r.get("exploratory") is True:
         verdict = "exploratory: " + verdict
     return verdict + (f": {r['verdict_note']}" if r.get("verdict_note") else "")
+
+
+def metric_value(value, metric: str = "") -> str:
+    """One run's metric in the unit the tables use (accuracy in points)."""
+    if _missing(value):
+        return "-"
+    k, unit = unit_of(metric)
+    return f"{k * value:.{_digits(k)}f}{unit}"
+
+
+SHORT_RUN_STEPS = 500  # fewer steps than this: a verdict speaks for the start of training only
+
+
+def short_run_caution(table: pd.DataFrame, title: str, markdown: bool = True) -> str:
+    """A verdict on short runs says what it can: these first steps agree; empty for runs of SHORT_RUN_STEPS or more."""
+    steps = table["steps"].dropna() if "steps" in table else pd.Series(dtype=float)
+    if not len(steps) or steps.max() >= SHORT_RUN_STEPS:
+        return ""
+    n = int(steps.max())
+    bold = "**" if markdown else ""
+    return (f"{bold}Short runs{bold} ({title}): {n} training steps a run. A verdict here says the first {n} steps agree with "
+            "the control, not that a full training run will: lost updates accumulate, loss-scale trouble and "
+            "divergence show later (the paper's unscaled bigLSTM diverged after ~300k iterations). Train longer "
+            "(trainer.max_steps, mptrain-study --steps) before relying on it.")
 
 
 def _missing(value) -> bool:
