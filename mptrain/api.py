@@ -30,12 +30,12 @@ def study(model: str | Sequence[str] | None = None, data: str | Sequence[str] | 
           precisions: Sequence[str] | None = None, seeds: int = 3, steps: int | None = None,
           overrides: Sequence[str] = (), numerics_steps: int = 20, out: str | Path | None = None,
           margin: str | Sequence[str] | None = None):
-    """The precision study `mptrain-study` runs (mptrain/studies.py): the FP32 numerics scan, one run per precision
+    """The precision study `mptrain-study` runs (mptrain/studies/study.py): the FP32 numerics scan, one run per precision
     and seed, the report's paired verdicts. `model` and `data` are a group option ("timm", "image_folder") or
     overrides (["model=timm", "model.name=resnet18"]); `overrides` go on top. Returns a StudyResult: `.table`
     (pandas), `.numerics`, `.out` (runs/, report/); print it for the summary. `margin`: the verdicts' equivalence
     margin as mptrain-report's --margin gives it ("0.3", "perplexity=2"; default: its defaults)."""
-    from mptrain.studies import DEFAULT_MODES, run_study
+    from mptrain.studies.study import DEFAULT_MODES, run_study
 
     def as_overrides(value, group):
         if value is None:
@@ -48,9 +48,11 @@ def study(model: str | Sequence[str] | None = None, data: str | Sequence[str] | 
                      margin=[margin] if isinstance(margin, str) else margin)
 
 
-def check(model, batch, loss_fn=None, coverage: float = 0.999, headroom: float = 8.0):
-    """The numerics answer for a network of yours on one batch (mptrain/numerics_check.py): the loss scale FP16
-    needs, the outputs near FP16's limit, the Linear layers FP8 would starve. Print it for the per-layer table."""
-    from mptrain.numerics_check import check as numerics_check
+def check(model, batch, loss_fn=None, coverage: float = 0.999, headroom: float = 8.0, exact_zeros: bool = True):
+    """The numerics answer for a network of yours on one batch (mptrain/diagnose/check.py): the loss scale FP16
+    needs, the outputs near FP16's limit, the Linear layers FP8 would starve; `answer.answer()` is the answer in a
+    few lines, print it for the per-layer table below them. `exact_zeros`: gradient values that FP64 shows are
+    rounding noise around an exact zero count as zero (they cannot decide the scale)."""
+    from mptrain.diagnose.check import check as numerics_check
 
-    return numerics_check(model, batch, loss_fn, coverage, headroom)
+    return numerics_check(model, batch, loss_fn, coverage, headroom, exact_zeros)

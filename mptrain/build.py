@@ -54,9 +54,6 @@ def build_trainer(cfg, device, run_dir: Path, tb, numerics=None, warnings: list[
     precision = Precision(cfg.precision, device)
     replicas = replicas or Replicas()
     data = build_data(cfg.dataset, device, cfg.seed, augment=cfg.model.augment)
-    if replicas.is_main:
-        for filename, content in data.artifacts.items():
-            write_json_atomic(run_dir / filename, content)
     data.shard(replicas.rank, replicas.world_size)
     task = build_task(cfg.model, data, precision)
     if cfg.trainer.channels_last:
@@ -93,4 +90,7 @@ def build_trainer(cfg, device, run_dir: Path, tb, numerics=None, warnings: list[
     for warning in precision.notes + find_pitfalls(precision, task.networks(), trainer.steppers):
         log.warning(warning)
         warnings.append(warning)
+    if replicas.is_main:  # once the run is sure to start: a config refused above leaves its folder empty
+        for filename, content in data.artifacts.items():
+            write_json_atomic(run_dir / filename, content)
     return trainer

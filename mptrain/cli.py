@@ -19,7 +19,7 @@ import hydra
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import OmegaConf
 
-from mptrain.paths import claim_run_dir, config_dir
+from mptrain.paths import claim_if_new, claim_run_dir, config_dir
 from mptrain.schema import describe_composition_error
 
 __all__ = ["claim_run_dir", "config_dir", "main", "sweep_dirname"]
@@ -81,6 +81,9 @@ def main() -> float | None:
         print(f"mptrain: error: {e}", file=sys.stderr)
         sys.exit(2)
 
+    named = [a.partition("=")[2] for a in sys.argv[1:] if a.lstrip("+").startswith("hydra.run.dir=")]
+    if named and not {"-m", "--multirun"} & set(sys.argv[1:]):
+        claim_if_new(named[-1].strip("'\""))
     if launched_world_size() > 1:  # started by torchrun: one job, rank 0 owns its folder
         if {"-m", "--multirun"} & set(sys.argv[1:]):
             print("mptrain: error: torchrun runs one job, not a sweep (-m); sweep with trainer.devices=N instead, "

@@ -22,6 +22,7 @@ class RunEnded(Exception):
     """Training stopped before its last step; `results` holds what the trainer had measured by then."""
 
     status = "ended"
+    resumable = False  # a checkpoint to continue from was the point of stopping
 
     def __init__(self, message: str, results: dict | None = None):
         super().__init__(message)
@@ -34,7 +35,30 @@ class Diverged(RunEnded):
     status = "diverged"
 
 
+class DiskFull(RunEnded):
+    """No space left on the device while writing a run's file: status ``failed``, resumable from the last whole
+    checkpoint (every write is atomic, so nothing that was whole is lost)."""
+
+    status = "failed"
+    resumable = True
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """ENOSPC (or EDQUOT) anywhere in an exception's chain: torch.save reports a full disk as a RuntimeError
+    ("unexpected pos") raised while handling the OSError."""
+    import errno
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class Interrupted(RunEnded):
     """SIGTERM or SIGINT: the run saved a checkpoint and stops with status ``interrupted``."""
 
     status = "interrupted"
+    resumable = True

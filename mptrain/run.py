@@ -17,7 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from mptrain.errors import Interrupted, RunEnded, UserError
+from mptrain.errors import Interrupted, RunEnded, UserError, is_disk_full
+from mptrain.paths import CLAIMED, restore_hydra_files
 from mptrain.replicas import Replicas, join
 from mptrain.schema import validate
 from mptrain.schema.precision import preset_name
@@ -41,10 +42,24 @@ class Outcome:
     record: dict = field(default_factory=dict)
     bug: BaseException | None = field(default=None, repr=False)
     refused: bool = False  # the config was refused before anything ran: no run to record
+    resumable: bool = False  # stopped where a checkpoint continues it (a signal, a full disk)
 
     @property
     def code(self) -> int:
         return EXIT_CODES[self.status]
+
+
+
+class Refused(SystemExit):
+    """A config refused before the run began: the CLI exits with `code`; mptrain.train raises `message`."""
+
+    def __init__(self, code: int, message: str | None):
+        super().__init__(code)
+        self.message = message
+
+
+class _RefusedBeforeStart(UserError):
+    """A user's mistake met while building the run or reading its checkpoint: nothing has trained yet."""
 
 
 def run(cfg) -> float | None:
@@ -59,9 +74,14 @@ def run(cfg) -> float | None:
         outcome = _launch(cfg, run_dir) if launching else execute(cfg, run_dir, replicas)
     finally:
         replicas.close()
-    if outcome.refused and not in_sweep and _claimed_here(run_dir):
-        _remove_stray(run_dir)  # a refused config leaves no run folder behind (a sweep's job keeps its record)
-    elif replicas.is_main:
+    if outcome.refused and not in_sweep:
+        if _claimed_here(run_dir):
+            _remove_stray(run_dir)  # a refused config leaves no run folder behind
+        else:  # an existing run's folder (a resume that could not start): its record stays as it was
+            restore_hydra_files(run_dir)
+    elif outcome.refused and (run_dir / "summary.json").is_file():
+        pass  # a sweep's job that was resumed and refused: the interrupted record stays
+    elif replicas.is_main:  # (a sweep's refused job gets a record: the sweep goes on and its report lists it)
         summary = _summary(cfg, list(hydra_cfg.overrides.task), outcome, started)
         summary["precision_preset"] = preset_name(hydra_cfg.runtime.choices.get("precision"), cfg.precision.mode)
         _write_summary(run_dir, summary)
@@ -74,9 +94,11 @@ def run(cfg) -> float | None:
         if replicas.is_main:
             print(f"mptrain: {'error' if outcome.status == 'failed' else outcome.status}: {outcome.error}",
                   file=sys.stderr)
-            if outcome.status == "interrupted" and (run_dir / "checkpoint.pt").is_file() and not in_sweep:
+            if outcome.resumable and (run_dir / "checkpoint.pt").is_file() and not in_sweep:
                 print(f"mptrain: continue with: {resume_command(list(hydra_cfg.overrides.task), run_dir)}",
                       file=sys.stderr)
+        if outcome.refused and not in_sweep:
+            raise Refused(outcome.code, outcome.error)  # SystemExit for the CLI; mptrain.train raises its line
         if not in_sweep or outcome.code == EXIT_INTERRUPTED:  # a signal stops the whole sweep, not just this job
             sys.exit(outcome.code)
         return None
@@ -84,18 +106,27 @@ def run(cfg) -> float | None:
     return final.get(outcome.record.get("primary_metric"))
 
 
+# the environment a run's own code may need again: a user's package on PYTHONPATH (model.net._target_, dataset=custom)
+RESUME_ENV = ("PYTHONPATH",)
+
+
 def resume_command(overrides: list[str], run_dir: Path) -> str:
-    """The whole command that continues a run in its own folder: its overrides, its folder, resume=auto (so the
-    report sees one run, not two)."""
+    """The whole command that continues a run in its own folder: the environment it ran with (PYTHONPATH, as
+    absolute paths), its overrides, its folder, resume=auto (so the report sees one run, not two)."""
+    import os
     import shlex
 
+    env = []
+    for name in RESUME_ENV:
+        value = os.environ.get(name)
+        if value:
+            value = os.pathsep.join(str(Path(p).resolve()) for p in value.split(os.pathsep) if p)
+            env.append(f"{name}={shlex.quote(value)}")
     kept = [o for o in overrides if o.lstrip("+~").split("=")[0] not in ("trainer.resume", "hydra.run.dir")]
-    return shlex.join(["mptrain", *kept, f"hydra.run.dir={run_dir}", "trainer.resume=auto"])
+    return " ".join([*env, shlex.join(["mptrain", *kept, f"hydra.run.dir={run_dir}", "trainer.resume=auto"])])
 
 
 def _claimed_here(run_dir: Path) -> bool:
-    from mptrain.paths import CLAIMED
-
     return str(Path(run_dir).resolve()) in CLAIMED
 
 
@@ -103,14 +134,28 @@ def _remove_stray(run_dir: Path) -> None:
     """Drop the folder this process made for a run that never started: Hydra's config copy and the log only."""
     import shutil
 
-    logging.shutdown()  # the log file handle, before its folder goes
-    if all(p.name in (".hydra", "cli.log") or p.name.endswith(".log") for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)
-        for parent in (run_dir.parent, run_dir.parent.parent):  # runs/<model>-<dataset>-<mode>/ and runs/, if empty
-            try:
-                parent.rmdir()
-            except OSError:
-                break
+    if not all(p.name == ".hydra" or p.name.endswith(".log") for p in run_dir.iterdir()):
+        return
+    _detach_log_files(run_dir)  # the log's file handler, before its folder goes (a later line would reopen it)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in CLAIMED.get(str(Path(run_dir).resolve()), []):  # runs/<model>-<dataset>-<mode>/, runs/: if made
+        try:  # for this run and still empty
+            Path(parent).rmdir()
+        except OSError:
+            break
+
+
+def _detach_log_files(run_dir: Path) -> None:
+    """Close and remove every logging file handler writing inside `run_dir` (Hydra's job log)."""
+    folder = Path(run_dir).resolve()
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            path = getattr(handler, "baseFilename", None)
+            if path and folder in Path(path).resolve().parents:
+                logger.removeHandler(handler)
+                handler.close()
 
 
 def execute(cfg, run_dir: Path, replicas: Replicas) -> Outcome:
@@ -123,13 +168,19 @@ def execute(cfg, run_dir: Path, replicas: Replicas) -> Outcome:
             except UserError as e:
                 return Outcome("failed", str(e), refused=True)
             return Outcome("completed", record=_train(cfg, run_dir, stop, replicas))
+    except _RefusedBeforeStart as e:
+        return Outcome("failed", str(e), refused=True)
     except UserError as e:
         return Outcome("failed", str(e))
     except RunEnded as e:
-        return Outcome(e.status, str(e), record=e.results)
+        return Outcome(e.status, str(e), record=e.results, resumable=e.resumable)
     except KeyboardInterrupt:
-        return Outcome("interrupted", "interrupted by the user")
+        return Outcome("interrupted", "interrupted by the user", resumable=True)
     except Exception as e:
+        if is_disk_full(e):  # a write other than the checkpoint's (events, numerics, artifacts): one line
+            where = getattr(e, "filename", None) or run_dir
+            return Outcome("failed", f"no space left on the device writing {where}; free space there, then "
+                           "continue", resumable=True)
         return Outcome("failed", f"{type(e).__name__}: {e}", bug=e)
 
 
@@ -149,7 +200,7 @@ def _launch(cfg, run_dir: Path) -> Outcome:
                 raise UserError(f"trainer.devices={devices} but torch sees {torch.cuda.device_count()} CUDA "
                                 f"device(s); use trainer.devices={torch.cuda.device_count()} or fewer")
     except UserError as e:
-        return Outcome("failed", str(e))
+        return Outcome("failed", str(e), refused=True)
     try:
         ended = launch(rank_main, (OmegaConf.to_yaml(cfg), str(run_dir), log_file()), devices,
                        cuda=device.type == "cuda")
@@ -192,20 +243,25 @@ def _train(cfg, run_dir: Path, stop: StopRequest, replicas: Replicas) -> dict:
     if replicas.enabled:
         record["env"]["world_size"] = replicas.world_size
     tb = TensorBoardLogger(run_dir / "tb") if replicas.is_main else NullLogger()
-    tb.text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
     numerics = None
     if cfg.telemetry.numerics.every and replicas.is_main:
         numerics = NumericsProbe(cfg.telemetry.numerics.every, run_dir, cfg.telemetry.numerics.activations)
     try:
-        resume = _checkpoint_to_resume(cfg, run_dir, device, replicas)
-        trainer = build_trainer(cfg, device, run_dir, tb, numerics, record["warnings"], replicas,
-                                checkpoint_path=run_dir / checkpoint.FILENAME, stop=stop)
+        try:
+            resume = _checkpoint_to_resume(cfg, run_dir, device, replicas)
+            trainer = build_trainer(cfg, device, run_dir, tb, numerics, record["warnings"], replicas,
+                                    checkpoint_path=run_dir / checkpoint.FILENAME, stop=stop)
+            if resume is not None:
+                path, state = resume
+                checkpoint.restore(trainer, state)
+                record["resumed_from"] = {"checkpoint": str(path), "step": trainer.step}
+                if Path(path).resolve() == (run_dir / checkpoint.FILENAME).resolve():
+                    trainer.checkpoint_step = trainer.step  # the last whole checkpoint in this folder
+                log.info("resumed from %s at step %d", path, trainer.step)
+        except UserError as e:
+            raise _RefusedBeforeStart(str(e)) from None
         install_faults(trainer)  # the test suite's fault injection (mptrain/testing.py): nothing unless its env asks
-        if resume is not None:
-            path, state = resume
-            checkpoint.restore(trainer, state)
-            record["resumed_from"] = {"checkpoint": str(path), "step": trainer.step}
-            log.info("resumed from %s at step %d", path, trainer.step)
+        tb.text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
         record["primary_metric"] = trainer.task.primary_metric
         record["higher_is_better"] = trainer.task.higher_is_better
         log.info("training %s on %s (%d samples), precision=%s, %d steps, device %s", cfg.model.name,
@@ -252,7 +308,15 @@ def _summary(cfg, overrides: list[str], outcome: Outcome, started: float) -> dic
 def _write_summary(run_dir: Path, summary: dict) -> None:
     from mptrain.telemetry.summary import format_summary, write_summary
 
-    write_summary(run_dir, summary)
+    try:
+        write_summary(run_dir, summary)
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        print(f"mptrain: error: no space left on the device writing {run_dir / 'summary.json'} (the run ended "
+              f"{summary['status']}); free space there: trainer.resume=auto continues from its last checkpoint",
+              file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     if "steps" in summary:
         print(format_summary(summary))
     log.info("summary: %s", run_dir / "summary.json")

@@ -81,6 +81,7 @@ class Trainer:
         self.best: dict | None = None
         self.epoch = self.batch_in_epoch = 0  # the data position a checkpoint records
         self.checkpoint_path = checkpoint_path
+        self.checkpoint_step: int | None = None  # the step of the last whole checkpoint on disk (written or resumed)
         self.stop = stop or StopRequest()
         self.resumed_task_state: dict | None = None
         self.speed_options_check = speed_options_check
@@ -197,8 +198,18 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         from mptrain import checkpoint
+        from mptrain.errors import DiskFull, is_disk_full
 
-        checkpoint.save(self.checkpoint_path, checkpoint.capture(self))
+        try:
+            checkpoint.save(self.checkpoint_path, checkpoint.capture(self))
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            whole = f"the last whole checkpoint is step {self.checkpoint_step} ({self.checkpoint_path})" \
+                if self.checkpoint_step is not None else "no checkpoint was written before it"  # fmt: skip
+            raise DiskFull(f"no space left on the device writing the checkpoint of step {self.step} to "
+                           f"{self.checkpoint_path.parent}; {whole}; free space there, then continue") from None
+        self.checkpoint_step = self.step
         log.info("step %d: checkpoint %s", self.step, self.checkpoint_path)
         for hook in self.after_checkpoint:
             hook(self.step)

@@ -319,7 +319,7 @@ def test_a_gan_pair_of_the_wrong_shapes_is_one_line(package):
 def test_a_registry_model_has_the_instruments_checkpoints_and_the_fp16_check(tmp_path, monkeypatch, capsys):
     pytest.importorskip("transformers")
     import mptrain
-    from mptrain import numerics_cli
+    from mptrain.diagnose import cli as numerics_cli
 
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"

@@ -38,7 +38,7 @@ def _check_runs(runs: list[Path], steps: int, first_group: str) -> None:
         assert 0.0 <= s["final"]["accuracy"] <= 1.0
         scaled = mode in ("mixed", "amp")
         assert (s["final_loss_scale"] is not None) == scaled, mode
-        expected = TAGS if scaled else TAGS - {"amp/skipped_steps"}  # nothing is skipped without a scaler
+        expected = TAGS if scaled else TAGS - {"scaler/skipped_steps"}  # nothing is skipped without a scaler
         assert expected <= scalar_tags(run / "tb").keys(), mode
     # folder names come from the overrides, group choices first, seed kept apart
     for mode, run in by_mode.items():

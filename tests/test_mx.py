@@ -177,7 +177,7 @@ def test_every_format_trains_a_tiny_transformer_and_the_instrument_reads_it(comp
 def test_mptrain_numerics_names_the_layers_a_block_format_hurts_most():
     import io
 
-    from mptrain.numerics_cli import analyse, compose_scan, print_mx, scan
+    from mptrain.diagnose.cli import analyse, compose_scan, print_mx, scan
 
     cfg = compose_scan([*LM[:-1], "dataset.batch_size=4"], 2)
     sums = scan(cfg, 2, "mxfp4")

@@ -50,7 +50,7 @@ def test_recommendation_takes_headroom_below_the_ceiling_but_never_below_the_nee
 
 
 def _numerics(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "mptrain.numerics_cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mptrain.diagnose.cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=600)  # fmt: skip
 
 

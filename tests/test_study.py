@@ -101,7 +101,7 @@ def test_the_study_command_runs_the_same_study(tmp_path):
 
 
 def test_layer_groups_put_the_same_layer_of_every_block_together():
-    from mptrain.layer_study import group_layers
+    from mptrain.studies.layers import group_layers
 
     layers = ["blocks.0.attn.qkv", "blocks.0.mlp.0", "blocks.1.attn.qkv", "blocks.1.mlp.0", "g.0", "g.3"]
     assert group_layers(layers, "kind") == ["blocks.*.attn.qkv", "blocks.*.mlp.0", "g.0", "g.3"]
@@ -113,8 +113,8 @@ def test_a_layer_study_ranks_each_group_against_bf16_and_finds_a_keep_list(tmp_p
     """Each layer kind alone in MXFP4 against bf16, ranked; a keep-list search when all together are not
     equivalent; the report paired against bf16 (tiny transformer, 2 seeds, 4 steps: the verdicts are noise,
     the plumbing is what is tested)."""
-    from mptrain.layer_study import run_layer_study
     from mptrain.report.runs import load_runs
+    from mptrain.studies.layers import run_layer_study
 
     lm = ["debug=tiny_lm", "model=transformer", "model.heads=2", "model.width=32", "model.context=8",
           "trainer.device=cpu"]

@@ -36,6 +36,7 @@ class TextSpec:
     name: str
     vocab_size: int
     level: str  # char | word: bits per character is reported for char level
+    bptt: int = 4  # tokens per training chunk (dataset.bptt): a model's context must hold them
 
 
 class Vocabulary:
@@ -188,5 +189,5 @@ def build_text_data(cfg, device: torch.device, seed: int):
         "eval_split": eval_split,
         "tokens": vocab.tokens,
     }
-    spec = TextSpec(name=name, vocab_size=len(vocab), level=level)
+    spec = TextSpec(name=name, vocab_size=len(vocab), level=level, bptt=bptt)
     return DataModule(spec=spec, train=train, test=test, artifacts={"vocab.json": artifact})

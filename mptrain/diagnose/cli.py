@@ -183,7 +183,7 @@ def print_report(result: dict, kind: str, out=sys.stdout) -> None:
 
 def _check_checkpoint(args, overrides: list[str]) -> None:
     from mptrain.build import resolve_device
-    from mptrain.fp16_check import check, compose_from_run, load_fp16_model
+    from mptrain.diagnose.fp16_checkpoint import check, compose_from_run, load_fp16_model
 
     cfg = compose_from_run(args.checkpoint, overrides)
     task, precision, loader, state = load_fp16_model(cfg, args.checkpoint, resolve_device(cfg.trainer.device))

@@ -3,10 +3,12 @@ factory function), trained by the task `model.task` names, like a built-in famil
 `model.generator._target_` and `model.discriminator._target_`.
 
 What the data fixes reaches the constructor by name: a parameter called `num_classes`, `in_channels` or
-`image_size` (images) or `vocab_size` (text) that `model.net` leaves unset gets the dataset's value. A classifier
+`image_size` (images), or `vocab_size` and a context length (`block_size`, `context_length`, `max_seq_len`, ...:
+CONTEXT_NAMES, given dataset.bptt) (text) that `model.net` leaves unset gets the dataset's value. A classifier
 maps (B, C, H, W) images to (B, num_classes) logits; a language model maps (B, T) token ids to (B, T, vocab_size)
 logits (its state, if any, is its own: mptrain carries none between chunks). Both are checked once on a batch
-of two before training, so a wrong shape is one line naming the target, not a traceback mid-step.
+of two at the run's real shape (a language model: T = dataset.bptt) before training, so a wrong shape or a
+context too short is one line naming the target, not a traceback mid-step.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from torch import nn
 
 from mptrain.errors import UserError, first_line
 
+# the context-length spellings of nanoGPT/minGPT, Llama-style and GPT-2-style constructors
+CONTEXT_NAMES = ("block_size", "context_length", "context_size", "max_seq_len", "max_seq_length", "seq_len", "n_ctx")
 SUPPLIED = {"num_classes": "num_classes", "in_channels": "in_channels", "image_size": "image_size",
-            "vocab_size": "vocab_size"}
+            "vocab_size": "vocab_size", **{name: "bptt" for name in CONTEXT_NAMES}}
 
 
 def build_custom(cfg, spec) -> nn.Module:
@@ -115,11 +119,14 @@ def _shape(out) -> str:
 def check_output(model: nn.Module, label: str, task: str, spec, hint: str = "") -> nn.Module:
     """One FP32 forward on a batch of two; a wrong output shape for the task is one line naming `label`."""
     language = task == "language_model"
-    x = torch.zeros(2, 4, dtype=torch.long) if language else \
+    tokens = getattr(spec, "bptt", 4)  # the run's chunk length: a context shorter than it fails here, not at step 1
+    x = torch.zeros(2, tokens, dtype=torch.long) if language else \
         torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)  # fmt: skip
-    want = (2, 4, spec.vocab_size) if language else (2, spec.num_classes)
-    out = _forward(model, x, label, f"a {task} network takes "
-                                    f"{'(B, T) token ids' if language else '(B, C, H, W) images'}{hint}")
+    want = (2, tokens, spec.vocab_size) if language else (2, spec.num_classes)
+    takes = (f"(B, T) token ids with T = dataset.bptt={tokens}: give it a context of at least {tokens} "
+             f"(a constructor parameter named {', '.join(CONTEXT_NAMES[:3])}... receives dataset.bptt) or use a "
+             "smaller dataset.bptt") if language else "(B, C, H, W) images"  # fmt: skip
+    out = _forward(model, x, label, f"a {task} network takes {takes}{hint}")
     out = getattr(out, "logits", out)  # a Hugging Face output
     out = out[0] if isinstance(out, (tuple, list)) else out
     if not torch.is_tensor(out) or tuple(out.shape) != want:

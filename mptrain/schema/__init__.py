@@ -71,6 +71,13 @@ def typed(group: str, node):
 
 
 ROOT_KEYS = {*GROUPS, "seed", "plan", "hydra"}  # what a run reads at the top level
+_FP16 = ("FP16 runs as mixed (the paper's recipe: FP16 with FP32 master weights and loss scaling), amp "
+         "(torch.autocast with GradScaler), fp16_master (no loss scaling) or fp16_naive (FP16 weights, no master); ")
+# what a user may type for a mode the options spell otherwise (difflib would suggest fp16 -> bf16)
+ALIASES = {("precision", name): _FP16 for name in ("fp16", "float16", "half", "fp16_mixed", "mixed_fp16", "fp16_amp")}
+ALIASES |= {("precision", name): "BF16 runs as bf16 (autocast), bf16_pure, bf16_sr or bf16_kahan; "
+            for name in ("bfloat16", "bf16_mixed", "bf16_amp")}
+ALIASES |= {("precision", name): "FP32 runs as fp32; " for name in ("float32", "float", "full", "single")}
 
 
 def refuse_schema_choices(overrides) -> None:
@@ -136,8 +143,21 @@ def describe_composition_error(error: Exception) -> str:
         options = [o for o in (error.options or []) if not is_schema_option(o)]
         if group and options:
             close = difflib.get_close_matches(choice, options, n=1)
-            hint = f"did you mean {group}={close[0]}? " if close else ""
+            hint = ALIASES.get((group, choice.lower())) or (f"did you mean {group}={close[0]}? " if close else "")
             return f"{group}={choice} is not an option of {group}; {hint}choose one of {', '.join(options)}"
+    text = str(error)
+    ambiguous = re.search(r"Ambiguous value for argument '([^']*)'", text)
+    if ambiguous:  # a comma list outside a sweep
+        said = ambiguous.group(1)
+        key = said.partition("=")[0]
+        return (f"{said} gives several values: add -m to run one job per value (mptrain -m {said}), or write "
+                f"{key}=[a,b] for a list, {key}='a,b' for one value with a comma")
+    unknown_root = re.search(r"Key '([^'.]+)' is not in struct", f"{text}\n{cause}")
+    if unknown_root and unknown_root.group(1) not in ROOT_KEYS:  # a misspelt group: precison=mixed
+        name = unknown_root.group(1)
+        close = difflib.get_close_matches(name, sorted(ROOT_KEYS - {"hydra"}), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        return f"{name} is not a config group or key of mptrain; {hint}the top level has {', '.join(sorted(ROOT_KEYS - {'hydra'}))}"
     if isinstance(error, OverrideParseException):
         return (f"cannot read that override ({first_line(error, limit=None)}); the grammar: "
                 "https://hydra.cc/docs/advanced/override_grammar/basic/")
@@ -159,7 +179,6 @@ def describe_composition_error(error: Exception) -> str:
             hint = f"did you mean {key.rsplit('.', 1)[0]}.{close[0]}? " if close else ""
             return (f"{key} is not a key of {key.rsplit('.', 1)[0]}; {hint}its keys: {', '.join(fields)} "
                     f"(+{key}=... adds one anyway)")
-    text = str(error)
     where, key = re.search(r"^In '([^']+)'", text), re.search(r"full_key: (\S+)", text)
     if where and key and " not in " in text:  # a config file sets a key its group's schema lacks
         return (f"{where.group(1)} sets {key.group(1)}, which is not a key of {key.group(1).rsplit('.', 1)[0]} "

@@ -42,7 +42,7 @@ def check(depth: int = 14, steps: int = 468, seeds: int = 3, out: str | None = N
     out_dir.mkdir(parents=True, exist_ok=True)
     model = ["model=mlp", f"model.depth={depth}"]
     scan_path = out_dir / "scan.json"
-    _run(["-m", "mptrain.numerics_cli", *model, "--steps", "50", "--json", str(scan_path)])
+    _run(["-m", "mptrain.diagnose.cli", *model, "--steps", "50", "--json", str(scan_path)])
     scan = json.loads(scan_path.read_text())
     scale = scan["recommended"]["model"]["scale"]
     if scale is None:

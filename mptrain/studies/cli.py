@@ -7,7 +7,7 @@ higher precision? The numerics scan, one run per mode and seed, and the report w
     mptrain-study model=transformer --layers mxfp4 --steps 600     # which layers must stay bf16 under MXFP4
 
 Any argument that is not an option is a Hydra override of mptrain's config, as for `mptrain` (precision and seed
-excepted: the study sets them). What it runs is mptrain.studies.run_study, the same as `mptrain.study(...)`.
+excepted: the study sets them). What it runs is mptrain.studies.study.run_study, the same as `mptrain.study(...)`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from mptrain.console import OneLineParser, positive
 from mptrain.errors import UserError
 from mptrain.schema.precision import BLOCK_FORMATS
-from mptrain.studies import DEFAULT_MODES
+from mptrain.studies.study import DEFAULT_MODES
 
 
 def parse_args(argv):
@@ -31,7 +31,7 @@ def parse_args(argv):
     parser.add_argument("--numerics-steps", type=positive(int), default=20, help="FP32 steps scanned first (20)")
     parser.add_argument("--layers", choices=BLOCK_FORMATS, metavar="FORMAT",
                         help="instead of modes: which Linear layers must stay bf16 under this block format "
-                             "(mptrain.layer_study: each layer group alone in the format, ranked against bf16, then "
+                             "(mptrain.studies.layers: each layer group alone in the format, ranked against bf16, then "
                              "the smallest keep-list that is equivalent)")
     parser.add_argument("--by", choices=("kind", "layer"), default="kind",
                         help="--layers: group layers by kind across blocks (blocks.*.attn.qkv; default) or one by one")
@@ -44,13 +44,13 @@ def parse_args(argv):
 
 
 def main(argv=None) -> None:
-    from mptrain.studies import describe, run_study
+    from mptrain.studies.study import describe, run_study
 
     try:
         args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         announce = lambda line: print(f"mptrain-study: {line}", file=sys.stderr, flush=True)  # noqa: E731
         if args.layers:
-            from mptrain.layer_study import run_layer_study
+            from mptrain.studies.layers import run_layer_study
 
             print(run_layer_study(overrides, args.layers, args.seeds, args.steps, args.by, args.out, announce,
                                   args.margin))

@@ -20,8 +20,9 @@ from pathlib import Path
 from mptrain.errors import UserError
 
 DEFAULT_MODES = ("fp32", "mixed", "bf16", "fp8")  # the control, FP16 with the paper's three, and the formats after
-SHOWN = ["arm", "runs", "status", "metric_mean", "metric_std", "delta_vs_fp32", "verdict", "final_loss_scale",
-         "skipped_steps", "speedup_vs_fp32", "memory_ratio_vs_fp32"]
+CURVE_POINTS = 20  # a study's runs log at least this many training points (trainer.log_every from --steps)
+SHOWN = ["arm", "runs", "steps", "status", "metric_mean", "metric_std", "delta_vs_fp32", "verdict", "seeds_needed",
+         "final_loss_scale", "skipped_steps", "speedup_vs_fp32", "memory_ratio_vs_fp32"]
 
 
 @dataclass
@@ -44,8 +45,8 @@ def run_study(overrides: Sequence[str] = (), modes: Sequence[str] = DEFAULT_MODE
     import pandas as pd
 
     from mptrain.console import compose
+    from mptrain.diagnose.cli import analyse, compose_scan, scan
     from mptrain.inprocess import run_overrides
-    from mptrain.numerics_cli import analyse, compose_scan, scan
     from mptrain.paths import group_options
     from mptrain.report.make import build
     from mptrain.report.paired_verdict import parse_margins
@@ -68,6 +69,8 @@ def run_study(overrides: Sequence[str] = (), modes: Sequence[str] = DEFAULT_MODE
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: give the study a new folder (nothing there is overwritten)")
     length = [f"trainer.max_steps={steps}"] if steps else []
+    if steps and not any(o.lstrip("+~").startswith("trainer.log_every=") for o in overrides):
+        length.append(f"trainer.log_every={max(1, min(50, steps // CURVE_POINTS))}")  # curves, not one dot
     for mode in modes:  # a bad override, or a mode the model refuses, is said here: before anything is written
         validate(compose([*overrides, *length, f"precision={mode}"]))
     cfg = compose_scan([*overrides, *length], numerics_steps)
@@ -77,12 +80,17 @@ def run_study(overrides: Sequence[str] = (), modes: Sequence[str] = DEFAULT_MODE
     numerics = {"recommended": scanned["recommended"], "first_fp16_overflow": scanned["first_fp16_overflow"],
                 "fp8_keep_bf16": scanned["fp8_keep_bf16"], "overall": scanned["overall"], "steps": numerics_steps}
     (out / "numerics.json").write_text(json.dumps(numerics, indent=2) + "\n")
-    for mode in modes:
-        for seed in range(seeds):
-            announce(f"2/3 run: precision={mode} seed={seed}")
-            run_dir = out / "runs" / mode / f"seed={seed}"
+    jobs = [(mode, seed) for mode in modes for seed in range(seeds)]
+    refused = []
+    for i, (mode, seed) in enumerate(jobs, 1):
+        announce(f"2/3 run {i}/{len(jobs)}: precision={mode} seed={seed}")
+        run_dir = out / "runs" / mode / f"seed={seed}"
+        try:
             run_overrides([*overrides, *length, f"precision={mode}", f"seed={seed}", "trainer.progress=false",
                            f"hydra.run.dir='{run_dir}'"])
+        except UserError as e:  # the model refused this mode when built: said, and the study goes on
+            announce(f"precision={mode} seed={seed} refused: {e}")
+            refused.append(f"{mode}: {e}")
     announce("3/3 report")
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its reader's per-file notes, under the runs' INFO
     build([out / "runs"], out / "report", "md", margin)
@@ -90,11 +98,15 @@ def run_study(overrides: Sequence[str] = (), modes: Sequence[str] = DEFAULT_MODE
     table = pd.concat([t.assign(model=k[0], dataset=k[1], setting=k[2]) for k, t in tables.items()],
                       ignore_index=True) if tables else pd.DataFrame(columns=SHOWN)
     table.attrs["metric"] = next(iter(tables.values())).attrs.get("metric") if tables else None
+    table.attrs["refused"] = sorted(set(refused))
     return StudyResult(table=table, numerics=numerics, out=out)
 
 
 def describe(result: StudyResult) -> str:
-    """What a person reads at the end: the numerics answer, the verdict table, where the report is."""
+    """What a person reads at the end: the numerics answer, the verdict table, a caution for short runs, where the
+    report is."""
+    from mptrain.report.tables import short_run_caution
+
     n = result.numerics
     lines = []
     for net, rec in n["recommended"].items():
@@ -105,7 +117,14 @@ def describe(result: StudyResult) -> str:
     keep = n["fp8_keep_bf16"]
     lines.append(f"Linear layers to keep in bf16 under FP8: {', '.join(keep) if keep else 'none'}")
     table = result.table
-    shown = table[[c for c in SHOWN if c in table.columns]] if len(table) else table
-    lines += ["", f"metric: {table.attrs.get('metric')}", shown.to_string(index=False, float_format="%.4g"), "",
-              f"report: {result.out / 'report' / 'report.md'}"]
+    shown = table[[c for c in SHOWN if c in table.columns]].copy() if len(table) else table
+    if len(table) and table.attrs.get("metric") == "accuracy":  # in points, as the report's tables give it
+        points = {c: f"{c}_pts" for c in ("metric_mean", "metric_std", "delta_vs_fp32") if c in shown}
+        shown[list(points)] = shown[list(points)] * 100
+        shown = shown.rename(columns=points)
+    lines += ["", f"metric: {table.attrs.get('metric')}", shown.to_string(index=False, float_format="%.4g")]
+    caution = short_run_caution(table, "this study", markdown=False) if len(table) else ""
+    lines += [f"refused: {r}" for r in table.attrs.get("refused", [])]
+    lines += ["", caution] if caution else []
+    lines += ["", f"report: {result.out / 'report' / 'report.md'}"]
     return "\n".join(lines)

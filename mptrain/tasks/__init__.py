@@ -64,11 +64,23 @@ def build_task(model_cfg, data, precision) -> Task:
     builder, kind = TASKS[name]
     data_kind = "text" if isinstance(data.spec, TextSpec) else "boxes" if data.spec.boxes else "image"
     if kind != data_kind:
-        raise UserError(
-            f"model={model_cfg.name} reads {kind} data but dataset={data.spec.name} is {data_kind}; "
-            f"use {DATASETS_FOR[kind]}"
-        )
+        fitting = [t for t in _settable_tasks(model_cfg) if TASKS[t][1] == data_kind]
+        task_hint = (f"model.task={name} reads {kind}: for a network that reads {data_kind}, set "
+                     f"model.task={fitting[0]}; or ") if fitting else ""
+        raise UserError(f"model={model_cfg.name} reads {kind} data but dataset={data.spec.name} is {data_kind}; "
+                        f"{task_hint}use {DATASETS_FOR[kind]}")
     return builder(model_cfg, data, precision)
+
+
+def _settable_tasks(model_cfg) -> list[str]:
+    """The tasks the model's schema lets `model.task` name (a custom or registry model: several; a family: one)."""
+    import dataclasses
+
+    from mptrain.schema import schema_of
+
+    field = next(f for f in dataclasses.fields(schema_of("model", model_cfg)) if f.name == "task")
+    rule = field.metadata.get("rule")
+    return [t for t in TASKS if rule is None or rule.ok(t)]
 
 
 __all__ = ["TASKS", "Task", "build_task"]

@@ -6,6 +6,7 @@ a thousand per-layer values, and one event per value would cost more than measur
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
@@ -14,7 +15,29 @@ from torch.utils.tensorboard import SummaryWriter
 
 class TensorBoardLogger:
     def __init__(self, log_dir: Path):
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.log_dir = Path(log_dir)
+        self._writer: SummaryWriter | None = None
+
+    @property
+    def writer(self) -> SummaryWriter:
+        """Opened at the first write: a run refused while it is built leaves no event file (a refused resume
+        none in the folder it would have continued)."""
+        if self._writer is None:
+            self._writer = SummaryWriter(log_dir=str(self.log_dir))
+        return self._writer
+
+    @contextlib.contextmanager
+    def _disk(self):
+        """A full disk, which the event writer's thread reports at a later write, as one line naming the folder."""
+        from mptrain.errors import DiskFull, is_disk_full
+
+        try:
+            yield
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            raise DiskFull(f"no space left on the device writing TensorBoard events to {self.log_dir}; free space "
+                           "there, then continue") from None
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         summary = [Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items() if v is not None]
@@ -22,7 +45,8 @@ class TensorBoardLogger:
 
     def image(self, tag: str, image, step: int) -> None:
         """A (C, H, W) image with values in [0, 1] (e.g. torchvision's make_grid)."""
-        self.writer.add_image(tag, image, step)
+        with self._disk():
+            self.writer.add_image(tag, image, step)
 
     def histograms_raw(self, histograms: dict[str, list[float]], bins: list[int], step: int) -> None:
         """Histograms over integer bins (bin b holds values in [b, b+1)), e.g. log2 exponents, by tag."""
@@ -30,15 +54,22 @@ class TensorBoardLogger:
                      if sum(counts)], step)  # fmt: skip
 
     def text(self, tag: str, text: str) -> None:
-        self.writer.add_text(tag, text, 0)
+        with self._disk():
+            self.writer.add_text(tag, text, 0)
 
     def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
+        if self._writer is not None:
+            writer, self._writer = self._writer, None  # closed once, even when the flush fails
+            with self._disk():
+                try:
+                    writer.flush()
+                finally:
+                    writer.close()
 
     def _write(self, values: list, step: int) -> None:
         if values:
-            self.writer._get_file_writer().add_summary(Summary(value=values), step)
+            with self._disk():
+                self.writer._get_file_writer().add_summary(Summary(value=values), step)
 
 
 class NullLogger(TensorBoardLogger):

@@ -41,13 +41,13 @@ def close(trainer, bar) -> None:
     for name, stepper in trainer.steppers.items():
         suffix = "" if len(trainer.steppers) == 1 else f"_{name}"
         if stepper.scaler is not None:  # nothing is ever skipped without one
-            values[f"amp/loss_scale{suffix}"] = float(stepper.current_scale)
-            values[f"amp/skipped_steps{suffix}"] = stepper.skipped_steps
+            values[f"scaler/loss_scale{suffix}"] = float(stepper.current_scale)
+            values[f"scaler/skipped_steps{suffix}"] = stepper.skipped_steps
         values[f"optim/lr{suffix}"] = stepper.lr()
     trainer.tb.scalars(values, trainer.step)
     if bar.disable:  # no terminal: a log line instead of the bar
         shown = [tag("train", k) for k in means] + ["perf/samples_per_s"]
-        shown += [k for k in values if k.startswith("amp/loss_scale")]
+        shown += [k for k in values if k.startswith("scaler/loss_scale")]
         log.info("step %d/%d: %s", trainer.step, trainer.total_steps,
                  ", ".join(f"{k.split('/')[1]} {format_value(k, values[k])}" for k in shown if k in values))
     elif "train/loss" in values:

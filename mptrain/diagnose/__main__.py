@@ -1,0 +1,3 @@
+from mptrain.diagnose.cli import main
+
+main()
