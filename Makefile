@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 ARGS   ?=
 PYTEST_ARGS ?=
+# one pytest worker per core (pytest-xdist), each single-threaded (tests/conftest.py); a module's tests stay on one
+# worker, so its module-scoped runs are made once. PYTEST_WORKERS=0 runs the suite in this process.
+PYTEST_WORKERS ?= auto
+PYTEST := $(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 JARGON := /usr/share/doc/jargon-text/jargon.txt.gz
 
@@ -13,14 +17,14 @@ run: setup data
 	$(VENV)/bin/mptrain model=resnet precision=mixed $(ARGS)
 
 test: setup data test-tools lint
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-fast: setup data lint
-	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 # in-process tests only (no console-script subprocesses): the quick loop while editing
 test-unit: setup
-	$(VENV)/bin/python -m pytest -m "not slow and not e2e" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow and not e2e" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,12 +1,27 @@
-"""Shared fixtures: configs composed with Hydra's compose API, as the CLI composes them."""
+"""Shared fixtures: configs composed with Hydra's compose API, as the CLI composes them; each test in a scratch
+folder of its own; one thread per worker when pytest-xdist runs the suite in several processes."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
 from mptrain.cli import config_dir
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: a thread each, theirs and
+    os.environ["OMP_NUM_THREADS"] = "1"  # the console scripts' they start, so the workers never share a core
+    os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _in_a_scratch_folder(tmp_path, monkeypatch):
+    """Every test runs in an empty folder of its own: a run started without hydra.run.dir lands there, never in
+    the repository, where a user's own runs/ may sit (make run leaves one)."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture

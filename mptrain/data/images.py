@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from mptrain.data.idx import find_idx_file, read_idx
 from mptrain.errors import UserError
@@ -109,6 +108,8 @@ def _load_idx_dataset(cfg, root: Path, title: str, torchvision_name: str, system
     else:
         files = None
         if cfg.download:
+            import torchvision  # only to download: reading the files is ours (a 1.5 s import, torch._dynamo included)
+
             dataset_class = getattr(torchvision.datasets, torchvision_name)
             reason = download_cleanly(lambda: dataset_class(str(root), train=True, download=True), raw_dir)  # noqa: B023
             files = _idx_files(raw_dir)
@@ -146,6 +147,8 @@ def load_mnist(cfg, root: Path, device: torch.device) -> ImageSet:
 
 
 def _cifar10_splits(cfg, root: Path):
+    import torchvision
+
     def load(download: bool):
         return [torchvision.datasets.CIFAR10(str(root), train=t, download=download) for t in (True, False)]
 
@@ -170,6 +173,8 @@ def _cifar10_splits(cfg, root: Path):
 def load_cifar10(cfg, root: Path, device: torch.device) -> ImageSet:
     archive, folder = root / "cifar-10-python.tar.gz", root / "cifar-10-batches-py"
     if archive.is_file() and not folder.is_dir():
+        import torchvision
+
         try:
             torchvision.datasets.utils.extract_archive(str(archive), str(root))
         except Exception as err:

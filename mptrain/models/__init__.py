@@ -9,7 +9,6 @@ from torch import nn
 from mptrain.errors import UserError
 from mptrain.models.cnn import build_alexnet, build_resnet, build_resnet50, build_vgg
 from mptrain.models.custom import build_custom
-from mptrain.models.detection import build_ssd
 from mptrain.models.gan import build_dcgan
 from mptrain.models.mlp import build_mlp
 from mptrain.models.registries import build_hf_causal_lm, build_timm, build_torchvision
@@ -17,6 +16,14 @@ from mptrain.models.rnn import build_lstm_classifier, build_lstm_lm
 from mptrain.models.transformer import build_transformer
 from mptrain.schema import typed
 from mptrain.schema.model import schema_key
+
+
+def build_ssd(cfg, spec) -> nn.Module:
+    """models/detection.py, imported when a detector is built: its torchvision import brings torch._dynamo,
+    1.5 s of every process that trains anything else."""
+    from mptrain.models.detection import build_ssd as build
+
+    return build(cfg, spec)
 
 # A builder takes (model config, data spec) and returns the module(s) its task trains:
 # classifiers give (B, num_classes) logits, the LM (B, T, vocab) logits and a state,

@@ -9,7 +9,6 @@ a float batch (B, C, H, W) to logits (B, num_classes). All of them accept
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 
@@ -86,6 +85,8 @@ def build_resnet(cfg, spec) -> nn.Module:
 
 
 def build_resnet50(cfg, spec) -> nn.Module:
+    import torchvision  # here, not at import: torchvision brings torch._dynamo (1.5 s a process)
+
     model = torchvision.models.resnet50(weights=None, num_classes=spec.num_classes)
     small = spec.image_size < 64 if cfg.small_input == "auto" else cfg.small_input
     if small:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from mptrain.errors import UserError
 from mptrain.schema import typed
@@ -156,6 +155,8 @@ class GanTask(Task):
             images = self.generate(self.fixed_noise[:GRID_SAMPLES], self.precision)
         finally:
             self.g.train(was_training)
+        import torchvision
+
         grid = torchvision.utils.make_grid(images, nrow=8, normalize=True, value_range=(-1, 1))
         tb.image("gan/samples", grid, step)
 

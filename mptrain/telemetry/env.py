@@ -28,12 +28,28 @@ def device_name(device: torch.device) -> str:
     return cpu_name()
 
 
-def environment(device: torch.device) -> dict:
-    import torchvision
+def torchvision_version() -> str | None:
+    """torchvision.__version__ (with its build tag, +cu130) read from its version.py, not imported: importing
+    torchvision brings torch._dynamo, 1.5 s of every run that does not otherwise need it."""
+    import importlib.util
+    import re
 
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / "version.py"
+        if path.is_file():
+            match = re.search(r"^__version__ = ['\"]([^'\"]+)['\"]", path.read_text(), re.MULTILINE)
+            if match:
+                return match.group(1)
+    return None
+
+
+def environment(device: torch.device) -> dict:
     return {
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": torchvision_version(),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "device": str(device),
         "device_name": device_name(device),
