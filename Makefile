@@ -33,14 +33,16 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/python -m pip install --quiet -e '.[test,sweep,lowp,docs,timm,hf,detection]'
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/python -m pip install --quiet -e '.[test,sweep,lowp,docs,timm,hf,detection,speech]'
 	touch $@
 
 # Real data offline: Debian's dataset-fashion-mnist (images) and jargon-text (the
-# Jargon File, for the language model). Without root or apt, mptrain still looks in
+# Jargon File, for the language model), espeak-ng (the speech family speaks the translation
+# catalogs' sentences with it). Without root or apt, mptrain still looks in
 # dataset.root / dataset.path and says how to fix what is missing. The tests also use
 # Debian's chromium (the report's HTML is rendered headless; that test skips without it).
-DATA_PACKAGES := $(if $(wildcard $(FASHION_MNIST)),,dataset-fashion-mnist) $(if $(wildcard $(JARGON)),,jargon-text)
+DATA_PACKAGES := $(if $(wildcard $(FASHION_MNIST)),,dataset-fashion-mnist) $(if $(wildcard $(JARGON)),,jargon-text) \
+                 $(if $(wildcard /usr/bin/espeak-ng),,espeak-ng)
 TEST_PACKAGES := $(if $(wildcard /usr/bin/chromium),,chromium)
 
 # $(call apt_install,packages,what goes without them)

@@ -9,10 +9,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from cli_helpers import train_inprocess
 from mptrain.data import build_data
 from mptrain.data import text as text_module
 from mptrain.data.text import Vocabulary, split_at_lines
 from mptrain.errors import UserError
+from mptrain.families import TASKS
 from mptrain.models.gan import build_dcgan
 from mptrain.optim import build_optimizer
 from mptrain.precision import Precision
@@ -204,3 +206,40 @@ def test_feature_extractor_is_trained_once_then_cached(tmp_path, monkeypatch):
     cached.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="delete it to retrain"):
         load_or_train_extractor(data, str(tmp_path), steps=30, device=CPU)
+
+
+# -- every task family of mptrain/families.py, from its record alone: a new family is covered without a hand edit --
+@pytest.mark.parametrize("name", list(TASKS))
+def test_every_task_family_trains_from_its_record_and_reports_its_own_metric(name, tmp_path, monkeypatch):
+    from mptrain.report.make import build
+
+    family = TASKS[name]
+    monkeypatch.setenv("MPTRAIN_CACHE", str(tmp_path / "cache"))
+    runs = tmp_path / "runs"
+    for mode in ("fp32", "mixed"):
+        summary = train_inprocess(*family.tiny, f"precision={mode}", "trainer.max_steps=2", "trainer.eval_max_batches=1",
+                                  "trainer.progress=false", f"hydra.run.dir={runs / mode}")
+        assert summary["status"] == "completed", summary.get("error")
+        assert summary["primary_metric"] == family.metric and summary["higher_is_better"] == family.primary.higher_is_better
+        assert summary["final"][family.metric] is not None
+    build([runs], tmp_path / "report", "md")
+    text = (tmp_path / "report" / "report.md").read_text()
+    arrow = "↑" if family.primary.higher_is_better else "↓"
+    assert f"| {family.metric} {arrow} | mixed" in text
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_every_task_familys_record_is_whole(name):
+    """Its builder imports, its metric has a margin a plan can register, its datasets are options, its bench data
+    gives its data kind; a model option of the task exists."""
+    import importlib
+
+    from mptrain.families import METRICS
+    from mptrain.paths import group_options
+    from mptrain.schema.plan import METRICS as PLAN_METRICS
+
+    family = TASKS[name]
+    module, _, function = family.builder.partition(":")
+    assert callable(getattr(importlib.import_module(module), function))
+    assert family.metric in METRICS and family.metric in PLAN_METRICS
+    assert set(family.datasets) | {family.bench_dataset} <= set(group_options("dataset"))

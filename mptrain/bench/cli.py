@@ -80,8 +80,10 @@ def default_data(overrides: list[str]) -> list[str]:
     """On-device synthetic data of the model's kind, unless the user picked a dataset."""
     if any(o.lstrip("+").split("=")[0] == "dataset" for o in overrides):
         return []
+    from mptrain.families import TASKS
+
     base = compose([o for o in overrides if o.lstrip("+").split("=")[0] == "model"])  # the task picks the data
-    return ["dataset=synthetic_text" if base.model.task == "language_model" else "dataset=synthetic"]
+    return [f"dataset={TASKS[base.model.task].bench_dataset}"]
 
 
 def arm_overrides(arm: str) -> list[str]:

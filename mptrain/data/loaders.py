@@ -25,6 +25,11 @@ class DataSpec:
     std: tuple[float, ...] = (1.0,)
     boxes: bool = False  # labels are detection targets: (max_objects, 5) rows of [class, x1, y1, x2, y2], class -1 empty
 
+    @property
+    def kind(self) -> str:
+        """The data kind a task family reads (mptrain/families.py)."""
+        return "boxes" if self.boxes else "image"
+
 
 class DeviceLoader:
     """Batches over tensors that already live on the device; treat yielded batches as read-only."""

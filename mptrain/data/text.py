@@ -37,6 +37,7 @@ class TextSpec:
     vocab_size: int
     level: str  # char | word: bits per character is reported for char level
     bptt: int = 4  # tokens per training chunk (dataset.bptt): a model's context must hold them
+    kind = "text"  # the data kind a task family reads (mptrain/families.py)
 
 
 class Vocabulary:

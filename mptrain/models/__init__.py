@@ -13,6 +13,7 @@ from mptrain.models.gan import build_dcgan
 from mptrain.models.mlp import build_mlp
 from mptrain.models.registries import build_hf_causal_lm, build_timm, build_torchvision
 from mptrain.models.rnn import build_lstm_classifier, build_lstm_lm
+from mptrain.models.speech import build_deepspeech2
 from mptrain.models.transformer import build_transformer
 from mptrain.schema import typed
 from mptrain.schema.model import schema_key
@@ -39,6 +40,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "dcgan": build_dcgan,
     "transformer": build_transformer,
     "ssd": build_ssd,  # a detector: trunk + heads in the mode's precision, loss and decoding in FP32
+    "deepspeech2": build_deepspeech2,  # a recogniser: convolutions, bidirectional GRUs, CTC (models/speech.py)
     "custom": build_custom,  # any network: model.net._target_ (models/custom.py)
     # by name from a library's registry, picked by model.registry (model.name is then the library's name for it)
     "torchvision": build_torchvision,

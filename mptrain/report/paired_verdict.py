@@ -31,8 +31,6 @@ from scipy import stats
 CONFIDENCE = 0.95  # the interval shown, and the `differs` flag
 TOST_CONFIDENCE = 0.90  # two one-sided tests at α = 0.05: the 90 % two-sided interval inside ±δ
 MAX_SEEDS = 1000
-ABSOLUTE_MARGINS = {"accuracy": 0.005}  # in the metric's own units: 0.5 accuracy points
-RELATIVE_MARGIN = 0.01  # every other metric: 1 % of the control's mean
 VERDICT_COLUMNS = ["pairs", "paired_delta", "ci_low", "ci_high", "tost_low", "tost_high", "margin", "verdict",
                    "differs", "seeds_needed"]
 
@@ -57,12 +55,14 @@ def parse_margins(specs: list[str] | None) -> dict[str, float]:
 
 
 def margin_for(metric: str, control_mean: float, margins: dict[str, float]) -> float:
-    """δ in the metric's units: accuracy points given as points (0.5 → 0.005), others as % of the control."""
-    given = margins.get(metric, margins.get("*"))
-    if metric in ABSOLUTE_MARGINS:
-        return ABSOLUTE_MARGINS[metric] if given is None else given / 100
-    share = RELATIVE_MARGIN if given is None else given / 100
-    return share * abs(control_mean) if math.isfinite(control_mean) else math.nan
+    """δ in the metric's units from a margin in its margin unit (mptrain/families.py): accuracy points given as
+    points (0.5 → 0.005), others as % of the control; the metric's default when none is given."""
+    from mptrain.families import metric as metric_record
+
+    record = metric_record(metric)
+    if not record.absolute and not math.isfinite(control_mean):
+        return math.nan
+    return record.margin_value(margins.get(metric, margins.get("*")), control_mean)
 
 
 def paired_verdict(arm: pd.DataFrame, control: pd.DataFrame, higher_is_better: bool, margin: float) -> dict:

@@ -18,7 +18,6 @@ from mptrain.schema.precision import MODES, preset_name
 CONTROL = "fp32"
 ARM_OPTIM = ("optim.state",)  # optim.* overrides that make an arm (not a setting)
 EXECUTION = ("cpu_fp16", "cpu_bf16")  # how the CPU runs FP16/BF16, the same for every arm: part of the setting
-LOWER_IS_BETTER = {"perplexity", "bpc", "fid", "loss"}  # for summaries written before `higher_is_better`
 MODE_ORDER = list(MODES)
 
 
@@ -127,7 +126,7 @@ def load_runs(dirs: list[Path], metric_choice: str = "primary") -> pd.DataFrame:
             "seed": summary.get("seed"),
             "status": summary.get("status"),
             "metric_name": metric,
-            "higher_is_better": metric != TRAIN_LOSS and summary.get("higher_is_better", metric not in LOWER_IS_BETTER),
+            "higher_is_better": metric != TRAIN_LOSS and summary.get("higher_is_better", _higher_is_better(metric)),
             "metric": _finite(final.get(metric)),
             "steps": summary.get("steps"),
             "samples_per_s": _finite(summary.get("samples_per_s")),
@@ -146,6 +145,13 @@ def load_runs(dirs: list[Path], metric_choice: str = "primary") -> pd.DataFrame:
     runs = drop_unused_policies(pd.DataFrame(rows))
     runs["mode_rank"] = runs["precision"].map(lambda m: MODE_ORDER.index(m) if m in MODE_ORDER else len(MODE_ORDER))
     return runs.sort_values(["model", "dataset", "setting", "mode_rank", "arm", "seed"], ignore_index=True)
+
+
+def _higher_is_better(metric: str | None) -> bool:
+    """For summaries written before `higher_is_better`: the metric's family record (mptrain/families.py)."""
+    from mptrain.families import METRICS
+
+    return METRICS[metric].higher_is_better if metric in METRICS else True
 
 
 def _bytes_per_param(per_network: dict | None) -> float:

@@ -12,6 +12,7 @@ import math
 
 import pandas as pd
 
+from mptrain.families import metric as metric_record
 from mptrain.report.paired_verdict import VERDICT_COLUMNS, margin_for, paired_verdict
 from mptrain.report.runs import CONTROL
 
@@ -103,7 +104,7 @@ def off_plan_settings(setting: str, plan: dict) -> list[str]:
 
 def plan_markdown(plan: dict, metric: str, off_plan: list[str] | None = None) -> str:
     """The plan, as registered, above the verdicts it judges."""
-    unit = "points" if metric == "accuracy" else "% of the control's mean"
+    unit = metric_record(metric).margin_unit
     arms = ", ".join(plan.get("arms") or []) or "every arm"
     amended = f", amended {plan['amended']} before its runs" if plan.get("amended") else ""
     lines = [f"**Plan** (registered {plan.get('registered') or 'before the runs'}{amended}): {plan.get('claim')}",
@@ -232,8 +233,10 @@ def lost_cell(r) -> str:
 
 
 def unit_of(metric: str) -> tuple[float, str]:
-    """Accuracy reads in points, as the paper and README give it; other metrics in their own unit."""
-    return (100.0, " pts") if metric == "accuracy" else (1.0, "")
+    """The scale and unit the tables print a metric in (its family's record: accuracy in points, as the paper and
+    README give it; other metrics in their own unit)."""
+    record = metric_record(metric)
+    return record.scale, record.unit
 
 
 def delta_with_ci(r, metric: str = "") -> str:

@@ -8,6 +8,7 @@ from typing import Any, Optional
 from omegaconf import MISSING
 
 from mptrain.errors import UserError
+from mptrain.families import TASKS
 from mptrain.schema.rules import (
     HALF_OPEN_UNIT,
     OPEN_UNIT,
@@ -22,6 +23,7 @@ from mptrain.schema.rules import (
     one_of,
 )
 
+CUSTOM_TASKS = tuple(name for name, task in TASKS.items() if task.custom)  # what models/custom.py can train
 RESNET_DEPTH = Rule(lambda v: is_int(v) and v >= 8 and (v - 2) % 6 == 0, "6n+2 with n >= 1 (20, 32, 44, 56, 110)")
 CELLS = ("lstm", "gru")
 
@@ -30,8 +32,8 @@ CELLS = ("lstm", "gru")
 class ModelConfig:
     name: str = knob(MISSING, "the architecture (docs/families.md)", example="resnet")
     family: str = knob("cnn", "cnn | rnn | gan | mlp | transformer: how reports group it")
-    task: str = knob("classification", "classification | language_model | gan | detection: the Task that trains it",
-                     one_of("classification", "language_model", "gan", "detection"))
+    task: str = knob("classification", f"{' | '.join(TASKS)}: the Task that trains it (mptrain/families.py)",
+                     one_of(*TASKS))
     augment: bool = knob(True, "let the dataset augment (false: the images as they are)")
 
 
@@ -114,6 +116,18 @@ class DCGANConfig(ModelConfig):
 
 
 @dataclass
+class DeepSpeech2Config(ModelConfig):
+    """A DeepSpeech-2-style recogniser (mptrain/models/speech.py): convolutions, bidirectional GRUs, CTC."""
+
+    family: str = knob("rnn", "how reports group it")
+    task: str = knob("speech", "the Task that trains it", one_of("speech"))
+    augment: bool = knob(False, "ignored: utterances are not augmented")
+    channels: int = knob(16, "channels of the two convolutions", POSITIVE_INT)
+    width: int = knob(128, "hidden units of each GRU direction (the two are summed)", POSITIVE_INT)
+    layers: int = knob(3, "bidirectional GRU layers", POSITIVE_INT)
+
+
+@dataclass
 class SSDConfig(ModelConfig):
     """torchvision's SSD machinery on a narrow VGG-style trunk (mptrain/models/detection.py), no pretrained weights."""
 
@@ -141,8 +155,8 @@ class CustomModelConfig(ModelConfig):
     """Your own network: `model=custom model.net._target_=my_pkg.nets.MyNet` (mptrain/models/custom.py)."""
 
     family: str = knob("custom", "how reports group it")
-    task: str = knob("classification", "classification | language_model | gan: the Task that trains it",
-                     one_of("classification", "language_model", "gan"))
+    task: str = knob("classification", f"{' | '.join(CUSTOM_TASKS)}: the Task that trains it",
+                     one_of(*CUSTOM_TASKS))
     augment: bool = knob(False, "let the dataset augment")
     net: Any = knob(None, "the network: _target_ (a class or factory) and its arguments; num_classes, "
                           "in_channels, image_size, vocab_size come from the dataset where the constructor names them",
@@ -214,11 +228,12 @@ SCHEMAS = {"resnet_schema": ResNetConfig, "resnet50_schema": ResNet50Config, "cl
            "mlp_schema": MLPConfig, "lstm_classifier_schema": RecurrentConfig, "lstm_lm_schema": LanguageModelConfig,
            "dcgan_schema": DCGANConfig, "transformer_schema": TransformerConfig, "custom_schema": CustomModelConfig,
            "torchvision_schema": TorchvisionConfig, "timm_schema": TimmConfig,
-           "hf_causal_lm_schema": HFCausalLMConfig, "ssd_schema": SSDConfig}
+           "hf_causal_lm_schema": HFCausalLMConfig, "ssd_schema": SSDConfig, "deepspeech2_schema": DeepSpeech2Config}
 BY_NAME = {"resnet": ResNetConfig, "resnet50": ResNet50Config, "vgg": ClassicCnnConfig, "alexnet": ClassicCnnConfig,
            "mlp": MLPConfig, "lstm_classifier": RecurrentConfig, "lstm_lm": LanguageModelConfig,
            "dcgan": DCGANConfig, "transformer": TransformerConfig, "custom": CustomModelConfig,
-           "torchvision": TorchvisionConfig, "timm": TimmConfig, "hf_causal_lm": HFCausalLMConfig, "ssd": SSDConfig}
+           "torchvision": TorchvisionConfig, "timm": TimmConfig, "hf_causal_lm": HFCausalLMConfig, "ssd": SSDConfig,
+           "deepspeech2": DeepSpeech2Config}
 
 
 def check(cfg) -> None:

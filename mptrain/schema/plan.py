@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from mptrain.errors import UserError
+from mptrain.families import METRICS as FAMILY_METRICS
 from mptrain.schema.rules import POSITIVE, POSITIVE_INT, Rule, check_fields, knob
 
 TEXT = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty text")
-METRICS = ("accuracy", "perplexity", "bpc", "fid", "loss", "map_50")  # held-out primary metrics a plan may name
+METRICS = tuple(FAMILY_METRICS)  # held-out metrics a plan may name: each family's (mptrain/families.py)
 
 
 @dataclass

@@ -18,16 +18,25 @@ import torch
 from torch import nn
 
 from mptrain.errors import UserError
+from mptrain.families import TASKS
 from mptrain.precision import Precision, PrecisionStepper
 from mptrain.telemetry.meters import MeanMeter
 
 
 class Task(ABC):
-    #: eval metric the run is judged by (summary.json `primary_metric`)
-    primary_metric: str
-    higher_is_better: bool = True
+    #: the `model.task` it trains: its record in mptrain/families.py names the primary metric and its direction
+    family: str
     #: sums an evaluation's meter over data-parallel ranks (set by `distribute`)
     reduce_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def primary_metric(self) -> str:
+        """The eval metric the run is judged by (summary.json `primary_metric`)."""
+        return TASKS[self.family].metric
+
+    @property
+    def higher_is_better(self) -> bool:
+        return TASKS[self.family].primary.higher_is_better
 
     @abstractmethod
     def networks(self) -> dict[str, nn.Module]:

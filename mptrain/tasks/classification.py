@@ -9,8 +9,15 @@ from torch import nn
 from mptrain.tasks.base import Task
 
 
+def build(model_cfg, data, precision) -> Task:
+    """model.task=classification (families.TASKS): the model of `model_cfg` for `data`, in the mode's precision."""
+    from mptrain.models import build_model
+
+    return ClassificationTask(precision.prepare(build_model(model_cfg, data.spec)))
+
+
 class ClassificationTask(Task):
-    primary_metric = "accuracy"
+    family = "classification"
 
     def __init__(self, model: nn.Module):
         self.model = model

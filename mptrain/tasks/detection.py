@@ -30,8 +30,15 @@ def truth(targets: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     return [{"boxes": rows[:, 1:].cpu(), "labels": rows[:, 0].long().cpu()} for rows in kept]
 
 
+def build(model_cfg, data, precision) -> Task:
+    """model.task=detection (families.TASKS)."""
+    from mptrain.models import build_model
+
+    return DetectionTask(precision.prepare(build_model(model_cfg, data.spec)))
+
+
 class DetectionTask(Task):
-    primary_metric = "map_50"
+    family = "detection"
 
     def __init__(self, model):
         self.model = model

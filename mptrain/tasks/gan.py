@@ -21,8 +21,7 @@ GRID_SAMPLES = 64
 
 
 class GanTask(Task):
-    primary_metric = "fid"
-    higher_is_better = False
+    family = "gan"
 
     def __init__(self, g, d, spec, precision, extractor=None, extractor_info=None, fid_samples=2048, seed=0):
         self.g, self.d = g, d
@@ -165,3 +164,7 @@ class GanTask(Task):
             return {}
         return {"fid_feature_extractor": {**self.extractor_info, "samples": self.fid_samples}}
 
+
+def build(model_cfg, data, precision) -> GanTask:
+    """model.task=gan (families.TASKS)."""
+    return GanTask.build(model_cfg, data, precision)

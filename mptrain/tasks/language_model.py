@@ -23,9 +23,21 @@ def detach_state(state):
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
 
+def build(model_cfg, data, precision) -> Task:
+    """model.task=language_model (families.TASKS): a transformer attends within a chunk of at most its context."""
+    from mptrain.errors import UserError
+    from mptrain.models import build_model
+
+    model = build_model(model_cfg, data.spec)
+    context = getattr(model, "context", None)
+    if context is not None and data.train.bptt > context:
+        raise UserError(f"dataset.bptt={data.train.bptt} is longer than model.context={context}; use "
+                        f"dataset.bptt={context} or less, or model.context={data.train.bptt}")
+    return LanguageModelTask(precision.prepare(model), data.spec.level)
+
+
 class LanguageModelTask(Task):
-    primary_metric = "perplexity"
-    higher_is_better = False
+    family = "language_model"
 
     def __init__(self, model, level: str):
         """`model`: (tokens, state) → (logits, state), with `initial_state(batch, device)` (an LSTM LM or a

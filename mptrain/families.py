@@ -1,0 +1,101 @@
+"""The task families, declared once: what each trains on, what it is judged by, how the benchmark feeds it.
+
+A model option (conf/model/*.yaml) names its task (`model.task`); everything that depends on the task reads its
+record here: the data kind a model of it reads and the dataset options that give it, the primary metric with its
+direction, the unit the tables print it in and the unit of its equivalence margin, the synthetic data
+`mptrain-bench` trains it on, and the builder that makes its Task (an import path, loaded when a run builds it, so
+this module stays torch-free: the schema reads it before torch is imported). A new family adds its own files and
+one record below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A held-out metric a run can be judged by."""
+
+    name: str
+    higher_is_better: bool
+    scale: float = 1.0  # tables print value x scale (accuracy in points)
+    unit: str = ""  # printed after the scaled value
+    margin: float = 1.0  # the default equivalence margin: in the printed unit if absolute, else % of the control
+    absolute: bool = False
+
+    @property
+    def margin_unit(self) -> str:
+        """What a margin of this metric is given in (a plan's `margin`, `--margin`)."""
+        return "points" if self.absolute else "% of the control's mean"
+
+    def margin_value(self, given: float | None, control_mean: float) -> float:
+        """δ in the metric's own units, from a margin given in its margin unit (None: the default)."""
+        value = self.margin if given is None else given
+        return value / self.scale if self.absolute else value / 100 * abs(control_mean)
+
+
+METRICS = {m.name: m for m in (
+    Metric("accuracy", higher_is_better=True, scale=100.0, unit=" pts", margin=0.5, absolute=True),
+    Metric("perplexity", higher_is_better=False),
+    Metric("bpc", higher_is_better=False),  # bits per character: a char-level LM's second figure
+    Metric("fid", higher_is_better=False),
+    Metric("loss", higher_is_better=False),
+    Metric("map_50", higher_is_better=True),
+    # character / word error rates: fractions in summary.json, printed in points; a margin in points
+    Metric("cer", higher_is_better=False, scale=100.0, unit=" pts", margin=1.0, absolute=True),
+    Metric("wer", higher_is_better=False, scale=100.0, unit=" pts", margin=1.0, absolute=True),
+)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TaskFamily:
+    """One value of `model.task`: the Task that trains a model, and what it needs."""
+
+    name: str
+    builder: str  # "module:function" (model cfg, data, precision) -> Task; imported when a run builds it
+    data_kind: str  # what its data spec says it is (DataSpec.kind / TextSpec.kind)
+    datasets: tuple[str, ...]  # the dataset options that give that kind, for a mismatch's one line
+    metric: str  # the primary metric, a key of METRICS
+    bench_dataset: str  # the on-device synthetic data mptrain-bench trains it on
+    tiny: tuple[str, ...] = ()  # overrides for a run of a few seconds on a CPU (the suite's, a user's first try)
+    custom: bool = False  # model=custom can be trained as it (models/custom.py knows the network's interface)
+
+    @property
+    def primary(self) -> Metric:
+        return METRICS[self.metric]
+
+    def build(self, model_cfg, data, precision):
+        module, _, function = self.builder.partition(":")
+        return getattr(importlib.import_module(module), function)(model_cfg, data, precision)
+
+
+TASKS = {t.name: t for t in (
+    TaskFamily("classification", "mptrain.tasks.classification:build", "image",
+               ("fashion_mnist", "mnist", "cifar10", "synthetic"), "accuracy", "synthetic",
+               tiny=("debug=tiny", "model.depth=8"), custom=True),
+    TaskFamily("language_model", "mptrain.tasks.language_model:build", "text", ("text", "synthetic_text"),
+               "perplexity", "synthetic_text", tiny=("debug=tiny_lm",), custom=True),
+    TaskFamily("gan", "mptrain.tasks.gan:build", "image", ("fashion_mnist", "mnist", "cifar10", "synthetic"), "fid",
+               "synthetic", tiny=("model=dcgan", "dataset=synthetic", "dataset.image_size=16", "dataset.channels=1",
+                                  "dataset.train_size=64", "dataset.test_size=32", "dataset.batch_size=8",
+                                  "model.width=4", "model.fid.extractor_steps=5", "trainer.max_steps=4"),
+               custom=True),
+    TaskFamily("detection", "mptrain.tasks.detection:build", "boxes", ("fashion_mnist_detection",), "map_50",
+               "fashion_mnist_detection", tiny=("debug=tiny_ssd",)),
+    TaskFamily("speech", "mptrain.tasks.speech:build", "speech", ("speech_en", "speech_zh"), "cer", "speech_zh",
+               tiny=("debug=tiny_speech",)),
+)}  # fmt: skip
+
+
+def datasets_text(kind: str) -> str:
+    """`dataset=fashion_mnist, mnist, cifar10 or synthetic`: the options that give data of this kind."""
+    names = list(dict.fromkeys(d for t in TASKS.values() if t.data_kind == kind for d in t.datasets))
+    return "dataset=" + (", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0])
+
+
+def metric(name: str) -> Metric:
+    """A metric's record; a metric no family declares (a run of an older mptrain) is judged as lower-is-better
+    loss-like, in its own unit with a relative margin."""
+    return METRICS.get(name) or Metric(name, higher_is_better=False)
