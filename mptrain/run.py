@@ -49,7 +49,6 @@ class Outcome:
         return EXIT_CODES[self.status]
 
 
-
 class Refused(SystemExit):
     """A config refused before the run began: the CLI exits with `code`; mptrain.train raises `message`."""
 
