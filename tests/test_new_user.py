@@ -190,8 +190,10 @@ def test_the_interrupt_line_is_the_whole_resume_command_and_the_report_sees_one_
     from mptrain.report.runs import load_runs
 
     args = ["model=mlp", "dataset=synthetic", "model.depth=2", "model.width=8", "precision=mixed",
-            "trainer.max_steps=400", "trainer.log_every=1", "seed=3"]
-    done = sigterm_once_training(*args, watch=tmp_path / "runs", cwd=tmp_path)
+            "trainer.max_steps=3000", "trainer.log_every=1", "seed=3"]
+    # a signal 0.2 s after the first events: 400 steps of this MLP (2 ms each on one thread) once finished before
+    # it came, and the signal then met a process past its handlers (-15 instead of 130)
+    done = sigterm_once_training(*args, watch=tmp_path / "runs", cwd=tmp_path, after=0.2)
     assert done.returncode == 130, done.stderr[-2000:]
     line = next(ln for ln in done.stderr.splitlines() if ln.startswith("mptrain: continue with: "))
     command = [w for w in shlex.split(line.removeprefix("mptrain: continue with: ")) if not w.startswith("PYTHONPATH=")]
@@ -201,7 +203,7 @@ def test_the_interrupt_line_is_the_whole_resume_command_and_the_report_sees_one_
     folders = list(tmp_path.glob("runs/*/*"))
     assert len(folders) == 1
     summary = read_summary(folders[0])
-    assert summary["status"] == "completed" and summary["steps"] == 400 and summary["resumed_from"]["step"] > 0
+    assert summary["status"] == "completed" and summary["steps"] == 3000 and summary["resumed_from"]["step"] > 0
     runs = load_runs([tmp_path / "runs"])
     setting = runs["setting"].iloc[0]
     assert len(runs) == 1 and "trainer.resume" not in setting and "model.depth=2" in setting

@@ -77,6 +77,17 @@ def catalog_sentences(language: str, root: Path = LOCALE_ROOT) -> tuple[list[str
     return sorted(s for s in found if s), [p.name for p in catalogs]
 
 
+def target_text(sentence: str, targets: str) -> str:
+    """What the recogniser is asked to write: the sentence itself (`characters`), or its tonal pinyin, syllables
+    separated by spaces with the tone as a digit (`pinyin`: 打开 -> "da3 kai1"; pypinyin's reading, the neutral
+    tone as 5, ü as v)."""
+    if targets == "characters":
+        return sentence
+    from pypinyin import Style, lazy_pinyin
+
+    return " ".join(lazy_pinyin(sentence, style=Style.TONE3, neutral_tone_with_five=True))
+
+
 def keep(sentence: str, language: str, min_units: int, max_units: int) -> bool:
     """Characters (zh) or words (en) within the length bounds."""
     units = len(sentence) if language == "zh" else len(sentence.split())

@@ -18,7 +18,15 @@ import torch
 
 from mptrain.data.loaders import DataModule
 from mptrain.data.seeds import stream_seed
-from mptrain.data.speech import FEATURES_VERSION, N_MELS, catalog_sentences, in_test_split, keep, speak_all
+from mptrain.data.speech import (
+    FEATURES_VERSION,
+    N_MELS,
+    catalog_sentences,
+    in_test_split,
+    keep,
+    speak_all,
+    target_text,
+)
 from mptrain.errors import UserError
 
 BLANK = "<blank>"
@@ -33,6 +41,7 @@ class SpeechSpec:
     vocab_size: int  # characters + CTC's blank (id 0)
     language: str
     characters: tuple[str, ...] = ()  # by id: the blank first
+    words: bool = True  # the targets have words (syllables) between spaces: WER is reported
     kind = "speech"  # the data kind a task family reads (mptrain/families.py)
 
 
@@ -110,6 +119,9 @@ def build_speech_data(cfg, device, seed: int) -> DataModule:
     from mptrain.data.speech import cached
 
     language = cfg.name.removeprefix("speech_")
+    if cfg.targets == "pinyin" and language != "zh":
+        raise UserError(f"dataset.targets=pinyin is Mandarin's; dataset={cfg.name} writes characters (letters): drop "
+                        "dataset.targets or use dataset=speech_zh")
     sentences, catalogs = catalog_sentences(language)
     kept = [s for s in sentences if keep(s, language, cfg.min_units, cfg.max_units)]
     splits = {"train": [s for s in kept if not in_test_split(s, cfg.test_share)],
@@ -131,6 +143,8 @@ def build_speech_data(cfg, device, seed: int) -> DataModule:
                 for n, (split, chosen) in enumerate(splits.items())}
 
     spoken = cached(key, Path(os.path.expanduser(cfg.cache_dir)), make)
+    spoken = {split: [(f, target_text(text, cfg.targets), v) for f, text, v in items]  # what is written
+              for split, items in spoken.items()}
     characters = sorted({c for _, text, _ in spoken["train"] for c in text})
     index = {c: i + 1 for i, c in enumerate(characters)}  # 0 is CTC's blank
     unknown = sorted({c for _, text, _ in spoken["test"] for c in text} - set(index))
@@ -144,8 +158,8 @@ def build_speech_data(cfg, device, seed: int) -> DataModule:
                             std=std)
 
     spec = SpeechSpec(name=cfg.name, n_mels=N_MELS, vocab_size=len(characters) + 1, language=language,
-                      characters=(BLANK, *characters))
-    artifact = {"language": language, "characters": [BLANK, *characters], "catalogs": catalogs,
+                      characters=(BLANK, *characters), words=language != "zh" or cfg.targets == "pinyin")
+    artifact = {"language": language, "targets": cfg.targets, "characters": [BLANK, *characters], "catalogs": catalogs,
                 "utterances": {"train": len(spoken["train"]), "test": len(test)},
                 "test_dropped_unknown_characters": len(spoken["test"]) - len(test)}
     return DataModule(spec=spec, train=loader(spoken["train"], cfg.batch_size, True),

@@ -154,6 +154,8 @@ class SpeechDataConfig(DatasetConfig):
     snr_db: float = knob(20.0, "white noise this many dB below each utterance's power",
                          Rule(lambda v: is_number(v) and math.isfinite(v), "a finite number"))
     sortagrad: bool = knob(True, "the first epoch in length order, short first (DeepSpeech 2's SortaGrad)")
+    targets: str = knob("characters", "what is written: characters (Han characters for zh, letters for en) | pinyin "
+                                      "(zh: tonal pinyin syllables, e.g. da3 kai1)", one_of("characters", "pinyin"))
     cache_dir: str = knob("${oc.env:MPTRAIN_CACHE,'~/.cache/mptrain'}/speech", "where the features are cached")
     seed: int = knob(0, "the data's own seed: sentences chosen, voices, rates, pitches, noise", SEED)
 

@@ -2,7 +2,8 @@
 error rates over the whole held-out split.
 
 CER = character edits / reference characters, summed over utterances and data-parallel ranks (not a mean of
-per-utterance rates); WER the same over words (English; Mandarin has no spaces to count words by). Both are
+per-utterance rates); WER the same over words (English words, or Mandarin's pinyin syllables; Mandarin
+characters have no spaces to count words by). Both are
 fractions in summary.json, printed in points. Edit distances: rapidfuzz's Levenshtein (jiwer's own backend).
 """
 
@@ -34,7 +35,7 @@ def build(model_cfg, data, precision) -> Task:
         if loader.num_samples == 0:
             raise UserError(f"every {split} utterance is too short for its characters after the front end's time "
                             f"stride {model.time_stride}; use dataset.max_units smaller or a slower voice")
-    return SpeechTask(precision.prepare(model), data.spec.characters, data.spec.language)
+    return SpeechTask(precision.prepare(model), data.spec.characters, data.spec.words)
 
 
 def greedy_decode(logits: torch.Tensor, lengths: torch.Tensor, characters: tuple[str, ...]) -> list[str]:
@@ -60,9 +61,9 @@ def edit_counts(references: list[str], hypotheses: list[str], words: bool) -> tu
 class SpeechTask(Task):
     family = "speech"
 
-    def __init__(self, model: nn.Module, characters: tuple[str, ...], language: str):
+    def __init__(self, model: nn.Module, characters: tuple[str, ...], words: bool):
         self.model, self.trained = model, model
-        self.characters, self.words = characters, language != "zh"
+        self.characters, self.words = characters, words
 
     def networks(self) -> dict[str, nn.Module]:
         return {"model": self.model}
