@@ -181,6 +181,12 @@ def test_a_batch_is_padded_and_its_lengths_say_where():
     assert targets.tolist() == [[1, 2, 0], [2, 0, 0], [3, 3, 1]] and target_lengths.tolist() == [2, 1, 3]
 
 
+def test_two_ranks_split_every_batch_and_a_short_held_out_batch_leaves_no_rank_an_empty_one():
+    loader = _loader([(7, [1]), (8, [2]), (9, [3])], batch_size=2)
+    loader.shard(1, 2)
+    assert [frames.tolist() for _, (frames, _, _) in loader] == [[8]]  # rank 1: the second of (7, 8); none of (9)
+
+
 def test_the_recogniser_masks_padding_so_an_utterance_reads_the_same_alone_or_padded():
     from mptrain.models.speech import DeepSpeech2
 

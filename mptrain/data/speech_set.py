@@ -99,7 +99,8 @@ class SpeechLoader:
             order = torch.randperm(len(order), generator=generator).tolist()
         for b in order:
             index = self.batches[b][self.rank::self.world]
-            yield self._collate(index)
+            if index:  # a held-out batch smaller than the ranks leaves some without utterances
+                yield self._collate(index)
 
     def _collate(self, index: list[int]):
         frames = torch.tensor([self.features[i].shape[0] for i in index])
