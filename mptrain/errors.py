@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 
 def first_line(error: BaseException, limit: int | None = 200) -> str:
     """An exception's first line of text (at most `limit` characters), or its type's name when it has none: what a
@@ -55,6 +58,18 @@ def is_disk_full(error: BaseException | None) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+@contextlib.contextmanager
+def disk_full_as(error: Callable[[], Exception]):
+    """A full disk met inside the block raises `error()` instead (one line saying which file and what to do);
+    any other exception passes as it is."""
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise error() from None
 
 
 class Interrupted(RunEnded):

@@ -71,16 +71,16 @@ class TaskFamily:
         return getattr(importlib.import_module(module), function)(model_cfg, data, precision)
 
 
+IMAGES = ("fashion_mnist", "mnist", "cifar10", "synthetic")  # the image options a mismatch's line names
 TASKS = {t.name: t for t in (
-    TaskFamily("classification", "mptrain.tasks.classification:build", "image",
-               ("fashion_mnist", "mnist", "cifar10", "synthetic"), "accuracy", "synthetic",
+    TaskFamily("classification", "mptrain.tasks.classification:build", "image", IMAGES, "accuracy", "synthetic",
                tiny=("debug=tiny", "model.depth=8"), custom=True),
     TaskFamily("language_model", "mptrain.tasks.language_model:build", "text", ("text", "synthetic_text"),
                "perplexity", "synthetic_text", tiny=("debug=tiny_lm",), custom=True),
-    TaskFamily("gan", "mptrain.tasks.gan:build", "image", ("fashion_mnist", "mnist", "cifar10", "synthetic"), "fid",
-               "synthetic", tiny=("model=dcgan", "dataset=synthetic", "dataset.image_size=16", "dataset.channels=1",
-                                  "dataset.train_size=64", "dataset.test_size=32", "dataset.batch_size=8",
-                                  "model.width=4", "model.fid.extractor_steps=5", "trainer.max_steps=4"),
+    TaskFamily("gan", "mptrain.tasks.gan:build", "image", IMAGES, "fid", "synthetic",
+               tiny=("model=dcgan", "dataset=synthetic", "dataset.image_size=16", "dataset.channels=1",
+                     "dataset.train_size=64", "dataset.test_size=32", "dataset.batch_size=8", "model.width=4",
+                     "model.fid.extractor_steps=5", "trainer.max_steps=4"),
                custom=True),
     TaskFamily("detection", "mptrain.tasks.detection:build", "boxes", ("fashion_mnist_detection",), "map_50",
                "fashion_mnist_detection", tiny=("debug=tiny_ssd",)),

@@ -198,17 +198,14 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         from mptrain import checkpoint
-        from mptrain.errors import DiskFull, is_disk_full
+        from mptrain.errors import DiskFull, disk_full_as
 
-        try:
+        whole = f"the last whole checkpoint is step {self.checkpoint_step} ({self.checkpoint_path})" \
+            if self.checkpoint_step is not None else "no checkpoint was written before it"  # fmt: skip
+        with disk_full_as(lambda: DiskFull(f"no space left on the device writing the checkpoint of step {self.step} "
+                                           f"to {self.checkpoint_path.parent}; {whole}; free space there, then "
+                                           "continue")):
             checkpoint.save(self.checkpoint_path, checkpoint.capture(self))
-        except Exception as e:
-            if not is_disk_full(e):
-                raise
-            whole = f"the last whole checkpoint is step {self.checkpoint_step} ({self.checkpoint_path})" \
-                if self.checkpoint_step is not None else "no checkpoint was written before it"  # fmt: skip
-            raise DiskFull(f"no space left on the device writing the checkpoint of step {self.step} to "
-                           f"{self.checkpoint_path.parent}; {whole}; free space there, then continue") from None
         self.checkpoint_step = self.step
         log.info("step %d: checkpoint %s", self.step, self.checkpoint_path)
         for hook in self.after_checkpoint:

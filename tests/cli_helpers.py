@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -31,6 +33,19 @@ def train_inprocess(*args: str) -> dict:
     from mptrain.api import train
 
     return train(list(args))
+
+
+@contextlib.contextmanager
+def user_package(folder: Path, monkeypatch, name: str, source: str):
+    """A user's package `name` (its __init__.py is `source`) in `folder`, importable inside the block as it would
+    be from the user's PYTHONPATH, and forgotten by the import system after."""
+    (folder / name).mkdir()
+    (folder / name / "__init__.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(folder))
+    try:
+        yield folder
+    finally:
+        sys.modules.pop(name, None)
 
 
 def read_summary(run_dir: Path) -> dict:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import re
-import sys
-import textwrap
 
 import pytest
 
-from cli_helpers import mptrain
+from cli_helpers import mptrain, user_package
 
 PACKAGE = '''
 import torch
@@ -58,12 +56,9 @@ COMMON = ["model=mlp", "model.depth=2", "model.width=16", "dataset.batch_size=8"
 
 @pytest.fixture
 def package(tmp_path, monkeypatch):
-    (tmp_path / "user_data").mkdir()
-    (tmp_path / "user_data" / "__init__.py").write_text(textwrap.dedent(PACKAGE))
-    monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    sys.modules.pop("user_data", None)
+    with user_package(tmp_path, monkeypatch, "user_data", PACKAGE):
+        yield tmp_path
 
 
 @pytest.mark.parametrize("pil", [False, True])

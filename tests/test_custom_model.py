@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import sys
-import textwrap
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cli_helpers import mptrain, read_summary
+from cli_helpers import mptrain, read_summary, user_package
 from mptrain.data import DataSpec
 from mptrain.data.text import TextSpec
 from mptrain.errors import UserError
@@ -57,11 +56,8 @@ IMAGES = DataSpec("synthetic", in_channels=3, image_size=8, num_classes=4)
 
 @pytest.fixture
 def package(tmp_path, monkeypatch):
-    (tmp_path / "user_nets").mkdir()
-    (tmp_path / "user_nets" / "__init__.py").write_text(textwrap.dedent(PACKAGE))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield tmp_path
-    sys.modules.pop("user_nets", None)
+    with user_package(tmp_path, monkeypatch, "user_nets", PACKAGE):
+        yield tmp_path
 
 
 def _cfg(target, task="classification", **net):

@@ -9,14 +9,13 @@ import json
 import os
 import shutil
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from cli_helpers import mptrain
+from cli_helpers import mptrain, user_package
 
 FIXTURE = Path(__file__).parent / "fixtures" / "records"
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,11 +50,8 @@ MLP = ["model=mlp", "model.depth=2", "model.width=8", "dataset=synthetic", "data
 
 @pytest.fixture
 def package(tmp_path, monkeypatch):
-    (tmp_path / "nanowrap").mkdir()
-    (tmp_path / "nanowrap" / "__init__.py").write_text(textwrap.dedent(USER_PACKAGE))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield tmp_path
-    sys.modules.pop("nanowrap", None)
+    with user_package(tmp_path, monkeypatch, "nanowrap", USER_PACKAGE):
+        yield tmp_path
 
 
 # -- 1. a user's runs/ beside the committed results ---------------------------------------------------------------

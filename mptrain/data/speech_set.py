@@ -137,7 +137,7 @@ def build_speech_data(cfg, device, seed: int) -> DataModule:
         order = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         splits[split] = [chosen[i] for i in order[: wanted[split]]]
     key = {"version": FEATURES_VERSION, "language": language, "snr_db": cfg.snr_db, "seed": cfg.seed,
-           "sentences": {k: v for k, v in splits.items()}}
+           "sentences": dict(splits)}
 
     def make():
         return {split: [(u.features, u.text, u.voice) for u in speak_all(chosen, language, cfg.seed + n, cfg.snr_db)]

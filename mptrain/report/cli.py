@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mptrain.errors import UserError, is_disk_full
+from mptrain.errors import UserError, disk_full_as
 from mptrain.report.make import build
 
 
@@ -67,13 +67,10 @@ def main(argv=None) -> None:
             print(f"{len(written)} run records in {args.export_runs}")
             return
         out = args.out or args.dirs[0] / "report"
-        try:
+        with disk_full_as(lambda: UserError(f"no space left on the device writing the report to {out} (a report "
+                                            "already there is left whole); free space there and run mptrain-report "
+                                            "again")):
             written = build(args.dirs, out, args.format, args.margin, args.metric, args.control)
-        except Exception as e:
-            if not is_disk_full(e):
-                raise
-            raise UserError(f"no space left on the device writing the report to {out} (a report already there is "
-                            "left whole); free space there and run mptrain-report again") from None
         for path in written:
             print(path)
     except UserError as e:

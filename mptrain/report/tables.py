@@ -277,11 +277,8 @@ def verdict_cell(r, metric: str = "") -> str:
 
 
 def metric_value(value, metric: str = "") -> str:
-    """One run's metric in the unit the tables use (accuracy in points)."""
-    if _missing(value):
-        return "-"
-    k, unit = unit_of(metric)
-    return f"{k * value:.{_digits(k)}f}{unit}"
+    """One run's metric in the unit the tables use (accuracy in points), as the comparison table prints a mean."""
+    return _pm(value, math.nan, metric)
 
 
 SHORT_RUN_STEPS = 500  # fewer steps than this: a verdict speaks for the start of training only

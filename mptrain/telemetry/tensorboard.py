@@ -6,7 +6,6 @@ a thousand per-layer values, and one event per value would cost more than measur
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
@@ -26,18 +25,12 @@ class TensorBoardLogger:
             self._writer = SummaryWriter(log_dir=str(self.log_dir))
         return self._writer
 
-    @contextlib.contextmanager
     def _disk(self):
         """A full disk, which the event writer's thread reports at a later write, as one line naming the folder."""
-        from mptrain.errors import DiskFull, is_disk_full
+        from mptrain.errors import DiskFull, disk_full_as
 
-        try:
-            yield
-        except Exception as e:
-            if not is_disk_full(e):
-                raise
-            raise DiskFull(f"no space left on the device writing TensorBoard events to {self.log_dir}; free space "
-                           "there, then continue") from None
+        return disk_full_as(lambda: DiskFull(f"no space left on the device writing TensorBoard events to "
+                                             f"{self.log_dir}; free space there, then continue"))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         summary = [Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items() if v is not None]
