@@ -105,6 +105,13 @@ def _composed_or_one_line(hydra_main):
     except (ConfigCompositionException, OverrideParseException) as e:  # before the job they concern ran
         print(f"mptrain: error: {describe_composition_error(e)}", file=sys.stderr)
         sys.exit(2)
+    except ValueError as e:
+        if not str(e).startswith("Only one of --run, --multirun, --cfg"):
+            raise
+        print("mptrain: error: Hydra takes one of -m/--multirun, --cfg, --info at a time; to see a sweep's jobs' "
+              "config, drop -m and give one job's values (mptrain +experiment=X precision=fp32 --cfg job)",
+              file=sys.stderr)
+        sys.exit(2)
     finally:
         if own:
             os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -97,6 +97,7 @@ def test_a_report_from_before_the_relative_header_is_found_from_the_report_never
     (["precision=fp16"], "FP16 runs as mixed (the paper's recipe"),
     (["precison=mixed"], "precison is not a config group or key of mptrain; did you mean precision?"),
     (["precision=mixed,bf16"], "add -m to run one job per value (mptrain -m precision=mixed,bf16)"),
+    (["-m", "precision=fp32,mixed", "--cfg", "job"], "drop -m and give one job's values"),
 ])  # fmt: skip
 def test_a_misspelt_mode_group_or_sweep_says_what_to_type(tmp_path, args, says):
     out = mptrain(*args, cwd=tmp_path)
