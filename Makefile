@@ -33,16 +33,20 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/python -m pip install --quiet -e '.[test,sweep,lowp,docs,timm,hf,detection,speech]'
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/python -m pip install --quiet -e '.[test,sweep,lowp,docs,timm,hf,detection,speech,translation]'
 	touch $@
 
 # Real data offline: Debian's dataset-fashion-mnist (images) and jargon-text (the
 # Jargon File, for the language model), espeak-ng (the speech family speaks the translation
-# catalogs' sentences with it). Without root or apt, mptrain still looks in
+# catalogs' sentences with it), and the packages whose translation catalogs form the translation family's
+# corpus (mptrain/data/catalog_packages.txt: the same corpus on every machine). Without root or apt, mptrain still looks in
 # dataset.root / dataset.path and says how to fix what is missing. The tests also use
 # Debian's chromium (the report's HTML is rendered headless; that test skips without it).
 DATA_PACKAGES := $(if $(wildcard $(FASHION_MNIST)),,dataset-fashion-mnist) $(if $(wildcard $(JARGON)),,jargon-text) \
-                 $(if $(wildcard /usr/bin/espeak-ng),,espeak-ng)
+                 $(if $(wildcard /usr/bin/espeak-ng),,espeak-ng) $(MISSING_CATALOG_PACKAGES)
+CATALOG_PACKAGES := $(shell sed -n 's/^\([a-z0-9.+-]*\):.*/\1/p' mptrain/data/catalog_packages.txt)
+MISSING_CATALOG_PACKAGES := $(shell command -v dpkg-query >/dev/null && for p in $(CATALOG_PACKAGES); do \
+                              dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done)
 TEST_PACKAGES := $(if $(wildcard /usr/bin/chromium),,chromium)
 
 # $(call apt_install,packages,what goes without them)

@@ -3,9 +3,10 @@
 A model option (conf/model/*.yaml) names its task (`model.task`); everything that depends on the task reads its
 record here: the data kind a model of it reads and the dataset options that give it, the primary metric with its
 direction, the unit the tables print it in and the unit of its equivalence margin, the synthetic data
-`mptrain-bench` trains it on, and the builder that makes its Task (an import path, loaded when a run builds it, so
-this module stays torch-free: the schema reads it before torch is imported). A new family adds its own files and
-one record below.
+`mptrain-bench` trains it on, the builder that makes its Task, and the model and dataset options it brings with
+their schemas and builders (import paths, loaded when needed, so this module stays torch-free: the schema reads it
+before torch is imported). A new family adds its own files and one record below: its options are registered in
+Hydra's ConfigStore, checked, documented (docs/configuration.md) and built from the record alone.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Metric:
     unit: str = ""  # printed after the scaled value
     margin: float = 1.0  # the default equivalence margin: in the printed unit if absolute, else % of the control
     absolute: bool = False
+    digits: int = 4  # decimals the tables print
 
     @property
     def margin_unit(self) -> str:
@@ -37,16 +39,32 @@ class Metric:
 
 
 METRICS = {m.name: m for m in (
-    Metric("accuracy", higher_is_better=True, scale=100.0, unit=" pts", margin=0.5, absolute=True),
+    Metric("accuracy", higher_is_better=True, scale=100.0, unit=" pts", margin=0.5, absolute=True, digits=2),
     Metric("perplexity", higher_is_better=False),
     Metric("bpc", higher_is_better=False),  # bits per character: a char-level LM's second figure
     Metric("fid", higher_is_better=False),
     Metric("loss", higher_is_better=False),
     Metric("map_50", higher_is_better=True),
     # character / word error rates: fractions in summary.json, printed in points; a margin in points
-    Metric("cer", higher_is_better=False, scale=100.0, unit=" pts", margin=1.0, absolute=True),
-    Metric("wer", higher_is_better=False, scale=100.0, unit=" pts", margin=1.0, absolute=True),
+    Metric("cer", higher_is_better=False, scale=100.0, unit=" pts", margin=1.0, absolute=True, digits=2),
+    Metric("wer", higher_is_better=False, scale=100.0, unit=" pts", margin=1.0, absolute=True, digits=2),
+    # sacrebleu's corpus BLEU and chrF, in their own points (0-100)
+    Metric("bleu", higher_is_better=True, unit=" BLEU", margin=1.0, absolute=True, digits=2),
+    Metric("chrf", higher_is_better=True, unit=" chrF", margin=1.0, absolute=True, digits=2),
 )}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Option:
+    """Options of a config group a family brings (conf/<group>/<name>.yaml): the schema they extend, registered
+    as `schema_name` for their defaults lists, and what builds them. Both are "module:attribute" import paths; the
+    schema's module is torch-free (it is imported with the schema, before torch)."""
+
+    group: str  # "model" | "dataset"
+    names: tuple[str, ...]
+    schema_name: str
+    schema: str
+    builder: str  # model: (model cfg, data spec) -> nn.Module; dataset: (dataset cfg, device, seed) -> DataModule
 
 
 @dataclass(frozen=True)
@@ -61,14 +79,20 @@ class TaskFamily:
     bench_dataset: str  # the on-device synthetic data mptrain-bench trains it on
     tiny: tuple[str, ...] = ()  # overrides for a run of a few seconds on a CPU (the suite's, a user's first try)
     custom: bool = False  # model=custom can be trained as it (models/custom.py knows the network's interface)
+    options: tuple[Option, ...] = ()  # the model and dataset options the family brings (the older ones: in-tree)
 
     @property
     def primary(self) -> Metric:
         return METRICS[self.metric]
 
     def build(self, model_cfg, data, precision):
-        module, _, function = self.builder.partition(":")
-        return getattr(importlib.import_module(module), function)(model_cfg, data, precision)
+        return load(self.builder)(model_cfg, data, precision)
+
+
+def load(path: str):
+    """The attribute an import path "module:attribute" names."""
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 IMAGES = ("fashion_mnist", "mnist", "cifar10", "synthetic")  # the image options a mismatch's line names
@@ -85,8 +109,29 @@ TASKS = {t.name: t for t in (
     TaskFamily("detection", "mptrain.tasks.detection:build", "boxes", ("fashion_mnist_detection",), "map_50",
                "fashion_mnist_detection", tiny=("debug=tiny_ssd",)),
     TaskFamily("speech", "mptrain.tasks.speech:build", "speech", ("speech_en", "speech_zh"), "cer", "speech_zh",
-               tiny=("debug=tiny_speech",)),
+               tiny=("debug=tiny_speech",),
+               options=(Option("model", ("deepspeech2",), "deepspeech2_schema", "mptrain.schema.speech:DeepSpeech2Config",
+                               "mptrain.models.speech:build_deepspeech2"),
+                        Option("dataset", ("speech_en", "speech_zh"), "speech_schema",
+                               "mptrain.schema.speech:SpeechDataConfig", "mptrain.data.speech_set:build_speech_data"))),
+    TaskFamily("translation", "mptrain.tasks.translation:build", "pairs", ("catalog_pairs",), "bleu",
+               "catalog_pairs", tiny=("debug=tiny_gnmt",),
+               options=(Option("model", ("gnmt",), "gnmt_schema", "mptrain.schema.translation:GNMTConfig",
+                               "mptrain.models.gnmt:build_gnmt"),
+                        Option("dataset", ("catalog_pairs",), "catalog_pairs_schema",
+                               "mptrain.schema.translation:CatalogPairsConfig",
+                               "mptrain.data.translation_set:build_translation_data"))),
 )}  # fmt: skip
+
+
+def options(group: str) -> list[Option]:
+    """The options of `group` the families bring, in the records' order."""
+    return [o for t in TASKS.values() for o in t.options if o.group == group]
+
+
+def dataset_names() -> list[str]:
+    """Every dataset option some family reads, in the records' order."""
+    return list(dict.fromkeys(d for t in TASKS.values() for d in t.datasets))
 
 
 def datasets_text(kind: str) -> str:

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
+from mptrain import families
 from mptrain.data.detection import load_fashion_mnist_detection
 from mptrain.data.images import SOURCES, ImageSet
 from mptrain.data.loaders import DataModule, DataSpec, DeviceLoader
 from mptrain.data.text import StreamLoader, TextSpec, build_text_data
 from mptrain.errors import UserError
 from mptrain.schema import typed
-from mptrain.schema.dataset import SPEECH_SETS, TEXT_SETS
+from mptrain.schema.dataset import TEXT_SETS
 
 IMAGE_SOURCES = {**SOURCES, "fashion_mnist_detection": load_fashion_mnist_detection}  # + canvases with boxes
 
@@ -35,10 +36,9 @@ def build_data(dataset_cfg, device: torch.device, seed: int, augment: bool = Tru
     name = dataset_cfg.name
     if name in TEXT_SETS:
         return build_text_data(dataset_cfg, torch.device(device), seed)
-    if name in SPEECH_SETS:
-        from mptrain.data.speech_set import build_speech_data
-
-        return build_speech_data(dataset_cfg, torch.device(device), seed)
+    family_builder = next((o.builder for o in families.options("dataset") if name in o.names), None)
+    if family_builder is not None:  # a family's own data (mptrain/families.py), imported when used
+        return families.load(family_builder)(dataset_cfg, torch.device(device), seed)
     batch_size, eval_batch_size = dataset_cfg.batch_size, dataset_cfg.eval_batch_size
     device = torch.device(device)
     root = Path(os.path.expanduser(dataset_cfg.root))

@@ -134,6 +134,39 @@ class DeviceLoader:
         return out.masked_fill_(~inside[:, None], 0)  # pixels from outside the image are padding: zero
 
 
+class IndexBatchLoader:
+    """Batches of sample indices, collated when read (variable-length samples: utterances, sentence pairs); every
+    data-parallel rank takes its slice of every batch. A subclass says which batches an epoch has, in order
+    (`epoch_batches`), and how a slice becomes tensors (`collate`)."""
+
+    batch_size: int
+    epoch, rank, world = 0, 0, 1
+
+    def epoch_batches(self) -> list[list[int]]:
+        raise NotImplementedError
+
+    def collate(self, index: list[int]):
+        raise NotImplementedError
+
+    def shard(self, rank: int, world: int) -> None:
+        """Each rank takes its slice of every batch (the batches and their order are the same on every rank)."""
+        if world > 1 and self.batch_size < world:
+            raise UserError(f"dataset.batch_size={self.batch_size} is smaller than the {world} ranks; use a larger one")
+        self.rank, self.world = rank, world
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.epoch_batches())
+
+    def __iter__(self) -> Iterator:
+        for batch in self.epoch_batches():
+            index = batch[self.rank::self.world]
+            if index:  # a held-out batch smaller than the ranks leaves some without samples
+                yield self.collate(index)
+
+
 class Loader(Protocol):
     """What the trainer needs of a loader: DeviceLoader (images) and text.StreamLoader both are one."""
 

@@ -10,13 +10,12 @@ length order) is `dataset.sortagrad`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mptrain.data.loaders import DataModule
+from mptrain.data.loaders import DataModule, IndexBatchLoader
 from mptrain.data.seeds import stream_seed
 from mptrain.data.speech import (
     FEATURES_VERSION,
@@ -45,13 +44,12 @@ class SpeechSpec:
     kind = "speech"  # the data kind a task family reads (mptrain/families.py)
 
 
-class SpeechLoader:
+class SpeechLoader(IndexBatchLoader):
     def __init__(self, features: list[torch.Tensor], targets: list[torch.Tensor], batch_size: int, device, *,
                  shuffle: bool, seed: int = 0, sortagrad: bool = False, mean=None, std=None):
         self.features, self.targets = features, targets
         self.batch_size, self.shuffle, self.seed, self.sortagrad = batch_size, shuffle, seed, sortagrad
         self.device, self.mean, self.std = torch.device(device), mean, std
-        self.epoch, self.rank, self.world = 0, 0, 1
         self._batch()
 
     def _batch(self) -> None:
@@ -80,29 +78,14 @@ class SpeechLoader:
     def num_samples(self) -> int:
         return len(self.features)
 
-    def shard(self, rank: int, world: int) -> None:
-        """Each rank takes its slice of every batch (the batches and their order are the same on every rank)."""
-        if world > 1 and self.batch_size < world:
-            raise UserError(f"dataset.batch_size={self.batch_size} is smaller than the {world} ranks; use a larger one")
-        self.rank, self.world = rank, world
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator:
+    def epoch_batches(self) -> list[list[int]]:
         order = list(range(len(self.batches)))
         if self.shuffle and not (self.sortagrad and self.epoch == 0):
             generator = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch))
             order = torch.randperm(len(order), generator=generator).tolist()
-        for b in order:
-            index = self.batches[b][self.rank::self.world]
-            if index:  # a held-out batch smaller than the ranks leaves some without utterances
-                yield self._collate(index)
+        return [self.batches[b] for b in order]
 
-    def _collate(self, index: list[int]):
+    def collate(self, index: list[int]):
         frames = torch.tensor([self.features[i].shape[0] for i in index])
         x = torch.zeros(len(index), int(frames.max()), N_MELS)
         for row, i in enumerate(index):

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from mptrain import families
 from mptrain.errors import UserError
 from mptrain.models.cnn import build_alexnet, build_resnet, build_resnet50, build_vgg
 from mptrain.models.custom import build_custom
@@ -13,7 +14,6 @@ from mptrain.models.gan import build_dcgan
 from mptrain.models.mlp import build_mlp
 from mptrain.models.registries import build_hf_causal_lm, build_timm, build_torchvision
 from mptrain.models.rnn import build_lstm_classifier, build_lstm_lm
-from mptrain.models.speech import build_deepspeech2
 from mptrain.models.transformer import build_transformer
 from mptrain.schema import typed
 from mptrain.schema.model import schema_key
@@ -40,13 +40,21 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "dcgan": build_dcgan,
     "transformer": build_transformer,
     "ssd": build_ssd,  # a detector: trunk + heads in the mode's precision, loss and decoding in FP32
-    "deepspeech2": build_deepspeech2,  # a recogniser: convolutions, bidirectional GRUs, CTC (models/speech.py)
     "custom": build_custom,  # any network: model.net._target_ (models/custom.py)
     # by name from a library's registry, picked by model.registry (model.name is then the library's name for it)
     "torchvision": build_torchvision,
     "timm": build_timm,
     "hf_causal_lm": build_hf_causal_lm,
 }
+
+
+
+def _family_builder(path: str) -> Callable[..., nn.Module]:
+    """A family's model builder (mptrain/families.py), imported when a model of it is built."""
+    return lambda cfg, spec: families.load(path)(cfg, spec)
+
+
+MODELS.update({name: _family_builder(o.builder) for o in families.options("model") for name in o.names})
 
 
 def build_model(model_cfg, spec) -> nn.Module:

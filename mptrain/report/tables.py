@@ -244,12 +244,9 @@ def delta_with_ci(r, metric: str = "") -> str:
     if r["control"] or _missing(r["paired_delta"]):
         return "-"
     k, unit = unit_of(metric)
-    ci = "" if _missing(r["ci_low"]) else f" [{k * r['ci_low']:+.{_digits(k)}f}, {k * r['ci_high']:+.{_digits(k)}f}]"
-    return f"{k * r['paired_delta']:+.{_digits(k)}f}{unit}{ci} (n={int(r['pairs'])})"
-
-
-def _digits(k: float) -> int:
-    return 2 if k == 100.0 else 4
+    d = metric_record(metric).digits
+    ci = "" if _missing(r["ci_low"]) else f" [{k * r['ci_low']:+.{d}f}, {k * r['ci_high']:+.{d}f}]"
+    return f"{k * r['paired_delta']:+.{d}f}{unit}{ci} (n={int(r['pairs'])})"
 
 
 def verdict_cell(r, metric: str = "") -> str:
@@ -309,6 +306,6 @@ def _pm(mean, std, metric: str = "") -> str:
     if isinstance(mean, float) and math.isnan(mean):
         return "-"
     k, unit = unit_of(metric)
-    digits = _digits(k)
+    digits = metric_record(metric).digits
     return f"{k * mean:.{digits}f}" + ("" if isinstance(std, float) and math.isnan(std) else
                                        f" ± {k * std:.{digits}f}") + unit

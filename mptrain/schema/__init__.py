@@ -17,12 +17,27 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
+from mptrain import families
 from mptrain.errors import UserError, first_line
 from mptrain.schema import dataset, model, optim, plan, precision, telemetry, trainer
 from mptrain.schema.rules import SEED, check_fields, fail, help_lines, is_int  # noqa: F401 (re-exported)
 
 GROUPS = {"dataset": dataset, "model": model, "optim": optim, "precision": precision, "trainer": trainer,
           "telemetry": telemetry}
+
+
+def _add_family_options() -> None:
+    """The model and dataset options each family record brings (mptrain/families.py), into their group's schemas
+    (their own modules extend the groups' base schemas, so they are loaded once both groups are)."""
+    for group in ("model", "dataset"):
+        module = GROUPS[group]
+        for option in families.options(group):
+            schema = families.load(option.schema)
+            module.SCHEMAS[option.schema_name] = schema
+            module.BY_NAME.update(dict.fromkeys(option.names, schema))
+
+
+_add_family_options()
 MODES = precision.MODES
 
 

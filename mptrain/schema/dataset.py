@@ -8,6 +8,7 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
+from mptrain.families import TASKS
 from mptrain.schema.rules import (
     NON_NEGATIVE,
     OPEN_UNIT,
@@ -27,7 +28,8 @@ DEFAULT_ROOT = "~/.cache/mptrain/data"
 JARGON = "/usr/share/doc/jargon-text/jargon.txt.gz"
 IMAGE_SETS = ("fashion_mnist", "mnist", "cifar10", "synthetic", "image_folder", "custom", "fashion_mnist_detection")
 TEXT_SETS = ("text", "synthetic_text")
-SPEECH_SETS = ("speech_en", "speech_zh")
+# the sets a family brings with its own schema (mptrain/families.py), by data kind
+FAMILY_SETS = {t.data_kind: o.names for t in TASKS.values() for o in t.options if o.group == "dataset"}
 SPLIT = list_of(Rule(lambda v: is_number(v) and v > 0, "> 0"), length=3, extra=lambda v: math.isclose(sum(v), 1.0),
                 text="three positive fractions summing to 1")
 
@@ -35,8 +37,10 @@ SPLIT = list_of(Rule(lambda v: is_number(v) and v > 0, "> 0"), length=3, extra=l
 @dataclass
 class DatasetConfig:
     name: str = knob(MISSING, "images: fashion_mnist | mnist | cifar10 | synthetic | image_folder | custom; boxes: "
-                              "fashion_mnist_detection; text: text | synthetic_text; speech: speech_en | speech_zh",
-                     one_of(*IMAGE_SETS, *TEXT_SETS, *SPEECH_SETS), example="fashion_mnist")
+                              "fashion_mnist_detection; text: text | synthetic_text"
+                              + "".join(f"; {kind}: {' | '.join(names)}" for kind, names in FAMILY_SETS.items()),
+                     one_of(*IMAGE_SETS, *TEXT_SETS, *(n for names in FAMILY_SETS.values() for n in names)),
+                     example="fashion_mnist")
     batch_size: int = knob(128, "samples (images, or text streams) per optimizer step and rank", POSITIVE_INT)
     eval_batch_size: int = knob(512, "samples per evaluation batch", POSITIVE_INT)
 
@@ -140,35 +144,14 @@ class SyntheticTextConfig(TextStreamConfig):
     seed: int = knob(0, "the source's own seed", SEED)
 
 
-@dataclass
-class SpeechDataConfig(DatasetConfig):
-    """Catalog sentences spoken by espeak-ng, as log-mel features (mptrain/data/speech.py says how)."""
-
-    batch_size: int = knob(16, "utterances per optimizer step and rank", POSITIVE_INT)
-    eval_batch_size: int = knob(32, "utterances per evaluation batch", POSITIVE_INT)
-    train_size: int = knob(3000, "training utterances (distinct sentences)", POSITIVE_INT)
-    test_size: int = knob(300, "held-out utterances (sentences the training split never has)", POSITIVE_INT)
-    min_units: int = knob(4, "shortest sentence: characters (zh) or words (en)", POSITIVE_INT)
-    max_units: int = knob(12, "longest sentence: characters (zh) or words (en)", POSITIVE_INT)
-    test_share: float = knob(0.1, "the share of sentences the hash puts in the held-out split", OPEN_UNIT)
-    snr_db: float = knob(20.0, "white noise this many dB below each utterance's power",
-                         Rule(lambda v: is_number(v) and math.isfinite(v), "a finite number"))
-    sortagrad: bool = knob(True, "the first epoch in length order, short first (DeepSpeech 2's SortaGrad)")
-    targets: str = knob("characters", "what is written: characters (Han characters for zh, letters for en) | pinyin "
-                                      "(zh: tonal pinyin syllables, e.g. da3 kai1)", one_of("characters", "pinyin"))
-    cache_dir: str = knob("${oc.env:MPTRAIN_CACHE,'~/.cache/mptrain'}/speech", "where the features are cached")
-    seed: int = knob(0, "the data's own seed: sentences chosen, voices, rates, pitches, noise", SEED)
-
-
 SCHEMAS = {"image_schema": ImageDataConfig, "synthetic_image_schema": SyntheticImageConfig,
            "image_folder_schema": ImageFolderConfig, "custom_data_schema": CustomDataConfig,
            "text_schema": TextDataConfig, "synthetic_text_schema": SyntheticTextConfig,
-           "detection_schema": DetectionCanvasConfig, "speech_schema": SpeechDataConfig}
+           "detection_schema": DetectionCanvasConfig}  # + the families' (schema/__init__.py adds them)
 BY_NAME = {"fashion_mnist": ImageDataConfig, "mnist": ImageDataConfig, "cifar10": ImageDataConfig,
            "synthetic": SyntheticImageConfig, "image_folder": ImageFolderConfig, "custom": CustomDataConfig,
            "text": TextDataConfig, "synthetic_text": SyntheticTextConfig,
-           "fashion_mnist_detection": DetectionCanvasConfig, "speech_en": SpeechDataConfig,
-           "speech_zh": SpeechDataConfig}
+           "fashion_mnist_detection": DetectionCanvasConfig}
 
 
 def check(cfg) -> None:

@@ -116,18 +116,6 @@ class DCGANConfig(ModelConfig):
 
 
 @dataclass
-class DeepSpeech2Config(ModelConfig):
-    """A DeepSpeech-2-style recogniser (mptrain/models/speech.py): convolutions, bidirectional GRUs, CTC."""
-
-    family: str = knob("rnn", "how reports group it")
-    task: str = knob("speech", "the Task that trains it", one_of("speech"))
-    augment: bool = knob(False, "ignored: utterances are not augmented")
-    channels: int = knob(16, "channels of the two convolutions", POSITIVE_INT)
-    width: int = knob(128, "hidden units of each GRU direction (the two are summed)", POSITIVE_INT)
-    layers: int = knob(3, "bidirectional GRU layers", POSITIVE_INT)
-
-
-@dataclass
 class SSDConfig(ModelConfig):
     """torchvision's SSD machinery on a narrow VGG-style trunk (mptrain/models/detection.py), no pretrained weights."""
 
@@ -228,12 +216,11 @@ SCHEMAS = {"resnet_schema": ResNetConfig, "resnet50_schema": ResNet50Config, "cl
            "mlp_schema": MLPConfig, "lstm_classifier_schema": RecurrentConfig, "lstm_lm_schema": LanguageModelConfig,
            "dcgan_schema": DCGANConfig, "transformer_schema": TransformerConfig, "custom_schema": CustomModelConfig,
            "torchvision_schema": TorchvisionConfig, "timm_schema": TimmConfig,
-           "hf_causal_lm_schema": HFCausalLMConfig, "ssd_schema": SSDConfig, "deepspeech2_schema": DeepSpeech2Config}
+           "hf_causal_lm_schema": HFCausalLMConfig, "ssd_schema": SSDConfig}  # + the families' (schema/__init__.py)
 BY_NAME = {"resnet": ResNetConfig, "resnet50": ResNet50Config, "vgg": ClassicCnnConfig, "alexnet": ClassicCnnConfig,
            "mlp": MLPConfig, "lstm_classifier": RecurrentConfig, "lstm_lm": LanguageModelConfig,
            "dcgan": DCGANConfig, "transformer": TransformerConfig, "custom": CustomModelConfig,
-           "torchvision": TorchvisionConfig, "timm": TimmConfig, "hf_causal_lm": HFCausalLMConfig, "ssd": SSDConfig,
-           "deepspeech2": DeepSpeech2Config}
+           "torchvision": TorchvisionConfig, "timm": TimmConfig, "hf_causal_lm": HFCausalLMConfig, "ssd": SSDConfig}
 
 
 def check(cfg) -> None:

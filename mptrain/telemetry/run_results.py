@@ -16,6 +16,7 @@ def collect(trainer) -> dict:
     return {
         "steps": trainer.step,
         "epochs": trainer.step / trainer.steps_per_epoch,
+        "parameters": parameter_count(trainer.task.networks().values()),
         "final": trainer.history[-1] if trainer.history else None,
         "best": trainer.best,
         "history": trainer.history,
@@ -43,6 +44,13 @@ def collect(trainer) -> dict:
         "speed_options_check": trainer.speed_options_check,
         **trainer.task.describe(),
     }
+
+
+def parameter_count(networks) -> dict[str, int]:
+    """Elements of the networks' parameters, each tensor once (a tied embedding and projection is one): total and
+    trainable (requires_grad)."""
+    unique = {id(p): p for net in networks for p in net.parameters()}.values()
+    return {"total": sum(p.numel() for p in unique), "trainable": sum(p.numel() for p in unique if p.requires_grad)}
 
 
 def scale_verdicts(trainer) -> dict | None:

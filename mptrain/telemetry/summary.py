@@ -121,6 +121,8 @@ def format_summary(s: dict) -> str:
         ("run", f"{s.get('model')} / {s.get('dataset')} / {s.get('precision')} / seed {s.get('seed')}"),
         ("steps", f"{s.get('steps')} ({_fmt(s.get('epochs'))} epochs)"),
     ]
+    if s.get("parameters"):
+        rows.append(("parameters", f"{s['parameters']['total']:,} ({s['parameters']['trainable']:,} trainable)"))
     if primary:
         rows.append((f"eval {primary}", f"final {_fmt(final.get(primary))}, best {_fmt(best.get(primary))}"))
     if "loss" in final:
