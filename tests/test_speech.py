@@ -16,6 +16,12 @@ from mptrain.errors import UserError
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (make test installs it)")
 
 
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """One feature cache for the module's tiny runs: their 56 utterances are spoken once."""
+    return tmp_path_factory.mktemp("speech-cache")
+
+
 @pytest.mark.parametrize("language, text, spoken", [
     ("zh", "打开 %s 失败：{name}", "打开失败"),
     ("zh", "_File 文件(&F)", "文件"),
@@ -201,11 +207,11 @@ def test_the_recogniser_masks_padding_so_an_utterance_reads_the_same_alone_or_pa
 
 
 @needs_espeak
-def test_one_fp16_step_is_finite_and_the_scaler_works(tmp_path):
+def test_one_fp16_step_is_finite_and_the_scaler_works(tmp_path, tiny_cache):
     import mptrain
 
     summary = mptrain.train(["debug=tiny_speech", "precision=mixed", "trainer.max_steps=8", "trainer.log_every=1",
-                             f"dataset.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"])
+                             f"dataset.cache_dir={tiny_cache}", f"hydra.run.dir={tmp_path / 'run'}"])
     assert summary["status"] == "completed" and summary["primary_metric"] == "cer"
     assert summary["final_loss_scale"] > 0 and math.isfinite(summary["final"]["loss"])
     # dynamic scaling: any overflow at the first scales is skipped and the scale backs off; updates apply
@@ -216,9 +222,27 @@ def test_one_fp16_step_is_finite_and_the_scaler_works(tmp_path):
 
 @needs_espeak
 @pytest.mark.parametrize("mode", ["fp16_naive_norm16", "fp16_master", "amp", "bf16_sr", "fp8", "mx"])
-def test_every_kind_of_mode_completes_a_few_steps(mode, tmp_path):
+def test_every_kind_of_mode_completes_a_few_steps(mode, tmp_path, tiny_cache):
     import mptrain
 
     summary = mptrain.train(["debug=tiny_speech", f"precision={mode}", "trainer.max_steps=2", "optim=sgd",
-                             f"dataset.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"])
+                             f"dataset.cache_dir={tiny_cache}", f"hydra.run.dir={tmp_path / 'run'}"])
     assert summary["status"] == "completed", summary.get("error")
+
+
+def test_fig_2b_counts_the_weight_gradients_below_two_to_the_minus_24(tmp_path, capsys):
+    from mptrain.scripts import weight_grad_exponents as fig2b
+
+    run = tmp_path / "runs" / "fp32-0"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"precision": "fp32", "precision_preset": "fp32", "seed": 0}))
+    hist = [0.0] * 82
+    hist[-30 + 64], hist[-25 + 64], hist[-24 + 64], hist[-10 + 64] = 1, 2, 3, 4  # exponents -30, -25 below 2^-24
+    records = [{"step": s, "kind": "weight", "layer": "all", "count": 11, "zero_frac": 1 / 11, "log2_hist": hist}
+               for s in (100, 200)]
+    records.append({"step": 100, "kind": "lost_update", "layer": "w", "count": 10, "lost_update_frac": 0.5})
+    (run / "numerics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    assert fig2b.main([str(tmp_path / "runs"), "--png", str(tmp_path / "fig.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| fp32 | 1 | 30.000 % | 60.00 % | 9.091 % | 50.0 % |" in out and (tmp_path / "fig.png").is_file()
+    assert fig2b.main([str(tmp_path / "runs"), "--arm", "mixed"]) == 2  # one line: the arms there are
