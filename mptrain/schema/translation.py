@@ -11,7 +11,7 @@ from mptrain.schema.dataset import DatasetConfig
 from mptrain.schema.model import ModelConfig
 from mptrain.schema.rules import HALF_OPEN_UNIT, NON_NEGATIVE, OPEN_UNIT, POSITIVE_INT, Rule, knob, one_of
 
-LANGUAGE = Rule(lambda v: isinstance(v, str) and re.fullmatch(r"[a-z]{2,3}(_[A-Za-z]{2,4})?(@[a-z]+)?", v) is not None,
+LANGUAGE = Rule(lambda v: isinstance(v, str) and re.fullmatch(r"[a-z]{2,3}(_[A-Za-z]{2,4})?(@[A-Za-z]+)?", v) is not None,
                 "a catalog language code (en, fr, de, es, zh_CN, sr@latin, ...)")
 
 
