@@ -76,7 +76,7 @@ class TaskFamily:
     data_kind: str  # what its data spec says it is (DataSpec.kind / TextSpec.kind)
     datasets: tuple[str, ...]  # the dataset options that give that kind, for a mismatch's one line
     metric: str  # the primary metric, a key of METRICS
-    bench_dataset: str  # the on-device synthetic data mptrain-bench trains it on
+    bench_dataset: str  # the data mptrain-bench trains it on (synthetic where the family has it, else real)
     tiny: tuple[str, ...] = ()  # overrides for a run of a few seconds on a CPU (the suite's, a user's first try)
     custom: bool = False  # model=custom can be trained as it (models/custom.py knows the network's interface)
     options: tuple[Option, ...] = ()  # the model and dataset options the family brings (the older ones: in-tree)
@@ -127,11 +127,6 @@ TASKS = {t.name: t for t in (
 def options(group: str) -> list[Option]:
     """The options of `group` the families bring, in the records' order."""
     return [o for t in TASKS.values() for o in t.options if o.group == group]
-
-
-def dataset_names() -> list[str]:
-    """Every dataset option some family reads, in the records' order."""
-    return list(dict.fromkeys(d for t in TASKS.values() for d in t.datasets))
 
 
 def datasets_text(kind: str) -> str:

@@ -113,6 +113,14 @@ def train_tokenizer(texts: list[str], vocab_size: int, path: Path):
     Path(prefix + ".vocab").unlink(missing_ok=True)
 
 
+def _enough(cfg, train: int, held_out: int) -> None:
+    if train < MIN_TRAIN_PAIRS or train < cfg.batch_size or not held_out:
+        raise UserError(f"the {cfg.source}-{cfg.target} corpus has {train} training and {held_out} {cfg.eval_split} "
+                        f"pairs after filtering ({cfg.min_words}-{cfg.max_words} words, at most {cfg.max_tokens} "
+                        f"subwords; at least {max(MIN_TRAIN_PAIRS, cfg.batch_size)} training pairs needed): widen "
+                        "dataset.min_words / max_words / max_tokens or pick a language with more catalogs")
+
+
 def build_translation_data(cfg, device, seed: int) -> DataModule:
     """Pairs → filtered by words → split by hash → tokenized (vocabulary cached) → loaders."""
     import sentencepiece as spm
@@ -129,6 +137,7 @@ def build_translation_data(cfg, device, seed: int) -> DataModule:
     for pair in kept:
         splits[cp.split_of(pair[0], cfg.valid_share, cfg.test_share)].append(pair)
     splits["train"] = splits["train"][: cfg.train_size]  # the vocabulary learns from the pairs trained on
+    _enough(cfg, len(splits["train"]), len(splits[cfg.eval_split]))  # before a vocabulary is trained on too little
     key = json.dumps({"version": VOCAB_VERSION, "sha256": corpus.checksum, "min": cfg.min_words,
                       "max": cfg.max_words, "shares": [cfg.valid_share, cfg.test_share], "vocab": cfg.vocab_size,
                       "train_size": cfg.train_size})
@@ -147,12 +156,7 @@ def build_translation_data(cfg, device, seed: int) -> DataModule:
 
     train = encoded(splits["train"])
     held_out = encoded(splits[cfg.eval_split], cfg.test_size)
-    if len(train) < MIN_TRAIN_PAIRS or len(train) < cfg.batch_size or not held_out:
-        raise UserError(f"the {cfg.source}-{cfg.target} corpus has {len(train)} training and {len(held_out)} "
-                        f"{cfg.eval_split} pairs after filtering ({cfg.min_words}-{cfg.max_words} words, at most "
-                        f"{cfg.max_tokens} subwords; at least {max(MIN_TRAIN_PAIRS, cfg.batch_size)} training pairs "
-                        "needed): widen dataset.min_words / max_words / max_tokens or pick a language with more "
-                        "catalogs")
+    _enough(cfg, len(train), len(held_out))
     record.update({"pairs_kept": {"train": len(train), "valid": len(splits["valid"]), "test": len(splits["test"]),
                                   "evaluated": f"{cfg.eval_split}: {len(held_out)}"}, "vocabulary": path.name})
     spec = TranslationSpec(name=cfg.name, vocab_size=tokenizer.get_piece_size(), source=cfg.source,
