@@ -25,6 +25,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mptrain.data.seeds import text_unit
 from mptrain.errors import UserError
 
 LOCALE_ROOT = Path("/usr/share/locale")
@@ -64,21 +65,13 @@ def read_catalog(path: Path) -> dict[str, str]:
             if isinstance(k, str) and k and isinstance(v, str) and v and "\n" not in k and "\n" not in v}
 
 
-def side(language: str, domain: str, msgids: set[str], root: Path) -> dict[str, str]:
-    """msgid -> this language's text of it in `domain` (English: the msgid)."""
-    if language == "en":
-        return {m: m for m in msgids}
-    path = root / language / "LC_MESSAGES" / f"{domain}.mo"
-    return read_catalog(path) if path.is_file() else {}
-
-
 def normalise(text: str) -> str:
     """Mnemonic underscores out, non-breaking and thin spaces as spaces, runs of spaces as one."""
     text = MNEMONIC.sub("", text) if text.count("_") == 1 else text
     return " ".join(text.replace("\xa0", " ").replace("\u202f", " ").split())
 
 
-def protect(source: str, target: str | None = None) -> tuple[str, str | None, list[str], list[str]] | None:
+def protect(source: str, target: str) -> tuple[str, str, list[str], list[str]] | None:
     """Both sides with each placeholder replaced by the token of the source placeholder it stands for; the two
     sides' original placeholder texts (in token order) restore them. None when they do not correspond."""
     found = list(PLACEHOLDER.finditer(source))
@@ -86,8 +79,6 @@ def protect(source: str, target: str | None = None) -> tuple[str, str | None, li
         return None
     kinds = [m.group(2) or m.group(0) for m in found]  # a positional %2$s is the source's %s in second place
     masked_source = _substitute(source, {id(m): i for i, m in enumerate(found)}, found)
-    if target is None:
-        return masked_source, None, [m.group(0) for m in found], []
     found_t = list(PLACEHOLDER.finditer(target))
     index, unused = {}, list(range(len(found)))
     for m in found_t:
@@ -151,8 +142,8 @@ def extract(source: str, target: str, root: Path = LOCALE_ROOT) -> Corpus:
     domains = corpus_domains()
     found: dict[str, collections.Counter] = {}
     catalogs, dropped = [], collections.Counter()
+    others = [lang for lang in (source, target) if lang != "en"]  # English is the msgid itself
     for domain in sorted(domains):
-        others = [lang for lang in (source, target) if lang != "en"]
         paths = [root / lang / "LC_MESSAGES" / f"{domain}.mo" for lang in others]
         if not all(p.is_file() for p in paths):
             continue
@@ -162,7 +153,7 @@ def extract(source: str, target: str, root: Path = LOCALE_ROOT) -> Corpus:
             continue
         catalogs += [str(p.relative_to(root)) for p in paths]
         msgids = set(sides[0]).intersection(*sides[1:])
-        texts = {lang: side(lang, domain, msgids, root) if lang == "en" else sides[others.index(lang)]
+        texts = {lang: dict(zip(msgids, msgids)) if lang == "en" else sides[others.index(lang)]
                  for lang in (source, target)}
         for msgid in sorted(msgids):
             a, b = normalise(texts[source][msgid]), normalise(texts[target][msgid])
@@ -207,14 +198,9 @@ def reference_checksum(source: str, target: str) -> str | None:
         return None
 
 
-def hash_unit(source_text: str) -> float:
-    """A number in [0, 1) from a hash of the source text: its split, and its place within the split."""
-    return int.from_bytes(hashlib.sha256(source_text.encode()).digest()[:8], "big") / 2**64
-
-
 def split_of(source_text: str, valid_share: float, test_share: float) -> str:
     """train | valid | test, by a hash of the source text: the same on every machine, a message in one split."""
-    u = hash_unit(source_text)
+    u = text_unit(source_text)
     return "test" if u < test_share else "valid" if u < test_share + valid_share else "train"
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mptrain.data.seeds import text_unit
 from mptrain.errors import UserError
 
 FEATURES_VERSION = 1  # bump when synthesis or features change: the cache key carries it
@@ -96,8 +97,7 @@ def keep(sentence: str, language: str, min_units: int, max_units: int) -> bool:
 
 def in_test_split(sentence: str, test_share: float) -> bool:
     """A sentence's split by a hash of its text: the same on every machine, never both."""
-    digest = int.from_bytes(hashlib.sha256(sentence.encode()).digest()[:8], "big")
-    return digest / 2**64 < test_share
+    return text_unit(sentence) < test_share
 
 
 def espeak() -> str:

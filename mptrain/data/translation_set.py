@@ -21,7 +21,7 @@ import torch
 
 from mptrain.data import catalog_pairs as cp
 from mptrain.data.loaders import DataModule, IndexBatchLoader
-from mptrain.data.seeds import stream_seed
+from mptrain.data.seeds import stream_seed, text_unit
 from mptrain.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def build_translation_data(cfg, device, seed: int) -> DataModule:
                     "its catalogs or their versions differ (summary.json's corpus record lists them)",
                     record["pair"], corpus.checksum[:12])
     kept = sorted((p for p in corpus.pairs if cfg.min_words <= cp.words(p[0]) <= cfg.max_words
-                   and cp.words(p[1]) <= 2 * cfg.max_words), key=lambda p: cp.hash_unit(p[0]))  # a size's first N
+                   and cp.words(p[1]) <= 2 * cfg.max_words), key=lambda p: text_unit(p[0]))  # a size's first N
     splits = {"train": [], "valid": [], "test": []}
     for pair in kept:
         splits[cp.split_of(pair[0], cfg.valid_share, cfg.test_share)].append(pair)
