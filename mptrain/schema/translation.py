@@ -23,7 +23,7 @@ class GNMTConfig(ModelConfig):
     family: str = knob("rnn", "how reports group it")
     task: str = knob("translation", "the Task that trains it", one_of("translation"))
     augment: bool = knob(False, "ignored: sentences are not augmented")
-    width: int = knob(256, "LSTM hidden units (each direction of the first encoder layer), and the embeddings",
+    width: int = knob(512, "LSTM hidden units (each direction of the first encoder layer), and the embeddings",
                       POSITIVE_INT)
     encoder_layers: int = knob(2, "encoder LSTM layers: a bidirectional one, then unidirectional (residual from "
                                   "the third)", Rule(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"))
