@@ -26,6 +26,10 @@ class Metric:
     margin: float = 1.0  # the default equivalence margin: in the printed unit if absolute, else % of the control
     absolute: bool = False
     digits: int = 4  # decimals the tables print
+    # the margin rule (docs/runs-and-reports.md), in the margin unit: the paper's largest FP32-vs-mixed difference
+    # on this metric, else twice a published seed-to-seed standard deviation; None where neither exists
+    rule: float | None = None
+    rule_source: str = ""
 
     @property
     def margin_unit(self) -> str:
@@ -39,17 +43,25 @@ class Metric:
 
 
 METRICS = {m.name: m for m in (
-    Metric("accuracy", higher_is_better=True, scale=100.0, unit=" pts", margin=0.5, absolute=True, digits=2),
-    Metric("perplexity", higher_is_better=False),
+    Metric("accuracy", higher_is_better=True, scale=100.0, unit=" pts", margin=0.5, absolute=True, digits=2,
+           rule=0.28, rule_source="Table 1's largest FP32-vs-mixed difference (Inception v3, 73.85 -> 74.13)"),
+    Metric("perplexity", higher_is_better=False, rule=1.3,
+           rule_source="twice the seed-to-seed SD of Transformer-XL base's validation perplexity at its earliest "
+                       "published stage (42.62 +- 0.273 at step 5,000, 16 seeds: 0.64 %; NVIDIA "
+                       "DeepLearningExamples, PyTorch/LanguageModeling/Transformer-XL, training stability test)"),
     Metric("bpc", higher_is_better=False),  # bits per character: a char-level LM's second figure
     Metric("fid", higher_is_better=False),
     Metric("loss", higher_is_better=False),
-    Metric("map_50", higher_is_better=True),
+    Metric("map_50", higher_is_better=True, rule=0.87,
+           rule_source="Table 2's largest FP32-vs-mixed difference (Faster R-CNN, 69.1 -> 69.7 mAP: 0.87 %)"),
     # character / word error rates: fractions in summary.json, printed in points; a margin in points
-    Metric("cer", higher_is_better=False, scale=100.0, unit=" pts", margin=1.0, absolute=True, digits=2),
+    Metric("cer", higher_is_better=False, scale=100.0, unit=" pts", margin=1.0, absolute=True, digits=2,
+           rule=0.81, rule_source="Table 3's largest FP32-vs-mixed difference (Mandarin, 15.82 -> 15.01 CER)"),
     Metric("wer", higher_is_better=False, scale=100.0, unit=" pts", margin=1.0, absolute=True, digits=2),
     # sacrebleu's corpus BLEU and chrF, in their own points (0-100)
-    Metric("bleu", higher_is_better=True, unit=" BLEU", margin=1.0, absolute=True, digits=2),
+    Metric("bleu", higher_is_better=True, unit=" BLEU", margin=1.0, absolute=True, digits=2, rule=0.65,
+           rule_source="twice the seed-to-seed SD of GNMT v2's test BLEU after its first epoch (0.326 over 50 "
+                       "seeds; NVIDIA DeepLearningExamples, PyTorch/Translation/GNMT, training stability test)"),
     Metric("chrf", higher_is_better=True, unit=" chrF", margin=1.0, absolute=True, digits=2),
 )}  # fmt: skip
 

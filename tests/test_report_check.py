@@ -84,8 +84,8 @@ def test_the_header_options_read_back_as_they_were_said():
     from mptrain.errors import UserError
     from mptrain.report.make import options_read, options_said
 
-    said = options_said(["perplexity=2", "0.3"], "train_loss", "bf16 moments")
-    assert options_read(said) == (["perplexity=2", "0.3"], "train_loss", "bf16 moments")
-    assert options_read(options_said(None, "primary", None)) == ([], "primary", None)
+    said = options_said(["perplexity=2", "0.3"], "train_loss", "bf16 moments", "5-9")
+    assert options_read(said) == (["perplexity=2", "0.3"], "train_loss", "bf16 moments", "5-9")
+    assert options_read(options_said(None, "primary", None)) == ([], "primary", None, None)
     with pytest.raises(UserError, match="--out does not shape a report's tables"):
         options_read("--out x")

@@ -99,7 +99,7 @@ def test_the_plan_is_printed_above_the_verdicts_and_other_metrics_are_explorator
     md = (tmp_path / "r" / "report.md").read_text()
     answer = md.index("## The answer")
     assert md.index("**Plan** (registered 2026-12-04)") > answer
-    assert md.index("refuted if: mixed is worse") < md.index("| experiment | metric | arm |")
+    assert md.index('reads "not reproduced at this scale"): mixed is worse') < md.index("| experiment | metric | arm |")
     build([FIXTURE], tmp_path / "t", "md", metric="train_loss")
     md = (tmp_path / "t" / "report.md").read_text()
     assert "not the plan's accuracy: **exploratory**" in md
@@ -191,11 +191,13 @@ def test_a_section_that_changes_what_its_plan_registered_is_exploratory():
         "transformer on text · p (optim.lr=0.01 optim.weight_decay=0)"
 
 
-def _summaries(tmp_path, arms, seeds, machine):
-    """Fixture summaries re-labelled: `machine` is how its CPU resolved cpu_fp16; the arms are bf16 ones."""
+def _summaries(tmp_path, arms, run_seeds, machine, **plan):
+    """Fixture summaries re-labelled: `machine` is how its CPU resolved cpu_fp16; the arms are bf16 ones; `plan`:
+    keys of the fixture's plan replaced."""
     template = json.loads(next(FIXTURE.rglob("summary.json")).read_text())
+    template["plan"] = {**template["plan"], **plan}
     for arm in arms:
-        for seed in seeds:
+        for seed in run_seeds:
             s = dict(template, precision=arm, precision_preset=arm, seed=seed, cpu_fp16=machine, cpu_bf16="native",
                      loss_scale=None, arithmetic=None,
                      fp16_kernels=None, bf16_kernels=None if arm == "fp32" else "native",
@@ -230,3 +232,120 @@ def test_seeds_added_after_the_plan_make_its_verdict_exploratory(tmp_path):
     shutil.rmtree(tmp_path / "emulate" / "fp32-4")
     row = next(iter(comparison(load_runs([tmp_path])).values())).query("arm == 'mixed'").iloc[0]
     assert row["pairs"] == 4 and not row["exploratory"]
+
+
+# -- the distribution-free check and Holm's adjustment (issue 48) --------------------------------------------------
+def test_the_sign_flip_test_enumerates_every_sign_pattern():
+    import itertools
+
+    import numpy as np
+
+    from mptrain.report.paired_verdict import sign_flip_p, smallest_p
+
+    assert sign_flip_p([1.0, 2.0, 3.0]) == pytest.approx(0.25) == smallest_p(3)  # all one side: 2 of 8 patterns
+    deltas = np.array([0.3, -0.1, 0.5, 0.2, 0.45, -0.05])
+    patterns = [np.array(signs) * deltas for signs in itertools.product((1, -1), repeat=len(deltas))]
+    by_hand = np.mean([abs(p.mean()) >= abs(deltas.mean()) - 1e-12 for p in patterns])
+    assert sign_flip_p(deltas) == pytest.approx(by_hand)
+    one_sided = np.mean([p.mean() >= deltas.mean() - 1e-12 for p in patterns])
+    assert sign_flip_p(deltas, alternative="greater") == pytest.approx(one_sided)
+
+
+def test_holm_multiplies_the_ranked_p_values_and_keeps_them_monotone():
+    from mptrain.report.paired_verdict import holm
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.2, float("nan"), 0.001]) == pytest.approx([0.2, float("nan"), 0.002], nan_ok=True)
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_the_p_values_agree_with_the_intervals_and_scipy():
+    """TOST's p < 0.05 exactly when the 90 % interval lies inside ±δ; the t-test's p is scipy's paired t-test."""
+    control = _runs([0.90, 0.91, 0.89, 0.905, 0.895])
+    for shift, margin in ((-0.002, 0.005), (-0.004, 0.005), (0.001, 0.002)):
+        arm = _runs([m + shift + e for m, e in zip(control["metric"], (0.001, -0.002, 0.0015, 0.0, -0.001))])
+        r = paired_verdict(arm, control, higher_is_better=True, margin=margin)
+        assert (r["tost_p"] < 0.05) == (-margin < r["tost_low"] and r["tost_high"] < margin)
+        assert r["t_p"] == pytest.approx(stats.ttest_rel(arm["metric"], control["metric"]).pvalue)
+
+
+@pytest.mark.parametrize("deltas, t_verdict, flip_verdict", [
+    ([-0.20, -0.10, -0.30, -0.15, -0.25], "equivalent", "equivalent"),  # the worked example: n = 5 reaches 1/32
+    ([-0.20, -0.10, -0.30], "equivalent", "inconclusive"),  # n = 3: the sign-flip's smallest one-sided p is 1/8
+    ([-1.0, -1.1, -0.9, -1.2, -1.05, -0.95], "worse", "worse"),
+])  # fmt: skip
+def test_the_sign_flip_verdict_beside_the_t_tests(deltas, t_verdict, flip_verdict):
+    control = _runs([0.9] * len(deltas))
+    arm = _runs([0.9 + d / 100 for d in deltas])
+    r = paired_verdict(arm, control, higher_is_better=True, margin=0.005)
+    assert (r["verdict"], r["signflip_verdict"]) == (t_verdict, flip_verdict)
+
+
+def test_the_report_shows_the_check_flags_small_n_and_adjusts_by_holm(tmp_path):
+    from mptrain.report.paired_verdict import holm_verdicts
+
+    verdicts = [{"verdict": "worse", "t_p": 0.03, "tost_p": 0.9}, {"verdict": "worse", "t_p": 0.01, "tost_p": 0.9},
+                {"verdict": "equivalent", "t_p": 0.5, "tost_p": 0.001}, {"verdict": "worse", "t_p": 0.04, "tost_p": 1}]
+    holm_verdicts(verdicts)  # ranked: 0.001 x 4, 0.01 x 3, 0.03 x 2, 0.04 x 1 (raised to the 0.06 before it)
+    assert [v["holm_p"] for v in verdicts] == pytest.approx([0.06, 0.03, 0.004, 0.06])
+    assert [v["holm_verdict"] for v in verdicts] == ["inconclusive", "worse", "equivalent", "inconclusive"]
+    build([FIXTURE], tmp_path / "report", "md", with_figures=False)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "exact sign-flip permutation test" in text and "| verdict after Holm |" in text
+
+
+# -- the margin rule and the seeds a plan names (issue 48) ------------------------------------------------------------
+def test_a_plan_that_names_its_seeds_labels_any_other_seed_exploratory(tmp_path):
+    from mptrain.report.runs import load_runs
+    from mptrain.report.tables import comparison
+
+    _summaries(tmp_path, ["fp32", "mixed"], [5, 6, 7], "emulate", seeds=[5, 6, 7])
+    row = next(iter(comparison(load_runs([tmp_path])).values())).query("arm == 'mixed'").iloc[0]
+    assert row["pairs"] == 3 and not row["exploratory"]
+    _summaries(tmp_path / "more", ["fp32", "mixed"], [2], "emulate", seeds=[5, 6, 7])  # a seed exploration saw
+    row = next(iter(comparison(load_runs([tmp_path])).values())).query("arm == 'mixed'").iloc[0]
+    assert row["exploratory"] and "seed 2 not among the plan's" in row["verdict_note"]
+
+
+def test_a_plan_without_a_margin_judges_by_the_rule_and_another_margin_shows_the_rules_verdict(tmp_path):
+    """The fixture's Δs are -1 point on every seed: inside a registered ±1.5, outside the rule's ±0.28 (Table 1's
+    largest difference), so the plan's verdict stands and the rule's reads beside it."""
+    from mptrain.families import metric
+    from mptrain.report.runs import load_runs
+    from mptrain.report.tables import comparison, plan_markdown, verdict_cell
+
+    assert metric("accuracy").rule == 0.28 and "Inception v3" in metric("accuracy").rule_source
+    _summaries(tmp_path / "own", ["fp32", "mixed"], [0, 1, 2, 3], "emulate", margin=1.5)
+    row = next(iter(comparison(load_runs([tmp_path / "own"])).values())).query("arm == 'mixed'").iloc[0]
+    assert row["verdict"] == "equivalent" and row["rule_verdict"] == "worse"
+    assert "(by the margin rule: worse)" in verdict_cell(row, "accuracy")
+    assert "the margin rule's ±0.28" in plan_markdown({"metric": "accuracy", "margin": 1.5}, "accuracy")
+    _summaries(tmp_path / "rule", ["fp32", "mixed"], [0, 1, 2, 3], "emulate", margin=None)
+    row = next(iter(comparison(load_runs([tmp_path / "rule"])).values())).query("arm == 'mixed'").iloc[0]
+    assert row["margin"] == pytest.approx(0.0028) and row["verdict"] == "worse" and row["rule_verdict"] == ""
+
+
+def test_the_plan_schema_takes_named_seeds_and_leaves_the_margin_to_the_rule():
+    from omegaconf import OmegaConf
+
+    from mptrain.errors import UserError
+    from mptrain.schema.plan import PlanConfig, check
+
+    assert OmegaConf.structured(PlanConfig).margin is None
+    plan = {"claim": "c", "metric": "bleu", "refuted_if": "r"}
+    check(OmegaConf.create({"plan": {**plan, "seeds": [5, 6, 7]}}))
+    with pytest.raises(UserError, match="plan.seeds must be a positive count, or a list of distinct"):
+        check(OmegaConf.create({"plan": {**plan, "seeds": [5, 5]}}))
+
+
+def test_a_report_on_some_seeds_says_so_and_check_remakes_it(tmp_path, capsys):
+    _summaries(tmp_path / "runs", ["fp32", "mixed"], [0, 1, 2, 3], "emulate")
+    main([str(tmp_path / "runs"), "--seeds", "1-3", "--out", str(tmp_path / "report")])
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "--seeds 1-3" in text and "(n=3)" in text
+    with pytest.raises(SystemExit) as stop:
+        main(["--check", str(tmp_path / "report")])
+    assert stop.value.code == 0 and "1 reports remade the same" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "runs"), "--seeds", "7-x"])
+    assert stop.value.code == 2 and "--seeds '7-x': give seeds as a list and ranges" in capsys.readouterr().err

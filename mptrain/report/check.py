@@ -57,10 +57,10 @@ def check_report(report_md: Path) -> Checked | None:
     if None in found:
         missing = ", ".join(s for s, f in zip(sources, found) if f is None)
         return Checked(report_md, "no records", f"not in the repository: {missing}")
-    margins, metric, control = options_read(options)
+    margins, metric, control, seeds = options_read(options)
     with tempfile.TemporaryDirectory(prefix="mptrain-check-") as scratch:
         out = Path(scratch) / "report"
-        build(found, out, "md", margins or None, metric, control, with_figures=False)  # the tables are compared
+        build(found, out, "md", margins or None, metric, control, with_figures=False, seeds=seeds)  # the tables are compared
         fresh = table_rows((out / "report.md").read_text())
     committed = table_rows(text)
     if fresh == committed:

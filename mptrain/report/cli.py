@@ -5,6 +5,7 @@
     mptrain-report multirun/... --format csv        # or json, for machines
     mptrain-report multirun/... --margin 0.3        # verdicts against ±0.3 accuracy points (default 0.5)
     mptrain-report multirun/... --export-runs records/   # compact per-run records to commit; report them later
+    mptrain-report multirun/... --seeds 5-9         # the verdicts on these seeds alone (ones no exploration saw)
     mptrain-report --check results       # do the committed reports still come out of their committed records?
 
 Reads every run folder (one holding summary.json) under the given folders, with its
@@ -49,6 +50,9 @@ def parse_args(argv):
     parser.add_argument("--control", metavar="ARM",
                         help="the arm every other is paired with: a mode or an arm's label, e.g. bf16 (default: a "
                              "registered plan's control, else fp32)")
+    parser.add_argument("--seeds", metavar="LIST",
+                        help="only these seeds' runs, e.g. 5-9 or 0,2,4: a plan's verdict on the seeds no exploration "
+                             "ran before it was registered")
     parser.add_argument("--check", action="store_true",
                         help="remake every report.md under the folders from the records and options its header "
                              "names, and compare their tables; exit 1 if one differs")
@@ -70,7 +74,7 @@ def main(argv=None) -> None:
         with disk_full_as(lambda: UserError(f"no space left on the device writing the report to {out} (a report "
                                             "already there is left whole); free space there and run mptrain-report "
                                             "again")):
-            written = build(args.dirs, out, args.format, args.margin, args.metric, args.control)
+            written = build(args.dirs, out, args.format, args.margin, args.metric, args.control, seeds=args.seeds)
         for path in written:
             print(path)
     except UserError as e:
@@ -83,6 +87,7 @@ def _check(args) -> int:
 
     given = [flag for flag, value in (("--out", args.out), ("--format", args.format != "md"), ("--margin", args.margin),
                                       ("--metric", args.metric != "primary"), ("--control", args.control),
+                                      ("--seeds", args.seeds),
                                       ("--export-runs", args.export_runs)) if value]  # fmt: skip
     if given:
         raise UserError(f"--check remakes each report with the options its own header names; drop {', '.join(given)}")

@@ -19,20 +19,31 @@ and measurably (0.1-0.3 points) below fp32.
 
 δ defaults per metric: 0.5 points for accuracy (a metric in [0, 1]), 1 % of the control's mean for perplexity,
 bits per character, FID and losses.
+
+Beside the t-test, which leans on the Δs being normal (with n = 3 that assumption carries everything), a
+distribution-free check: the exact sign-flip permutation test (scipy's `permutation_test` over all 2^n sign
+patterns of the Δs: under "no difference" each Δ is as likely negative as positive), for Δ = 0 (two-sided) and
+for equivalence (two one-sided sign-flip tests of Δ + δ > 0 and Δ − δ < 0). It cannot reject below its smallest
+attainable p (2 / 2^n two-sided, 1 / 2^n one-sided: n = 3 gives 0.25 and 0.125), which the report says plainly.
+Across the arms of one experiment the verdicts' p-values (TOST's for an equivalent arm, the two-sided t-test's
+otherwise) are adjusted by Holm's step-down method, which holds the family-wise error at α over the arms.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 from scipy import stats
 
 CONFIDENCE = 0.95  # the interval shown, and the `differs` flag
 TOST_CONFIDENCE = 0.90  # two one-sided tests at α = 0.05: the 90 % two-sided interval inside ±δ
+ALPHA = 0.05
 MAX_SEEDS = 1000
 VERDICT_COLUMNS = ["pairs", "paired_delta", "ci_low", "ci_high", "tost_low", "tost_high", "margin", "verdict",
-                   "differs", "seeds_needed"]
+                   "differs", "seeds_needed", "t_p", "tost_p", "signflip_p", "signflip_tost_p", "signflip_verdict",
+                   "holm_p", "holm_verdict"]
 
 
 def parse_margins(specs: list[str] | None) -> dict[str, float]:
@@ -72,7 +83,8 @@ def paired_verdict(arm: pd.DataFrame, control: pd.DataFrame, higher_is_better: b
     diverged = set(arm.loc[arm["status"] == "diverged", "seed"]) - set(control.loc[control["status"] == "diverged", "seed"])
     result = {"pairs": len(pairs), "paired_delta": math.nan, "ci_low": math.nan, "ci_high": math.nan,
               "tost_low": math.nan, "tost_high": math.nan, "margin": margin, "verdict": "inconclusive",
-              "differs": "", "seeds_needed": math.nan}  # fmt: skip
+              "differs": "", "seeds_needed": math.nan, "t_p": math.nan, "tost_p": math.nan, "signflip_p": math.nan,
+              "signflip_tost_p": math.nan, "signflip_verdict": "", "holm_p": math.nan, "holm_verdict": ""}  # fmt: skip
     deltas = (pairs["metric"] - pairs["metric_control"]).to_numpy()
     if len(pairs):
         result["paired_delta"] = float(deltas.mean())
@@ -80,7 +92,11 @@ def paired_verdict(arm: pd.DataFrame, control: pd.DataFrame, higher_is_better: b
         low, high = _interval(deltas, CONFIDENCE)
         tost_low, tost_high = _interval(deltas, TOST_CONFIDENCE)
         verdict = _classify(low, high, tost_low, tost_high, margin, higher_is_better)
-        result.update(ci_low=low, ci_high=high, tost_low=tost_low, tost_high=tost_high, verdict=verdict)
+        result.update(ci_low=low, ci_high=high, tost_low=tost_low, tost_high=tost_high, verdict=verdict,
+                      t_p=t_test_p(deltas), tost_p=tost_p(deltas, margin))
+        flip, flip_tost = sign_flip_p(deltas), sign_flip_tost_p(deltas, margin)
+        result.update(signflip_p=flip, signflip_tost_p=flip_tost,
+                      signflip_verdict=_classify_p(flip, flip_tost, float(deltas.mean()), higher_is_better))
         if low > 0 or high < 0:
             result["differs"] = "better" if (low > 0) == higher_is_better else "worse"
     if result["verdict"] == "inconclusive" and not diverged:
@@ -89,6 +105,89 @@ def paired_verdict(arm: pd.DataFrame, control: pd.DataFrame, higher_is_better: b
         result["verdict"] = "worse"
         result["note"] = f"diverged in {len(diverged)} seed(s) where fp32 did not"
     return result
+
+
+def t_test_p(deltas) -> float:
+    """Two-sided p of the paired t-test of mean Δ = 0 (Δs all alike: 0 if they are not 0, else 1)."""
+    if (deltas == deltas[0]).all():
+        return 0.0 if deltas[0] != 0 else 1.0
+    return float(stats.ttest_1samp(deltas, 0.0).pvalue)
+
+
+def tost_p(deltas, margin: float) -> float:
+    """TOST's p: the larger of the one-sided t-tests of mean Δ > −δ and mean Δ < +δ."""
+    if not math.isfinite(margin):
+        return math.nan
+    if (deltas == deltas[0]).all():
+        return 0.0 if abs(deltas[0]) < margin else 1.0
+    return float(max(stats.ttest_1samp(deltas, -margin, alternative="greater").pvalue,
+                     stats.ttest_1samp(deltas, margin, alternative="less").pvalue))
+
+
+def sign_flip_p(deltas, shift: float = 0.0, alternative: str = "two-sided") -> float:
+    """The exact sign-flip permutation test of mean(Δ − shift) = 0, over all 2^n sign patterns (scipy)."""
+    x = np.asarray(deltas, dtype=float) - shift
+    if not np.any(x):
+        return 1.0
+    result = stats.permutation_test((x,), lambda v, axis: np.mean(v, axis=axis), vectorized=True,
+                                    permutation_type="samples", alternative=alternative, n_resamples=np.inf)
+    return float(result.pvalue)
+
+
+def sign_flip_tost_p(deltas, margin: float) -> float:
+    """Equivalence by two one-sided sign-flip tests: mean Δ > −δ and mean Δ < +δ; the larger p."""
+    if not math.isfinite(margin):
+        return math.nan
+    return max(sign_flip_p(deltas, -margin, "greater"), sign_flip_p(deltas, margin, "less"))
+
+
+def smallest_p(n: int, two_sided: bool = True) -> float:
+    """The smallest p the sign-flip test can give with n pairs (every Δ on one side)."""
+    return (2.0 if two_sided else 1.0) / 2**n
+
+
+def _classify_p(p_difference: float, p_equivalence: float, mean: float, higher_is_better: bool) -> str:
+    """A verdict from p-values at α: equivalent, else better / worse, else inconclusive."""
+    if p_equivalence < ALPHA:
+        return "equivalent"
+    if p_difference < ALPHA:
+        return "better" if (mean > 0) == higher_is_better else "worse"
+    return "inconclusive"
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment: the i-th smallest of m p-values times (m − i + 1), made monotone, capped at 1;
+    NaN stays NaN and is not counted."""
+    indexed = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted, running, m = [math.nan] * len(p_values), 0.0, len(indexed)
+    for rank, (p, i) in enumerate(indexed):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def holm_verdicts(verdicts: list[dict]) -> None:
+    """Across one experiment's arms: each verdict's p (TOST's for equivalent, the t-test's for better / worse, the
+    smaller of the two for inconclusive) Holm-adjusted, and the verdict that survives the adjustment (an arm worse
+    by divergence keeps its verdict: no test is involved). In place."""
+    def verdict_p(v: dict) -> float:
+        if v.get("note"):
+            return 0.0
+        if v["verdict"] == "equivalent":
+            return v["tost_p"]
+        if v["verdict"] in ("better", "worse"):
+            return v["t_p"]
+        return min(v["t_p"], v["tost_p"]) if not math.isnan(v["tost_p"]) else v["t_p"]
+
+    adjusted = holm([verdict_p(v) for v in verdicts])
+    for v, p in zip(verdicts, adjusted):
+        v["holm_p"] = p
+        if math.isnan(p):
+            continue
+        if v["verdict"] in ("equivalent", "better", "worse"):
+            v["holm_verdict"] = v["verdict"] if p < ALPHA else "inconclusive"
+        else:
+            v["holm_verdict"] = "inconclusive"
 
 
 def _interval(deltas, confidence: float) -> tuple[float, float]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from mptrain.report import plots
+from mptrain.report.checks import checks_markdown
 from mptrain.report.paired_verdict import CONFIDENCE
 from mptrain.report.runs import forward_amax
 from mptrain.report.tables import (
@@ -81,6 +82,11 @@ def write_markdown(runs: pd.DataFrame, sources: list[Path], out: Path, margins: 
             lines.append(f"| [{experiment_title(model, dataset, setting)}](#{_anchor(model, dataset, setting)}) | "
                          f"{table.attrs['metric']} {better} | {r['arm']} | {delta_with_ci(r, table.attrs['metric'])} | "
                          f"{verdict_cell(r, table.attrs['metric'])} |")
+    checks = checks_markdown(tables, titles)
+    if checks:
+        lines += ["", "Each verdict beside a distribution-free check, the exact sign-flip permutation test (every "
+                  "sign pattern of the seed pairs' Δs; no normality assumed), and after Holm's adjustment over the "
+                  "experiment's judged arms (family-wise α = 0.05):", "", checks]
     cautions = [short_run_caution(table, titles[key]) for key, table in tables.items()]
     lines += [text for caution in cautions if caution for text in ("", caution)]
     lines += ["", "Below, per experiment: each row pools the seeds of one precision mode (plus its `precision.*` "

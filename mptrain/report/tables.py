@@ -13,11 +13,12 @@ import math
 import pandas as pd
 
 from mptrain.families import metric as metric_record
-from mptrain.report.paired_verdict import VERDICT_COLUMNS, margin_for, paired_verdict
+from mptrain.report.paired_verdict import VERDICT_COLUMNS, holm_verdicts, margin_for, paired_verdict
 from mptrain.report.runs import CONTROL
 
 COLUMNS = ["arm", "control", "runs", "steps", "status", "metric_mean", "metric_std", "delta_vs_fp32", *VERDICT_COLUMNS,
-           "verdict_note", "exploratory", "samples_per_s", "speed_spread", "speedup_vs_fp32", "peak_memory_mb", "memory_ratio_vs_fp32",
+           "verdict_note", "rule_verdict", "exploratory",
+           "samples_per_s", "speed_spread", "speedup_vs_fp32", "peak_memory_mb", "memory_ratio_vs_fp32",
            "bytes_per_param", "skipped_steps", "final_loss_scale", "lost_update_frac",
            "nearest_drop_frac", "drop_kept_frac"]  # fmt: skip
 
@@ -30,6 +31,7 @@ def comparison(runs: pd.DataFrame, margins: dict[str, float] | None = None,
     """Per section, one row per arm; `margins` as `verdict.parse_margins` gives them (None: the defaults); `control`:
     the arm (label or preset) every other is paired with (None: the plan's, else fp32)."""
     tables, chosen = {}, control  # `control` is reused below for the control's row
+    families: dict[object, list] = {}  # Holm's family: a plan's judged arms over all its sections, else a section's
     for key, group in runs.groupby(SECTION, sort=True):
         metric = group["metric_name"].dropna().iloc[0] if group["metric_name"].notna().any() else "?"
         higher = bool(group["higher_is_better"].iloc[0])
@@ -47,7 +49,8 @@ def comparison(runs: pd.DataFrame, margins: dict[str, float] | None = None,
             table["delta_vs_fp32"] = table["metric_mean"] - ref["metric_mean"]
             table["speedup_vs_fp32"] = table["samples_per_s"] / ref["samples_per_s"]
             table["memory_ratio_vs_fp32"] = table["peak_memory_mb"] / ref["peak_memory_mb"]
-            margin = margin_for(metric, ref["metric_mean"], {metric: plan["margin"]} if planned else margins or {})
+            margin = margin_for(metric, ref["metric_mean"], plan_margins(plan, metric) if planned else margins or {})
+            judged = families.setdefault(_family(plan, key), [])
             for i, row in table.iterrows():
                 if row["control"]:
                     table.loc[i, "verdict"] = "control"
@@ -56,19 +59,67 @@ def comparison(runs: pd.DataFrame, margins: dict[str, float] | None = None,
                 table.loc[i, "exploratory"] = plan is not None and not (
                     planned and (not plan.get("arms") or preset in plan["arms"]))
                 verdict = paired_verdict(arms[row["arm"]], arms[control_arm], higher, margin)
-                note = verdict.pop("note", "")
-                registered = (plan or {}).get("seeds")
-                if planned and isinstance(registered, int) and verdict.get("pairs", 0) > registered:
+                note = verdict.get("note", "")
+                extra = _extra_seeds(plan, verdict, arms[row["arm"]], arms[control_arm]) if planned else ""
+                if extra:
                     table.loc[i, "exploratory"] = True  # seeds added after the plan's runs: optional stopping
-                    note = "; ".join(filter(None, [note, f"{verdict['pairs']} seed pairs, more than the plan's "
-                                                         f"{registered}"]))
+                    note = "; ".join(filter(None, [note, extra]))
+                if not table.loc[i, "exploratory"]:
+                    judged.append((key, i, verdict))
+                if planned and plan.get("margin") is not None:
+                    table.loc[i, "rule_verdict"] = _rule_verdict(metric, plan["margin"], ref["metric_mean"],
+                                                                 arms[row["arm"]], arms[control_arm], higher)
                 table.loc[i, "verdict_note"] = note
                 for column, value in verdict.items():
-                    table.loc[i, column] = value
+                    if column != "note":
+                        table.loc[i, column] = value
         table.attrs["metric"], table.attrs["higher_is_better"] = metric, higher
         table.attrs["plan"], table.attrs["control"], table.attrs["off_plan"] = plan, control_arm, off_plan
         tables[key] = table
+    for judged in families.values():
+        holm_verdicts([v for _, _, v in judged])
+        for key, i, v in judged:
+            tables[key].loc[i, "holm_p"], tables[key].loc[i, "holm_verdict"] = v["holm_p"], v["holm_verdict"]
     return tables
+
+
+def _family(plan: dict | None, key: tuple) -> object:
+    """Which comparisons Holm's adjustment holds the family-wise error over: every judged arm of one registered
+    plan, whatever section (a swept learning rate) it sits in; without a plan, the arms of one section."""
+    if plan is None:
+        return key
+    return (plan.get("claim"), plan.get("registered"), plan.get("metric"))
+
+
+def plan_margins(plan: dict, metric: str) -> dict[str, float]:
+    """The margin a plan judges by, as `margin_for` takes it: its own, else the margin rule's ({} where neither)."""
+    given = plan.get("margin")
+    if given is None:
+        given = metric_record(metric).rule
+    return {} if given is None else {metric: given}
+
+
+def _extra_seeds(plan: dict, verdict: dict, arm: pd.DataFrame, control: pd.DataFrame) -> str:
+    """Why a planned verdict rests on seeds the plan did not register ('' if it does not): more seed pairs than its
+    count, or seeds outside the ones it names."""
+    registered = plan.get("seeds")
+    if isinstance(registered, int):
+        pairs = verdict.get("pairs", 0)
+        return f"{pairs} seed pairs, more than the plan's {registered}" if pairs > registered else ""
+    if isinstance(registered, (list, tuple)):
+        seen = (set(arm["seed"]) | set(control["seed"])) - set(registered)
+        return f"seed{'s' if len(seen) > 1 else ''} {', '.join(map(str, sorted(seen)))} not among the plan's" if seen else ""
+    return ""
+
+
+def _rule_verdict(metric: str, plan_margin: float, control_mean: float, arm: pd.DataFrame, control: pd.DataFrame,
+                  higher: bool) -> str:
+    """The verdict at the margin rule's δ (families.Metric.rule), where the plan registered another margin; '' where
+    the rule gives the plan's margin or has none for this metric."""
+    record = metric_record(metric)
+    if record.rule is None or math.isclose(record.rule, plan_margin):
+        return ""
+    return paired_verdict(arm, control, higher, record.margin_value(record.rule, control_mean))["verdict"]
 
 
 def _control_arm(plan: dict | None, arms: dict[str, pd.DataFrame]) -> str:
@@ -104,16 +155,27 @@ def off_plan_settings(setting: str, plan: dict) -> list[str]:
 
 def plan_markdown(plan: dict, metric: str, off_plan: list[str] | None = None) -> str:
     """The plan, as registered, above the verdicts it judges."""
-    unit = metric_record(metric).margin_unit
+    record = metric_record(metric)
+    unit = record.margin_unit
     arms = ", ".join(plan.get("arms") or []) or "every arm"
+    if plan.get("margin") is None:
+        margin = f"±{record.rule} {unit} (the margin rule: {record.rule_source})" if record.rule is not None else \
+            f"±{record.margin} {unit} (the metric's default: the margin rule has none for it)"
+    else:
+        margin = f"±{plan['margin']} {unit}"
+        if record.rule is not None and not math.isclose(record.rule, plan["margin"]):
+            margin += f" (the margin rule's ±{record.rule}, {record.rule_source}, judges beside it)"
+    seeds = plan.get("seeds")
+    seeds = f"seeds {', '.join(map(str, seeds))}" if isinstance(seeds, (list, tuple)) else f"{seeds} seed pairs"
     amended = f", amended {plan['amended']} before its runs" if plan.get("amended") else ""
     lines = [f"**Plan** (registered {plan.get('registered') or 'before the runs'}{amended}): {plan.get('claim')}",
-             f"- judged on: held-out {plan.get('metric')}, equivalence margin ±{plan.get('margin')} {unit}, "
+             f"- judged on: held-out {plan.get('metric')}, equivalence margin {margin}, "
              f"two one-sided tests at α = 0.05 (90 % interval inside ±δ), paired by seed against "
              f"{plan.get('control', 'fp32')}",
-             f"- arms: {arms}; {plan.get('seeds')} seed pairs; "
+             f"- arms: {arms}; {seeds}; "
              f"{plan.get('steps') or 'the preset’s'} steps per run",
-             f"- refuted if: {plan.get('refuted_if')}"]
+             f"- refuted if (as registered; a claim that fails it reads \"not reproduced at this scale\"): "
+             f"{plan.get('refuted_if')}"]
     if plan.get("metric") != metric:
         lines.append(f"- these verdicts are on {metric}, not the plan's {plan.get('metric')}: **exploratory**")
     if off_plan:
@@ -135,9 +197,10 @@ def _arm_row(arm: str, runs: pd.DataFrame, control: str = CONTROL) -> dict:
         "metric_std": done["metric"].std(ddof=1) if len(done) > 1 else math.nan,
         "delta_vs_fp32": math.nan,
         **dict.fromkeys(VERDICT_COLUMNS, math.nan),
-        "differs": "",
+        "differs": "", "signflip_verdict": "", "holm_verdict": "",
         "verdict": "no control" if arm != control else "control",
         "verdict_note": "",
+        "rule_verdict": "",
         "exploratory": False,
         # each run's figure is the median of its logging windows; across runs the median again: a stalled run
         # cannot carry the arm, and the spread says when runs disagree (max / min - 1)
@@ -268,6 +331,8 @@ def verdict_cell(r, metric: str = "") -> str:
     elif r["verdict"] == "inconclusive" and not _missing(r.get("pairs")) and r["pairs"] < 2:
         verdict += (f"; {int(r['pairs'])} seed pair{'' if r['pairs'] == 1 else 's'} show no spread: at least 2 are "
                     "needed for any verdict, 3 or more to judge (seed=0,1,2)")
+    if r.get("rule_verdict"):
+        verdict += f" (by the margin rule: {r['rule_verdict']})"
     if r.get("exploratory") is True:
         verdict = "exploratory: " + verdict
     return verdict + (f": {r['verdict_note']}" if r.get("verdict_note") else "")

@@ -10,13 +10,16 @@ register, or on more seeds than it registered.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from mptrain.errors import UserError
 from mptrain.families import METRICS as FAMILY_METRICS
-from mptrain.schema.rules import POSITIVE, POSITIVE_INT, Rule, check_fields, knob
+from mptrain.schema.rules import POSITIVE, POSITIVE_INT, Rule, check_fields, is_int, knob
 
 TEXT = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty text")
+SEEDS = Rule(lambda v: (is_int(v) and v > 0) or (isinstance(v, (list, tuple)) and len(v) > 0 and len(set(v)) == len(v)
+                                                  and all(is_int(s) and s >= 0 for s in v)),
+             "a positive count, or a list of distinct non-negative seeds ([5, 6, 7])")
 METRICS = tuple(FAMILY_METRICS)  # held-out metrics a plan may name: each family's (mptrain/families.py)
 
 
@@ -25,11 +28,15 @@ class PlanConfig:
     claim: str = knob("???", "the paper's claim under test, in one sentence", TEXT)
     metric: str = knob("???", "the held-out primary metric the verdict is judged on (accuracy, perplexity, fid, ...)",
                        Rule(lambda v: v in METRICS, "one of " + ", ".join(METRICS)))
-    margin: float = knob(0.5, "equivalence margin ±δ in the metric's unit: accuracy in points, every other metric in "
-                              "% of the control's mean (on the metric itself, not the loss)", POSITIVE)
+    margin: Optional[float] = knob(None, "equivalence margin ±δ in the metric's margin unit (accuracy, CER and BLEU in "
+                                         "points, the others in % of the control's mean); null: the margin rule's "
+                                         "(docs/runs-and-reports.md). Another margin is judged, and the rule's verdict "
+                                         "shown beside it", POSITIVE, example=0.5)
     control: str = knob("fp32", "the arm every other arm is paired against, by seed", TEXT)
     arms: List[str] = knob([], "the arms (precision presets) the plan judges")
-    seeds: int = knob(3, "completed seed pairs per arm the verdict is read at (more: exploratory)", POSITIVE_INT)
+    seeds: Any = knob(3, "the seeds the verdict is read at, named ([5, 6, 7]: none run at these settings before the "
+                         "plan; a run of any other seed is exploratory), or a count of completed seed pairs (older "
+                         "plans; more: exploratory)", SEEDS)
     steps: Optional[int] = knob(None, "optimizer steps per run (null: the preset's epochs decide)", POSITIVE_INT)
     settings: List[str] = knob([], "override keys the plan's sweep varies besides mode and seed (e.g. optim.lr): "
                                    "each value is a section it judges; any other override makes a section exploratory")
